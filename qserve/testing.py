@@ -1,0 +1,107 @@
+"""Tiny random-weight models and a tiny tokenizer, built in-process for tests (no downloads).
+
+`make_tiny_model(path, family="llama")` writes a complete Hugging Face checkpoint directory
+(config, safetensors, tokenizer, generation config) small enough that a test can quantize, evaluate
+and serve it in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = (
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog. "
+    "Quantization maps weights to a few bits; calibration data decides which errors matter. "
+    "A paged key-value cache stores attention state in fixed-size blocks. "
+    "Héllo wörld, naïve café, 東京, emoji 🙂 and other multi-byte text must round-trip. "
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \" \n"
+)
+
+
+def make_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a fixed string (deterministic), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
+    """A transformers config for a 2-layer model of the given family (llama, mistral, qwen2)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    common.update(overrides)
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if family not in classes:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(classes)}")
+    return classes[family](**common)
+
+
+def make_tiny_model(
+    path: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    **config_overrides,
+) -> Path:
+    """Write a random-weight model of `family` with the tiny tokenizer to `path`; returns the path."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tiny_tokenizer()
+    config = tiny_config(family, vocab_size=len(tok), **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    # Random init of a tiny model gives near-uniform logits; scale up so greedy decoding is decisive.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
+    return path
