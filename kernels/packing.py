@@ -112,15 +112,25 @@ class QuantizedWeight:
         return s * (self.intweight.float() - z)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
-    """Round-to-nearest quantization of W [out, in] with contiguous groups along the input dim."""
+def rtn_quantize(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    clip_max: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [out, in] with contiguous groups along the input dim.
+
+    `clip_max` [out, G] optionally bounds |w| per (row, group) before the scale is computed (AWQ clip).
+    """
     out_f, in_f = w.shape
     gs = effective_group_size(in_f, group_size)
     if in_f % gs:
         raise ValueError(f"in_features={in_f} is not divisible by group_size={group_size}")
     n_groups = in_f // gs
     wg = w.float().reshape(out_f, n_groups, gs).permute(1, 0, 2).reshape(n_groups * out_f, gs)
-    scale, zero = compute_qparams(wg, bits, sym)
+    clip = None if clip_max is None else clip_max.t().reshape(n_groups * out_f)  # [G*out] matching wg rows
+    scale, zero = compute_qparams(wg, bits, sym, clip)
     q = quantize_tensor(wg, scale[:, None], zero[:, None], bits)
     intweight = q.reshape(n_groups, out_f, gs).permute(1, 0, 2).reshape(out_f, in_f)
     g_idx = torch.arange(in_f, device=w.device, dtype=torch.int32) // gs

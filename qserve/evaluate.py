@@ -1,0 +1,238 @@
+"""Perplexity in the GPTQ/AWQ-paper protocol, on plain and quantized checkpoints.
+
+Protocol (../shared/docs/BENCHMARKS.md): the WikiText-2 test rows joined with "\\n\\n", tokenized once,
+cut into non-overlapping `seqlen` windows (remainder dropped); perplexity = exp(mean token NLL over the
+windows). Every comparison uses the same windows, so a report always says how many.
+
+`load_causal_lm` is the model-loading seam: a plain Hugging Face checkpoint loads through transformers;
+a GPTQ or AWQ-GEMM checkpoint is rebuilt as a dense model whose Linear weights are dequantized through
+the shared packed-format code (kernels/packing.py), so `eval ppl` runs unchanged on quantized output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qserve.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class PplResult:
+    ppl: float
+    nll: float  # mean token negative log-likelihood (nats)
+    windows: int
+    tokens: int  # tokens scored (windows * (seqlen - 1))
+    seqlen: int
+    seconds: float
+    dataset: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_quantization_config(path: Path) -> dict | None:
+    """The checkpoint's quantization metadata, wherever the ecosystem puts it (None if unquantized)."""
+    for name in ("quantize_config.json", "quant_config.json"):
+        f = path / name
+        if f.is_file():
+            return json.loads(f.read_text())
+    cfg_path = path / "config.json"
+    if cfg_path.is_file():
+        return json.loads(cfg_path.read_text()).get("quantization_config")
+    return None
+
+
+def quant_method(qcfg: dict | None) -> str | None:
+    """ "gptq", "awq" or None (unquantized, or a method qserve does not read) from quantization metadata."""
+    if not qcfg:
+        return None
+    method = qcfg.get("quant_method")
+    if method is None:  # legacy files without quant_method: AutoAWQ's quant_config.json vs AutoGPTQ's
+        method = "awq" if ("w_bit" in qcfg or "zero_point" in qcfg or "version" in qcfg) else "gptq"
+    return method if method in ("gptq", "awq") else None
+
+
+def _resolve_dtype(dtype, device: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        # fp32 on CPU: bf16 matmuls are slower here and perplexity should not depend on the eval dtype.
+        return torch.float32 if device == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
+    """A transformers causal LM for `path` (plain, GPTQ or AWQ-GEMM), in eval mode on `device`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    qcfg = read_quantization_config(path)
+    if quant_method(qcfg) is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        return model.to(device).eval()
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    state = _dense_state_dict(path, qcfg, torch_dtype)
+    missing = [k for k in model.state_dict() if k not in state and not _is_tied(model, k)]
+    if missing:
+        raise CheckpointError(f"{path}: tensors missing for {len(missing)} parameters, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild those modules for real.
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, type(module)(config=module.config))
+    return model.to(device).eval()
+
+
+def _is_tied(model, key: str) -> bool:
+    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _dense_state_dict(path: Path, qcfg: dict, dtype) -> dict:
+    """Every tensor of the checkpoint, with quantized Linears dequantized into `<prefix>.weight`."""
+    from safetensors import safe_open
+
+    from qserve.kernels.packing import dequantize_awq, dequantize_gptq
+
+    method = quant_method(qcfg)
+    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    raw: dict = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                raw[k] = sf.get_tensor(k)
+    state = {}
+    for k, v in raw.items():
+        if k.endswith(".qweight"):
+            prefix = k[: -len(".qweight")]
+            if method == "awq":
+                w = dequantize_awq(v, raw[f"{prefix}.qzeros"], raw[f"{prefix}.scales"], group_size)
+            else:
+                w = dequantize_gptq(
+                    v,
+                    raw[f"{prefix}.qzeros"],
+                    raw[f"{prefix}.scales"],
+                    raw.get(f"{prefix}.g_idx"),
+                    bits,
+                    group_size,
+                    qcfg.get("checkpoint_format", "gptq"),
+                )
+            state[f"{prefix}.weight"] = w.to(dtype)
+        elif k.endswith((".qzeros", ".scales", ".g_idx")):
+            continue
+        else:
+            state[k] = v.to(dtype) if v.is_floating_point() else v
+    return state
+
+
+def eval_tokens(tokenizer, dataset: str = "wikitext2"):
+    """The dataset's rows joined with "\\n\\n" and tokenized once: LongTensor [1, N]."""
+    from qserve.calib_data import load_eval_rows
+
+    text = "\n\n".join(load_eval_rows(dataset))
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def perplexity(
+    model,
+    tokens,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    dataset: str = "wikitext2",
+) -> PplResult:
+    """exp(mean NLL) over non-overlapping `seqlen` windows of `tokens` [1, N]."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    n_windows = tokens.shape[1] // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise ConfigError(f"{dataset} has {tokens.shape[1]} tokens: fewer than one window of seqlen={seqlen}")
+    device = next(model.parameters()).device
+    windows = tokens[0, : n_windows * seqlen].view(n_windows, seqlen)  # [W, seqlen]
+    total_nll, start = 0.0, time.perf_counter()
+    bar = tqdm(total=n_windows, desc=f"ppl {dataset}", unit="win", disable=not progress)
+    with torch.inference_mode():
+        for i in range(0, n_windows, batch_size):
+            batch = windows[i : i + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += nll.item()
+            bar.update(batch.shape[0])
+    bar.close()
+    scored = n_windows * (seqlen - 1)
+    mean_nll = total_nll / scored
+    return PplResult(
+        ppl=math.exp(mean_nll),
+        nll=mean_nll,
+        windows=n_windows,
+        tokens=scored,
+        seqlen=seqlen,
+        seconds=time.perf_counter() - start,
+        dataset=dataset,
+    )
+
+
+def evaluate_ppl(
+    model_path,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype=None,
+    progress: bool = True,
+) -> PplResult:
+    """Load `model_path` (plain or quantized) and measure its perplexity on `dataset`."""
+    from transformers import AutoTokenizer
+
+    from qserve.calib_data import check_source
+
+    check_source(dataset)  # fail before loading the model
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokens = eval_tokens(tokenizer, dataset)
+    model = load_causal_lm(model_path, dtype=dtype or "auto", device=device)
+    return perplexity(model, tokens, seqlen, max_windows, batch_size, progress, dataset)

@@ -1,0 +1,109 @@
+"""Architecture knowledge, one table per model family.
+
+Everything the quantizers need to know about a family lives here: where the decoder blocks are,
+which Linears a block holds (in true-sequential order), and AWQ's (previous op -> linears) scale
+groups. Adding a family means adding one `ArchSpec`, not editing the algorithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qserve.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """An AWQ scaling site: scales are divided out of `prev_op` and multiplied into `linears`.
+
+    `inspect` is the submodule (relative to the block; "" = the whole block) whose output measures
+    the loss of a candidate scale; `input_of` is the linear whose input activations drive the search.
+    `requires_same_shape` names a (prev, next) pair whose weights must have equal shapes for the
+    group to apply (v_proj -> o_proj only works without GQA).
+    """
+
+    prev_op: str
+    linears: tuple[str, ...]
+    inspect: str
+    requires_same_shape: tuple[str, str] | None = None
+
+    @property
+    def input_of(self) -> str:
+        return self.linears[0]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    architectures: tuple[str, ...]  # config.architectures values
+    model_types: tuple[str, ...]  # config.model_type values
+    blocks: str  # attribute path of the decoder block list
+    embed: str  # modules that run before block 0 (moved to the device for capture)
+    pre_blocks: tuple[str, ...]  # other modules needed before block 0 (rotary embedding)
+    sequential: tuple[tuple[str, ...], ...]  # true-sequential groups of linears inside a block
+    scale_groups: tuple[ScaleGroup, ...]
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.sequential for name in group)
+
+
+_LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+_LLAMA_SCALE_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaleGroup(
+        "self_attn.v_proj",
+        ("self_attn.o_proj",),
+        "self_attn.o_proj",
+        requires_same_shape=("self_attn.v_proj", "self_attn.o_proj"),
+    ),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+
+
+def _llama_like(family: str, architectures: tuple[str, ...], model_types: tuple[str, ...]) -> ArchSpec:
+    return ArchSpec(
+        family=family,
+        architectures=architectures,
+        model_types=model_types,
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        pre_blocks=("model.rotary_emb",),
+        sequential=_LLAMA_SEQUENTIAL,
+        scale_groups=_LLAMA_SCALE_GROUPS,
+    )
+
+
+# Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
+ARCHS: tuple[ArchSpec, ...] = (
+    _llama_like("llama", ("LlamaForCausalLM",), ("llama",)),
+    _llama_like("mistral", ("MistralForCausalLM",), ("mistral",)),
+    _llama_like("qwen2", ("Qwen2ForCausalLM",), ("qwen2",)),
+)
+
+
+def supported_architectures() -> list[str]:
+    return [a for spec in ARCHS for a in spec.architectures]
+
+
+def arch_for_config(config) -> ArchSpec:
+    """The ArchSpec for a transformers config (or a config.json dict); ConfigError if unsupported."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    architectures = tuple(get("architectures", None) or ())
+    model_type = get("model_type", None)
+    for spec in ARCHS:
+        if set(architectures) & set(spec.architectures) or model_type in spec.model_types:
+            return spec
+    found = ", ".join(architectures) or model_type or "unknown"
+    raise ConfigError(
+        f"unsupported architecture {found}; qserve supports {', '.join(supported_architectures())}"
+    )
