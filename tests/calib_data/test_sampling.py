@@ -83,7 +83,7 @@ def test_file_kinds_and_directory(tmp_path):
         "line two",
     ]
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
-    with pytest.raises(DataSourceError, match="bad.jsonl:1"):
+    with pytest.raises(DataSourceError, match=r"bad\.jsonl:1"):
         load_documents(str(tmp_path / "bad.jsonl"))
 
 
