@@ -6,4 +6,4 @@ QSERVE_EXTRAS=gguf,triton,plot,dev . scripts/bootstrap.sh
 . .venv/bin/activate
 
 ruff check .
-python -m pytest -q "$@"
+pytest -q "$@"

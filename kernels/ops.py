@@ -1,0 +1,193 @@
+"""The public kernel entry points: Triton on CUDA tensors, torch on everything else.
+
+Dispatch is by the tensors' device only (never by environment), so CPU callers always get the torch
+paths, even in a process where TRITON_INTERPRET is set. The Triton modules are imported on the first
+CUDA call, so importing `qserve.kernels` does not need triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qserve.kernels import reference, torch_attention
+
+# Above this many tokens, dequantize + cuBLAS beats the fused kernel: the GEMM is compute-bound and
+# the one-off decode of the weight is amortised over the rows. vLLM's Triton AWQ path switches at the
+# same count from its own measurements; bench/kernels.py reports the crossover per shape on a GPU.
+FUSED_MAX_TOKENS = 256
+GEMM_PATHS = ("fused", "dequant")
+
+
+def g_idx_is_trivial(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when g_idx is i // group_size (no act-order): callers may then pass g_idx=None, which lets
+    the fused kernel load scales once per tile instead of once per row. Check once, at load time."""
+    in_features = g_idx.numel()
+    gs = in_features if group_size == -1 else group_size
+    expected = torch.arange(in_features, device=g_idx.device, dtype=torch.int32) // gs
+    return bool(torch.equal(g_idx.to(torch.int32), expected))
+
+
+def dequantize_weight(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    *,
+    fmt: str,
+    bits: int = 4,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Dense W' [out, in] in `dtype`, for `F.linear`. A caller may cache it: on CPU the engine
+    dequantizes each Linear once at load and runs plain matmuls, which is far faster than decoding the
+    packed weight on every call."""
+    if qweight.is_cuda:
+        from qserve.kernels import triton_gemm
+
+        w_t = triton_gemm.dequantize_t(
+            qweight, qzeros, scales, g_idx, fmt=fmt, bits=bits, group_size=group_size,
+            checkpoint_format=checkpoint_format, dtype=dtype,
+        )  # fmt: skip
+        return w_t.t().contiguous()  # [in, out] -> [out, in]
+    return reference.dequantize_weight(
+        qweight, qzeros, scales, g_idx, fmt=fmt, bits=bits, group_size=group_size,
+        checkpoint_format=checkpoint_format, dtype=dtype,
+    )  # fmt: skip
+
+
+def dequant_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    fmt: str,
+    bits: int = 4,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+    path: str | None = None,
+) -> torch.Tensor:
+    """y = x @ W'^T (+ bias): x [..., in] fp16/bf16/fp32 -> [..., out] in x.dtype.
+
+    fmt "gptq": qweight int32 [in * bits / 32, out], qzeros [G, out * bits / 32], scales fp16 [G, out],
+    g_idx int32 [in] or None (act-order allowed). fmt "awq": qweight [in, out / 8] interleaved, qzeros
+    [G, out / 8], scales [G, out], g_idx None. On CUDA, `path` forces "fused" (Triton) or "dequant"
+    (decode + torch.matmul); by default the fused kernel serves up to FUSED_MAX_TOKENS rows.
+    On CPU the weight is decoded on every call: cache `dequantize_weight(...)` on hot paths instead.
+    """
+    if path is not None and path not in GEMM_PATHS:
+        raise ValueError(f"path must be one of {GEMM_PATHS} or None, got {path!r}")
+    in_features, _ = reference.packed_shape(fmt, bits, qweight, qzeros, scales, g_idx)
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x [..., {x.shape[-1]}] does not match the packed weight's in_features {in_features}"
+        )
+    if not x.is_cuda:
+        # fp16 matmul on CPU is slow or missing: compute in fp32 there, bf16 and fp32 stay as they are
+        compute = torch.float32 if x.dtype == torch.float16 else x.dtype
+        w = reference.dequantize_weight(
+            qweight, qzeros, scales, g_idx, fmt=fmt, bits=bits, group_size=group_size,
+            checkpoint_format=checkpoint_format, dtype=compute,
+        )  # fmt: skip
+        b = bias.to(compute) if bias is not None else None
+        return F.linear(x.to(compute), w, b).to(x.dtype)
+
+    from qserve.kernels import triton_gemm
+
+    tokens = x.numel() // x.shape[-1]
+    if path is None:
+        path = "fused" if tokens <= FUSED_MAX_TOKENS else "dequant"
+    if path == "fused":
+        return triton_gemm.dequant_gemm_triton(
+            x, qweight, qzeros, scales, g_idx, bias, fmt=fmt, bits=bits, group_size=group_size,
+            checkpoint_format=checkpoint_format,
+        )  # fmt: skip
+    w_t = triton_gemm.dequantize_t(
+        qweight, qzeros, scales, g_idx, fmt=fmt, bits=bits, group_size=group_size,
+        checkpoint_format=checkpoint_format, dtype=x.dtype,
+    )  # fmt: skip  # W'^T [in, out]
+    y = torch.matmul(x, w_t)
+    return y + bias.to(x.dtype) if bias is not None else y
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """key/value [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at slot = block * block_size
+    + offset; slot -1 skips the token (padding)."""
+    if key_cache.is_cuda:
+        from qserve.kernels import triton_attention
+
+        triton_attention.write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        torch_attention.write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _check_heads(q: torch.Tensor, key_cache: torch.Tensor) -> None:
+    num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
+    if num_heads % num_kv_heads or q.shape[2] != key_cache.shape[3]:
+        raise ValueError(
+            f"q [T, H={num_heads}, D={q.shape[2]}] does not fit a cache with KVH={num_kv_heads}, "
+            f"D={key_cache.shape[3]}: H must be a multiple of KVH and head dims must match"
+        )
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: q [S, H, D] over each sequence's seq_lens[i] cached positions."""
+    _check_heads(q, key_cache)
+    if q.is_cuda:
+        from qserve.kernels import triton_attention
+
+        return triton_attention.paged_attention_decode_triton(
+            q, key_cache, value_cache, block_tables, seq_lens, scale
+        )
+    return torch_attention.paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Mixed batch of prefill chunks and decodes: q [T, H, D] -> [T, H, D] in q.dtype.
+
+    query_start_loc int32 [S + 1] (every sequence has at least one query token); seq_lens int32 [S]
+    counts each sequence's context including this step's tokens, already written with
+    `write_kv_cache`. Query j of sequence i sits at position seq_lens[i] - q_len_i + j and, if causal,
+    sees positions <= its own. block_tables int32 [S, max_blocks] (padding entries ignored).
+    """
+    _check_heads(q, key_cache)
+    if not q.is_cuda:
+        return torch_attention.paged_attention_torch(
+            q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal
+        )
+    from qserve.kernels import triton_attention
+
+    if q.shape[0] == seq_lens.shape[0]:  # T == S with q_len >= 1 each: all decodes, no host sync
+        return triton_attention.paged_attention_decode_triton(
+            q, key_cache, value_cache, block_tables, seq_lens, scale
+        )
+    return triton_attention.paged_attention_prefill_triton(
+        q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal
+    )

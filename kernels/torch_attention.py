@@ -1,0 +1,151 @@
+"""Paged attention and KV-cache writes in plain torch: the engine's CPU hot path.
+
+Decodes are batched: every decoding sequence's context is gathered block by block into one padded
+[S, KVH, L, D] tensor and a single `scaled_dot_product_attention` call with a padding mask serves the
+whole batch (one call for 64 sequences is several times faster than 64 calls; see bench/kernels.py
+--cpu-attention). Prefill chunks have many queries each, so they are attended one sequence at a time
+without padding waste. GQA folds each kv head's query heads into the query dim, so K/V are never
+repeated per query head.
+
+Whole blocks are read, including the unwritten tail of a sequence's last block, and masked: cache
+memory must hold finite values (the engine allocates it with torch.zeros; stale K/V are fine), since
+a NaN there would survive the mask (0 * NaN). The Triton kernels never load those slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache_torch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter key/value [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slots; -1 skips."""
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        key, value, slots = key[valid], value[valid], slots[valid]
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    # views, not copies: the caches are allocated contiguous, so a flat slot index addresses them directly
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(value_cache.dtype))
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of the given blocks, in order: block_ids [..., nb] -> [..., KVH, nb * block_size, D].
+
+    Whole blocks are copied (block_size * KVH * D contiguous elements each), which is several times
+    faster than gathering token rows one by one; positions past a sequence's end are masked by callers.
+    """
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    lead = block_ids.shape[:-1]
+    # padding entries (-1 or stale ids) are clamped into range; callers mask the positions they cover
+    rows = cache.index_select(0, block_ids.reshape(-1).long().clamp(0, cache.shape[0] - 1))
+    rows = rows.view(*lead, block_ids.shape[-1] * block_size, num_kv_heads, head_dim)
+    return rows.transpose(-3, -2)
+
+
+def paged_decode_torch(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: q [S, H, D] -> [S, H, D], all sequences in one padded SDPA call."""
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return torch.empty_like(q)
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    ids = block_tables[:, :num_blocks]  # padding entries (-1) are clamped, then masked
+    k = _gather_blocks(key_cache, ids).to(q.dtype)  # [S, KVH, L, D]
+    v = _gather_blocks(value_cache, ids).to(q.dtype)
+    pos = torch.arange(num_blocks * block_size, device=q.device)
+    valid = pos[None, :] < seq_lens.long()[:, None]  # [S, L]
+    # A decode has no causal structure among its query heads, so the G = H / KVH heads that share a kv
+    # head ride in SDPA's query-length dim: [S, H, D] -> [S, KVH, G, D]. This is GQA without repeating
+    # K/V, and measured faster on CPU than SDPA's enable_gqa (which is slow in bf16).
+    out = F.scaled_dot_product_attention(
+        q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
+        k,
+        v,
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+    )
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _attend_one(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """q [q_len, H, D], the last q_len of context_len positions, over one sequence's cache."""
+    q_len, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-context_len // block_size)
+    k = _gather_blocks(key_cache, block_table[:num_blocks])[:, :context_len].to(q.dtype)  # [KVH, ctx, D]
+    v = _gather_blocks(value_cache, block_table[:num_blocks])[:, :context_len].to(q.dtype)
+    # [q_len, H, D] -> [KVH, G * q_len, D]: fold the query heads of a kv head into the query dim (GQA)
+    qf = (
+        q.reshape(q_len, num_kv_heads, group, head_dim)
+        .permute(1, 2, 0, 3)
+        .reshape(num_kv_heads, -1, head_dim)
+    )
+    mask = None
+    if causal and q_len > 1:
+        # SDPA's is_causal aligns the mask top-left; chunked prefill needs it bottom-right (the queries
+        # are the last q_len positions), so the mask is explicit, repeated for each folded head.
+        q_pos = torch.arange(context_len - q_len, context_len, device=q.device)
+        mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, ctx]
+        mask = mask.repeat(group, 1)  # [G * q_len, ctx]
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [KVH, G * q_len, D]
+    return (
+        out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+    )
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Mixed batch of prefill chunks and decodes; same contract as `qserve.kernels.paged_attention`."""
+    starts = query_start_loc.long()
+    q_lens = starts[1:] - starts[:-1]
+    is_decode = q_lens == 1
+    if bool(is_decode.all()):
+        return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
+    out = torch.empty_like(q)
+    decode_ids = torch.nonzero(is_decode).flatten()
+    if decode_ids.numel():
+        rows = starts[decode_ids]  # token index of each decode's single query
+        out[rows] = paged_decode_torch(
+            q[rows], key_cache, value_cache, block_tables[decode_ids], seq_lens[decode_ids], scale
+        )
+    start_list, len_list = starts.tolist(), seq_lens.tolist()
+    for i in torch.nonzero(~is_decode).flatten().tolist():
+        lo, hi = start_list[i], start_list[i + 1]
+        if hi > lo:
+            out[lo:hi] = _attend_one(
+                q[lo:hi], key_cache, value_cache, block_tables[i], len_list[i], scale, causal
+            )
+    return out

@@ -1,0 +1,108 @@
+"""Shape arithmetic of the packed formats (FORMATS.md), with no torch import.
+
+For a Linear with `in` inputs and `out` outputs, G = ceil(in / group_size) groups:
+
+    GPTQ  qweight [in * bits / 32, out]   qzeros [G, out * bits / 32]   scales [G, out]   g_idx [in]
+    AWQ   qweight [in, out / 8]           qzeros [G, out / 8]           scales [G, out]
+
+kernels/packing.py holds the one definition of the bit layout; this module only predicts shapes, so
+the header-only check can run without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+INT_SUFFIXES = ("qweight", "qzeros", "g_idx")  # int32 in both formats
+
+
+@dataclass(frozen=True)
+class Layout:
+    method: str  # gptq | awq
+    bits: int
+    group_size: int  # -1: one group
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    def groups(self, in_f: int) -> int:
+        return 1 if self.group_size == -1 else -(-in_f // self.group_size)
+
+    def shapes(self, in_f: int, out_f: int) -> dict[str, tuple[int, ...]]:
+        g, w = self.groups(in_f), self.per_word
+        if self.method == "gptq":
+            return {
+                "qweight": (in_f // w, out_f),
+                "qzeros": (g, -(-out_f // w)),
+                "scales": (g, out_f),
+                "g_idx": (in_f,),
+                "bias": (out_f,),
+            }
+        return {
+            "qweight": (in_f, out_f // w),
+            "qzeros": (g, out_f // w),
+            "scales": (g, out_f),
+            "bias": (out_f,),
+        }
+
+    def features(self, qweight_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """(in, out) implied by a qweight shape, or None when it is not 2-D."""
+        if len(qweight_shape) != 2:
+            return None
+        rows, cols = qweight_shape
+        if self.method == "gptq":
+            return rows * self.per_word, cols
+        return rows, cols * self.per_word
+
+    def explain_qweight(self, found: tuple[int, ...], in_f: int, out_f: int) -> str:
+        """The likeliest reason a qweight has `found` instead of the expected shape."""
+        for bits in (2, 4, 8):
+            if bits != self.bits and Layout(self.method, bits, self.group_size).shapes(in_f, out_f)[
+                "qweight"
+            ] == tuple(found):
+                return f"the shape fits bits={bits}: the bits metadata is wrong"
+        other = "awq" if self.method == "gptq" else "gptq"
+        if Layout(other, self.bits, self.group_size).shapes(in_f, out_f)["qweight"] == tuple(found):
+            return f"the shape fits the {other.upper()} layout: the quant_method metadata is wrong"
+        if self.method == "awq" and tuple(found) == (out_f, in_f // self.per_word):
+            return "the shape fits AWQ's GEMV layout [out, in / 8]: the version metadata is wrong"
+        return "the tensor does not match config.json: it belongs to another model or was packed wrongly"
+
+    def explain_groups(self, found_groups: int, in_f: int) -> str:
+        if found_groups == 1:
+            return "the tensors hold one group (group_size -1): the group_size metadata is wrong"
+        if found_groups > 0 and in_f % found_groups == 0:
+            return (
+                f"the tensors fit group_size {in_f // found_groups}: the checkpoint's group_size "
+                "metadata is wrong or the tensors were packed with another group size"
+            )
+        return (
+            "the checkpoint's group_size metadata is wrong or the tensors were packed with another group size"
+        )
+
+
+# Llama-family Linear shapes as (in, out) from config.json. Mistral and Qwen2 share the layout.
+def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
+    """Per-block Linear (in, out) for a llama-like config, or None when a dimension is missing or bad."""
+    hidden = config.get("hidden_size")
+    inter = config.get("intermediate_size")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads", heads)
+    dims = (hidden, inter, heads, kv_heads)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    if not (isinstance(head_dim, int) and head_dim > 0):
+        return None
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    return {
+        "self_attn.q_proj": (hidden, q_out),
+        "self_attn.k_proj": (hidden, kv_out),
+        "self_attn.v_proj": (hidden, kv_out),
+        "self_attn.o_proj": (q_out, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }

@@ -1,0 +1,212 @@
+"""Paged attention and KV-cache writes (Triton kernels and torch paths) vs dense causal attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from kernel_testing import HAS_CUDA, TRITON_DEVICES
+
+from qserve.kernels import paged_attention, paged_attention_decode, write_kv_cache
+from qserve.kernels.reference import paged_attention_reference, write_kv_cache_reference
+
+triton_attention = pytest.importorskip("qserve.kernels.triton_attention", reason="triton is not installed")
+
+
+def attention_tolerances(dtype: torch.dtype) -> dict:
+    # Outputs are convex mixes of V entries of size ~1. The kernels round the pre-scaled q and the
+    # softmax weights to the dot dtype and the output to q.dtype, each worth up to an ulp of an O(1)
+    # value (the interpreter's bf16 cast truncates), so 4 ulps of the dtype, absolute and relative.
+    # Attending to one wrong or missing key changes outputs by O(1 / context), far above that.
+    eps = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[dtype]
+    return {"rtol": 4 * eps, "atol": 4 * eps}
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, H, D]
+    key_cache: torch.Tensor  # [num_blocks, block_size, KVH, D]
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32 [S, max_blocks], -1 padded
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    seq_lens: torch.Tensor  # int32 [S]
+    expected: torch.Tensor  # dense causal attention, fp32 [T, H, D]
+    scale: float
+
+    def args(self):
+        return (self.q, self.key_cache, self.value_cache, self.block_tables, self.query_start_loc,
+                self.seq_lens, self.scale)  # fmt: skip
+
+
+def dense_attention(q, k, v, scale, causal=True):
+    """q [q_len, H, D] = the last q_len positions of k/v [ctx, KVH, D]; plain fp32 softmax attention."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, ctx, D]; head h reads kv h // group
+    v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = q.float().transpose(0, 1) @ k.transpose(1, 2) * scale  # [H, q_len, ctx]
+    if causal:
+        ctx, q_len = k.shape[1], q.shape[0]
+        hidden = torch.arange(ctx)[None, :] > torch.arange(ctx - q_len, ctx)[:, None]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1)
+
+
+def make_batch(specs, heads, kv_heads, head_dim, block_size, dtype, gen, *, junk, device="cpu", causal=True):
+    """Sequences (context, q_len) whose blocks are scattered in random order over a cache that holds
+    `junk` in every slot no token was written to (unused blocks and the tails of last blocks)."""
+    blocks_per_seq = [-(-ctx // block_size) for ctx, _ in specs]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks that no sequence owns
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache, value_cache = torch.full(shape, junk, dtype=dtype), torch.full(shape, junk, dtype=dtype)
+    tables = torch.full((len(specs), max(blocks_per_seq) + 1), -1, dtype=torch.int32)
+    qs, expected = [], []
+    for i, (ctx, q_len) in enumerate(specs):
+        own = [order.pop() for _ in range(blocks_per_seq[i])]
+        tables[i, : len(own)] = torch.tensor(own, dtype=torch.int32)
+        k = torch.randn(ctx, kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(ctx, kv_heads, head_dim, generator=gen).to(dtype)
+        pos = torch.arange(ctx)
+        slots = tables[i].long()[pos // block_size] * block_size + pos % block_size
+        write_kv_cache_reference(k, v, key_cache, value_cache, slots)
+        q = torch.randn(q_len, heads, head_dim, generator=gen).to(dtype)
+        qs.append(q)
+        expected.append(dense_attention(q, k, v, head_dim**-0.5, causal))
+    q_lens = torch.tensor([q_len for _, q_len in specs])
+    return Batch(
+        q=torch.cat(qs).to(device),
+        key_cache=key_cache.to(device),
+        value_cache=value_cache.to(device),
+        block_tables=tables.to(device),
+        query_start_loc=torch.cat([torch.zeros(1), q_lens.cumsum(0)]).to(device=device, dtype=torch.int32),
+        seq_lens=torch.tensor([ctx for ctx, _ in specs], dtype=torch.int32, device=device),
+        expected=torch.cat(expected),
+        scale=head_dim**-0.5,
+    )
+
+
+# full prefill, decode, chunk continuing a cached prefix, exactly one full block, decode at a block edge
+MIXED = [(37, 37), (5, 1), (70, 20), (16, 16), (33, 1)]
+DECODES = [(1, 1), (16, 1), (77, 1), (40, 1)]
+# (block_size, dtype, heads, kv_heads, head_dim): GQA with a non-power-of-two group, MQA, MHA with a
+# head dim that is not a power of two; block sizes at both ends of 8..128
+SHAPES = [
+    (8, torch.float16, 6, 2, 32),
+    (16, torch.bfloat16, 8, 1, 64),
+    (128, torch.float32, 4, 4, 48),
+]
+
+
+def test_reference_matches_dense_attention(gen):
+    b = make_batch(MIXED, 6, 2, 32, 8, torch.float32, gen, junk=1e4)
+    torch.testing.assert_close(
+        paged_attention_reference(*b.args()), b.expected, **attention_tolerances(torch.float32)
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("block_size", "dtype", "heads", "kv_heads", "head_dim"), SHAPES)
+def test_triton_prefill_kernel_on_mixed_batch(block_size, dtype, heads, kv_heads, head_dim, device, gen):
+    # NaN in every unwritten slot: a kernel that reads past a context or into a foreign block fails
+    b = make_batch(MIXED, heads, kv_heads, head_dim, block_size, dtype, gen, junk=float("nan"), device=device)
+    out = torch.full_like(b.q, float("nan"))
+    got = triton_attention.paged_attention_prefill_triton(*b.args(), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.float().cpu(), b.expected, **attention_tolerances(dtype))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_prefill_kernel_without_causal_mask(device, gen):
+    b = make_batch(
+        [(30, 12), (9, 9)], 4, 2, 32, 8, torch.float16, gen, junk=float("nan"), device=device, causal=False
+    )
+    # q stored head-major ([H, T, D] memory seen as [T, H, D]): the kernels read and write dense
+    # [T, H, D], so the output must not inherit q's strides
+    strided_q = b.q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided_q.is_contiguous()
+    got = triton_attention.paged_attention_prefill_triton(strided_q, *b.args()[1:], causal=False)
+    torch.testing.assert_close(got.float().cpu(), b.expected, **attention_tolerances(torch.float16))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(
+    ("block_size", "dtype", "heads", "kv_heads", "head_dim", "splits"),
+    # context slices (flash-decoding): with 2-3 slices the short contexts leave slices empty and the
+    # 77-token one is merged from two partial softmaxes
+    [(*shape, splits) for shape, splits in zip(SHAPES, [1, 3, 2], strict=True)],
+)
+def test_triton_decode_kernel(block_size, dtype, heads, kv_heads, head_dim, splits, device, gen):
+    b = make_batch(
+        DECODES, heads, kv_heads, head_dim, block_size, dtype, gen, junk=float("nan"), device=device
+    )
+    out = torch.full_like(b.q, float("nan"))
+    got = triton_attention.paged_attention_decode_triton(
+        b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, out=out, num_splits=splits
+    )
+    torch.testing.assert_close(got.float().cpu(), b.expected, **attention_tolerances(dtype))
+
+
+@pytest.mark.parametrize(("block_size", "dtype", "heads", "kv_heads", "head_dim"), SHAPES)
+def test_public_cpu_paths(block_size, dtype, heads, kv_heads, head_dim, gen):
+    # The torch path gathers whole blocks and masks the tail, so unwritten slots need finite values
+    # (caches are allocated zeroed); 1e4 there would dominate any softmax that failed to mask them.
+    b = make_batch(MIXED, heads, kv_heads, head_dim, block_size, dtype, gen, junk=1e4)
+    tol = attention_tolerances(dtype)
+    torch.testing.assert_close(paged_attention(*b.args()).float(), b.expected, **tol)
+    d = make_batch(DECODES, heads, kv_heads, head_dim, block_size, dtype, gen, junk=1e4)
+    torch.testing.assert_close(paged_attention(*d.args()).float(), d.expected, **tol)
+    got = paged_attention_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
+    torch.testing.assert_close(got.float(), d.expected, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("specs", [MIXED, DECODES])
+def test_public_cuda_dispatch(specs, gen):
+    b = make_batch(specs, 8, 2, 64, 16, torch.float16, gen, junk=float("nan"), device="cuda")
+    torch.testing.assert_close(
+        paged_attention(*b.args()).float().cpu(), b.expected, **attention_tolerances(torch.float16)
+    )
+
+
+def test_public_cpu_path_never_calls_triton(gen, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU tensor reached a Triton kernel")
+
+    for name in ("paged_attention_decode_triton", "paged_attention_prefill_triton", "write_kv_cache_triton"):
+        monkeypatch.setattr(triton_attention, name, refuse)
+    b = make_batch(MIXED, 4, 2, 32, 16, torch.float32, gen, junk=0.0)
+    paged_attention(*b.args())
+    write_kv_cache(b.q[:, :2], b.q[:, :2], b.key_cache, b.value_cache, torch.arange(b.q.shape[0]))
+
+
+def _kv_write_case(dtype, gen, device):
+    num_blocks, block_size, kv_heads, head_dim = 6, 8, 2, 48
+    key, value = (torch.randn(7, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.tensor([3, -1, 17, 40, 9, -1, 47])  # -1: padding tokens, skipped
+    caches = [
+        torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)
+    ]
+    return key, value, caches, slots
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_write_kv_cache(dtype, device, gen):
+    key, value, (kc, vc), slots = _kv_write_case(dtype, gen, device)
+    want_k, want_v = kc.clone(), vc.clone()
+    write_kv_cache_reference(key, value, want_k, want_v, slots)
+    assert not torch.equal(want_k, kc)  # the case writes something
+    got_k, got_v = kc.clone().to(device), vc.clone().to(device)
+    triton_attention.write_kv_cache_triton(key.to(device), value.to(device), got_k, got_v, slots.to(device))
+    assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+    cpu_k, cpu_v = kc.clone(), vc.clone()
+    write_kv_cache(key, value, cpu_k, cpu_v, slots)  # the public torch path
+    assert torch.equal(cpu_k, want_k) and torch.equal(cpu_v, want_v)
+
+
+def test_heads_that_do_not_divide_are_rejected(gen):
+    b = make_batch([(5, 1)], 4, 2, 32, 8, torch.float32, gen, junk=0.0)
+    with pytest.raises(ValueError, match="multiple of KVH"):
+        paged_attention(b.q[:, :3], *b.args()[1:])
