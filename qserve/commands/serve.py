@@ -1,0 +1,170 @@
+"""`qserve serve MODEL`: validate the checkpoint, load it into the engine, serve the OpenAI API.
+
+Flags carry vLLM's names so a command line moves between the two. SIGTERM (or Ctrl-C) drains: uvicorn
+stops accepting connections and waits for in-flight responses, then the app's lifespan shuts the
+engine down with drain=True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qserve.errors import CheckpointError, ConfigError, RecipeError
+from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+
+
+class CheckpointRefused(CheckpointError):
+    """The validator found errors: serving it would give garbage or crash mid-request."""
+
+    exit_code = 1  # as `qserve validate` exits for a checkpoint with error findings
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: cannot read the serve config: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{path}: expected a mapping of serve options (port: 8000, ...), found {type(data).__name__}"
+        )
+    return data.get("serve", data) if set(data) == {"serve"} else data
+
+
+def build_config(ctx: click.Context, model: str | None, config_file: str | None, flags: dict[str, Any]):
+    """Config file values, overridden by flags given on the command line (or by QSERVE_API_KEY)."""
+    from qserve.serve.api.config import ServeConfig, parse_bytes
+
+    values = _read_config_file(config_file) if config_file else {}
+    explicit = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    for name, value in flags.items():
+        if ctx.get_parameter_source(name) in explicit:
+            values[name] = value
+    if model is not None:
+        values["model"] = model
+    if "model" not in values:
+        raise ConfigError(
+            "no model given: pass MODEL (a checkpoint directory or a model name) or set model: in --config"
+        )
+    if isinstance(values.get("kv_cache_memory"), str):
+        values["kv_cache_memory"] = parse_bytes(values["kv_cache_memory"])
+    return ServeConfig.from_dict(values, source=config_file or "command line")
+
+
+def check_checkpoint(model_dir: Path) -> str:
+    """Runs the validator; refuses a broken checkpoint. Returns a one-line verdict for the banner."""
+    from qserve.validate import validate_checkpoint
+
+    report = validate_checkpoint(model_dir)
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors and all(f.code == "META_MISSING" for f in errors):
+        # No quantization metadata at all: a plain full-precision model, which the engine serves as is.
+        return "unquantized (no quantization metadata)"
+    if not report.ok:
+        raise CheckpointRefused(
+            f"{model_dir} failed validation; refusing to serve it.\n{report.format_text()}\n"
+            f"Fix the checkpoint (or re-quantize it), then check it with `qserve validate {model_dir}`."
+        )
+    return "valid"
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """--chat-template: a file, or (as vLLM allows) the Jinja template itself."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    raise ConfigError(f"--chat-template: {spec} is neither a readable file nor a Jinja template")
+
+
+def run_server(cfg) -> None:
+    from qserve.hub import resolve_model
+
+    logging.basicConfig(level=cfg.log_level.upper() if cfg.log_level != "trace" else "DEBUG")
+    chat_template = load_chat_template(cfg.chat_template)
+    model_dir = Path(resolve_model(cfg.model))
+    verdict = check_checkpoint(model_dir)  # before the heavy imports: a refusal is quick
+
+    import uvicorn
+
+    from qserve.serve.api.app import create_app
+    from qserve.serve.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(dataclasses.replace(cfg.engine_args(), model=str(model_dir)))
+    app = create_app(engine, cfg.model_names, cfg.api_key, cfg.max_body_bytes, chat_template)
+    if chat_template is None and not getattr(engine.tokenizer, "chat_template", None):
+        click.secho("warning: the tokenizer has no chat template; /v1/chat/completions will answer 400 "
+                    "until the server is started with --chat-template", fg="yellow", err=True)  # fmt: skip
+    url = f"http://{cfg.host}:{cfg.port}"
+    click.echo(f"model:         {model_dir} (served as {', '.join(cfg.model_names)})")
+    click.echo(f"checkpoint:    {verdict}; quantization: {engine.quantization or 'none'}")
+    click.echo(f"KV cache:      {engine.kv_cache_tokens} tokens (block size {cfg.block_size}); "
+               f"max model len {engine.max_model_len}; max num seqs {cfg.max_num_seqs}; max queue {cfg.max_queue}")  # fmt: skip
+    click.echo(
+        f"auth:          {'API key required' if cfg.api_key else 'none (anyone who can reach the port)'}"
+    )
+    click.echo(f"serving:       {url}/v1 (OpenAI base URL); {url}/health, {url}/metrics")
+    uvicorn.run(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.log_level == "debug"
+    )
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to bind.")
+@click.option(
+    "--served-model-name", multiple=True, help="Name(s) clients use as `model` (repeatable); default MODEL."
+)
+@click.option(
+    "--api-key", envvar="QSERVE_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*."
+)
+@click.option("--max-model-len", type=int, default=None, help="Context length; default the model's.")
+@click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Most sequences in one batch.")
+@click.option(
+    "--max-num-batched-tokens", type=int, default=2048, show_default=True, help="Token budget per step."
+)
+@click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV-cache block.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+              help="Fraction of GPU memory for weights + KV cache (CUDA).")  # fmt: skip
+@click.option("--kv-cache-memory", default=None, help="KV-cache size on CPU, e.g. 2GiB or bytes.")
+@click.option("--chat-template", default=None, help="Jinja chat template file (or inline template).")
+@click.option("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, show_default=True,
+              help="Most requests waiting for a batch slot; beyond it 429 with Retry-After.")  # fmt: skip
+@click.option(
+    "--max-body-bytes",
+    type=int,
+    default=DEFAULT_MAX_BODY_BYTES,
+    show_default=True,
+    help="Larger bodies get 413.",
+)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+              default="info", show_default=True)  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Engine seed for unseeded sampling.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML of serve options (keys as the flags, '_' for '-'); flags given here override it.")  # fmt: skip
+@click.pass_context
+def serve(ctx: click.Context, model: str | None, config_file: str | None, **flags: Any) -> None:
+    """Serve MODEL (a GPTQ/AWQ or full-precision checkpoint dir, or a model name) over an OpenAI API."""
+    flags["served_model_name"] = tuple(flags["served_model_name"])
+    run_server(build_config(ctx, model, config_file, flags))

@@ -1,0 +1,192 @@
+"""The request handlers: parse, check against the model, run on the engine, answer.
+
+Routes read the raw body themselves (after the size-limit middleware) and validate it with the strict
+request models, so every malformed request takes the same path to a 400 naming its parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from qserve.errors import QserveError
+from qserve.serve.api.errors import APIError, bad_request, from_validation_error
+from qserve.serve.api.generation import ClientDisconnected, Generation
+from qserve.serve.api.metrics import ServerMetrics
+from qserve.serve.api.prompts import COMPLETION_DEFAULT_MAX_TOKENS, PromptBuilder, PromptInput
+from qserve.serve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    request_field_names,
+)
+from qserve.serve.api.responses import LogprobFormatter, ResponseMeta, chat_response, completion_response
+from qserve.serve.api.streaming import chat_stream, completion_stream
+from qserve.serve.sequence import QueueFullError
+
+# A client that has gone away is answered with nginx's "client closed request"; nobody reads it.
+CLIENT_CLOSED = 499
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class OpenAIServing:
+    """Handlers for /v1/* and the vLLM tokenizer endpoints, bound to one engine."""
+
+    def __init__(
+        self, engine, served_model_names: list[str], metrics: ServerMetrics, chat_template: str | None = None
+    ) -> None:
+        self.engine = engine
+        self.names = list(served_model_names)
+        self.metrics = metrics
+        self.builder = PromptBuilder(engine.tokenizer, engine.max_model_len, chat_template)
+        self.fmt = LogprobFormatter(engine.tokenizer)
+        self.field_names = request_field_names()
+        self.created = int(time.time())  # /v1/models: when this server started serving the model
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def parse(self, cls: type[BaseModel], body: bytes):
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc, self.field_names) from None
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is None:
+            return self.names[0]
+        if requested not in self.names:
+            raise APIError(
+                404,
+                f"The model '{requested}' does not exist on this server; it serves {self.names}. "
+                "Use one of those names (GET /v1/models lists them).",
+                param="model",
+                code="model_not_found",
+            )
+        return requested
+
+    def _require_healthy(self) -> None:
+        if not self.engine.is_healthy:
+            raise APIError(503, "The engine has stopped; the server must be restarted.", code="engine_dead")
+
+    async def _start(self, request: Request, prompts: list[PromptInput], params, request_id: str, param: str):
+        tracks = [self.metrics.track(len(p.token_ids)) for p in prompts]
+        gen = Generation(
+            self.engine, [p.token_ids for p in prompts], params, request_id, request.receive, tracks
+        )
+        try:
+            await gen.start()
+        except QueueFullError as exc:
+            raise APIError(
+                429,
+                f"The server is at capacity: {exc}. Retry after the delay in Retry-After.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+        except QserveError as exc:  # the engine is shutting down or its loop died
+            raise APIError(
+                503, f"The engine cannot take requests: {exc}", code="engine_unavailable"
+            ) from None
+        except ValueError as exc:  # the engine refuses a prompt that can never fit its KV cache
+            raise bad_request(f"The engine refused the prompt: {exc}", param) from None
+        return gen
+
+    # ---- /v1 ----------------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = self.parse(CompletionRequest, await request.body())
+        model = self.model_name(req.model)
+        self._require_healthy()
+        prompts = self.builder.completion(req)
+        max_tokens = self.builder.max_tokens(
+            prompts, req.max_tokens, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS
+        )
+        params = self.builder.sampling_params(req, max_tokens, req.logprobs)
+        meta = ResponseMeta.make("cmpl", model)
+        n, echo = params.n, bool(req.echo)
+        try:
+            gen = await self._start(request, prompts, params, meta.id, "prompt")
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        if req.stream:
+            body = completion_stream(gen, meta, prompts, n, echo, req.logprobs, req.include_usage, self.fmt)
+            return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            finals = await gen.collect()
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            await gen.close()
+        resp = completion_response(meta, prompts, finals, n, echo, req.logprobs, self.fmt)
+        return JSONResponse(resp.model_dump())
+
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await request.body())
+        model = self.model_name(req.model)
+        self._require_healthy()
+        prompt = self.builder.chat(req)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.builder.max_tokens([prompt], req.output_limit, param, None)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.builder.sampling_params(req, max_tokens, top)
+        meta = ResponseMeta.make("chatcmpl", model)
+        try:
+            gen = await self._start(request, [prompt], params, meta.id, "messages")
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        if req.stream:
+            body = chat_stream(gen, meta, prompt, top, req.include_usage, self.fmt)
+            return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            (final,) = await gen.collect()
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            await gen.close()
+        return JSONResponse(chat_response(meta, prompt, final, top, self.fmt).model_dump())
+
+    async def models(self) -> JSONResponse:
+        cards = [
+            ModelCard(
+                id=name,
+                created=self.created,
+                root=str(self.engine.model_name),
+                max_model_len=self.engine.max_model_len,
+            )
+            for name in self.names
+        ]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    # ---- vLLM's tokenizer endpoints -----------------------------------------------------------
+
+    async def tokenize(self, request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad_request(f"Request body is not valid JSON: {exc}.", None, "invalid_json") from None
+        chat = isinstance(raw, dict) and "messages" in raw
+        req = self.parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+        self.model_name(req.model)
+        if chat:
+            text = self.builder.render_chat(req.messages, req.add_generation_prompt)
+        else:
+            text = req.prompt
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids, "token_strs": strs}
+        )
+
+    async def detokenize(self, request: Request) -> JSONResponse:
+        req: DetokenizeRequest = self.parse(DetokenizeRequest, await request.body())
+        self.model_name(req.model)
+        self.builder.check_ids(req.tokens, "tokens")
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(req.tokens)})
