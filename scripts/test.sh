@@ -6,4 +6,7 @@ QSERVE_EXTRAS=gguf,triton,plot,dev . scripts/bootstrap.sh
 . .venv/bin/activate
 
 ruff check .
+# AutoAWQ 0.2.9 is the independent reader in tests/quantize/test_interop_autoawq.py. --no-deps: its
+# `datasets` requirement would give qserve's calibration presets a Hub fallback and change their errors.
+python -m pip install -q --disable-pip-version-check --no-deps "autoawq==0.2.9"
 pytest -q "$@"
