@@ -1,0 +1,275 @@
+"""LLMEngine: requests in, cumulative RequestOutputs out, one `step()` at a time.
+
+A step is schedule (which tokens to compute), run (one forward over the mixed batch, sample), and
+postprocess (append tokens and apply token stops in the scheduler, then detokenize, cut stop strings,
+build outputs). The engine is single-threaded; `AsyncLLMEngine` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qserve.errors import ConfigError
+from qserve.serve.config import CacheConfig, SchedulerConfig
+from qserve.serve.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
+from qserve.serve.loader import eos_token_ids, load_model, read_json, resolve_device, resolve_dtype
+from qserve.serve.metrics import EngineMetrics, EngineStats
+from qserve.serve.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from qserve.serve.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from qserve.serve.runner import ModelRunner, cpu_num_blocks, cuda_num_blocks
+from qserve.serve.sampler import Sampler, SamplingState
+from qserve.serve.sampling_params import SamplingParams
+from qserve.serve.scheduler import Scheduler
+from qserve.serve.sequence import Sequence, StopCriteria
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to build an engine; the keyword arguments of `LLM` and `AsyncLLMEngine`."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (and sliding window)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes of KV cache on CPU; default 1 GiB, capped at what can be used
+    gpu_memory_utilization: float = 0.9
+    device: str = "auto"
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    validate: bool = True
+    max_waiting: int | None = None  # bound of the waiting queue (the server's --max-queue)
+
+
+@dataclass
+class _SeqTrack:
+    """Runtime-side state of one output sequence."""
+
+    seq: Sequence
+    sampling: SamplingState
+    detok: IncrementalDetokenizer
+    num_seen: int = 0  # output tokens already detokenized
+    cut: int | None = None  # text length after a stop string
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.cut is None else self.detok.text[: self.cut]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tracks: list[_SeqTrack] = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(t.seq.is_finished for t in self.tracks)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from transformers import AutoTokenizer
+
+        from qserve.hub import resolve_model
+
+        self.args = args
+        model_dir = Path(resolve_model(args.model))
+        self.model_dir = model_dir
+        hf_config = read_json(model_dir / "config.json")
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device, hf_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        limit = min(
+            hf_config.get("max_position_embeddings") or 2048, hf_config.get("sliding_window") or math.inf
+        )
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise ConfigError(
+                f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} tokens "
+                "(config.json max_position_embeddings / sliding_window); lower it"
+            )
+        self.max_model_len = int(args.max_model_len or limit)
+        loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate)
+        self.model_config, self.quantization = loaded.config, loaded.quant.method if loaded.quant else None
+        needed = args.max_num_seqs * math.ceil(self.max_model_len / args.block_size)
+        if self.device.type == "cuda":
+            profile = min(args.max_num_batched_tokens, self.max_model_len)
+            num_blocks = cuda_num_blocks(
+                loaded.model, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, profile
+            )
+        else:
+            num_blocks = cpu_num_blocks(
+                loaded.model.config, args.block_size, self.dtype, args.kv_cache_memory, needed
+            )
+        cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        sched_config = SchedulerConfig(
+            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.max_waiting
+        )
+        self.scheduler = Scheduler(sched_config, cache_config)
+        self.runner = ModelRunner(loaded.model, num_blocks, args.block_size, self.device, self.dtype,
+                                  Sampler(self.device, args.seed))  # fmt: skip
+        self.kv_cache_tokens = num_blocks * args.block_size
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
+        self.metrics = EngineMetrics()
+        self._requests: dict[str, _Request] = {}
+        self._request_of: dict[int, str] = {}  # seq_id -> request_id
+        self._states: dict[int, SamplingState] = {}  # what the runner's sampler reads
+        self._tracks: dict[int, _SeqTrack] = {}
+        self._seq_ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+        arrival_time: float | None = None, add_special_tokens: bool = True,
+    ) -> None:  # fmt: skip
+        """Tokenize and queue a request; raises ValueError for a bad prompt, QueueFullError when full.
+
+        `add_special_tokens=False` for text that already carries them (a rendered chat template)."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
+        text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(
+                f"prompt token ids must lie in [0, {vocab}); found {[t for t in ids if not 0 <= t < vocab][:5]}"
+            )
+        req = _Request(request_id, text, ids, params, arrival_time=arrival_time or time.time())
+        for index in range(params.n):
+            sib = params.for_sibling(index)
+            stop = StopCriteria(
+                max_tokens=sib.max_tokens, min_tokens=sib.min_tokens, eos_token_ids=self.eos_token_ids,
+                stop_token_ids=frozenset(sib.stop_token_ids), ignore_eos=sib.ignore_eos,
+            )  # fmt: skip
+            seq = Sequence(next(self._seq_ids), ids, stop, req.arrival_time)
+            gen = None if sib.seed is None else torch.Generator(self.device).manual_seed(sib.seed)
+            state = SamplingState(seq, sib, gen)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, sib.skip_special_tokens)
+            req.tracks.append(_SeqTrack(seq, state, detok, logprobs=[] if sib.logprobs is not None else None))
+        self.scheduler.add([t.seq for t in req.tracks])  # raises before any bookkeeping below
+        self._requests[request_id] = req
+        for t in req.tracks:
+            self._request_of[t.seq.seq_id] = request_id
+            self._states[t.seq.seq_id] = t.sampling
+            self._tracks[t.seq.seq_id] = t
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        for t in req.tracks:
+            if not t.seq.is_finished and self.scheduler.abort(t.seq.seq_id) is None:
+                t.seq.set_finished("abort")
+        out = self._output(req)
+        self.metrics.on_finished("abort", time.time() - req.arrival_time)
+        self._retire(req)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return self.metrics.snapshot(s.stats(), s.num_running, s.num_waiting)
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        ran = self.runner.execute(scheduled, self._states)
+        return self._postprocess(scheduled, ran)
+
+    def _postprocess(self, scheduled: SchedulerOutput, ran: ModelRunnerOutput) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _Request] = {}
+        for seq in self.scheduler.update(scheduled, ran):
+            req = self._requests[self._request_of[seq.seq_id]]
+            self._advance(req, self._tracks[seq.seq_id], ran.logprobs.get(seq.seq_id), now)
+            touched[req.request_id] = req
+        outputs = [self._output(req) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                self.metrics.on_finished(_request_reason(req), now - req.arrival_time)
+                self._retire(req)
+        return outputs
+
+    def _advance(self, req: _Request, track: _SeqTrack, lp: TokenLogprobs | None, now: float) -> None:
+        seq, params = track.seq, track.sampling.params
+        new_ids = seq.output_token_ids[track.num_seen :]
+        track.num_seen = seq.num_output_tokens
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.on_first_token(len(req.prompt_token_ids), now - req.arrival_time)
+        gap = None if track.last_token_time is None else now - track.last_token_time
+        self.metrics.on_tokens(len(new_ids), gap)
+        track.last_token_time = now
+        if lp is not None and track.logprobs is not None:
+            track.logprobs.append(self._logprob_dict(new_ids[-1], lp))
+            track.cumulative_logprob = (track.cumulative_logprob or 0.0) + lp.logprob
+        new_text = track.detok.step(new_ids)
+        if seq.is_finished:
+            new_text += track.detok.flush()
+        if params.stop and track.cut is None and seq.num_output_tokens >= params.min_tokens:
+            hit = find_stop_string(
+                track.detok.text, len(new_text), params.stop, params.include_stop_str_in_output
+            )
+            if hit is not None:
+                track.cut = hit[1]
+                if self.scheduler.finish(seq.seq_id, "stop", hit[0]) is None:  # already ended on this token
+                    seq.set_finished("stop", hit[0])
+
+    def _logprob_dict(self, token_id: int, lp: TokenLogprobs) -> dict[int, Logprob]:
+        decode = self.tokenizer.decode
+        entries = {tid: Logprob(val, rank + 1, decode([tid])) for rank, (tid, val) in enumerate(lp.top)}
+        entries[token_id] = Logprob(lp.logprob, lp.rank, decode([token_id]))
+        return entries
+
+    def _output(self, req: _Request) -> RequestOutput:
+        completions = []
+        for index, t in enumerate(req.tracks):
+            text = t.text
+            hold = stop_holdback(t.sampling.params.stop)
+            if hold and not t.seq.is_finished:  # a stop string may still complete: do not stream its prefix
+                text = text[: max(0, len(text) - hold)]
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=list(t.seq.output_token_ids),
+                cumulative_logprob=t.cumulative_logprob,
+                logprobs=None if t.logprobs is None else list(t.logprobs),
+                finish_reason=t.seq.finish_reason, stop_reason=t.seq.stop_reason,
+            ))  # fmt: skip
+        finished = req.finished
+        metrics = RequestMetrics(req.arrival_time, req.first_token_time, time.time() if finished else None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics)
+
+    def _retire(self, req: _Request) -> None:
+        del self._requests[req.request_id]
+        for t in req.tracks:
+            self._request_of.pop(t.seq.seq_id, None)
+            self._states.pop(t.seq.seq_id, None)
+            self._tracks.pop(t.seq.seq_id, None)
+
+
+def _request_reason(req: _Request) -> str:
+    reasons = {t.seq.finish_reason for t in req.tracks}
+    return "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"

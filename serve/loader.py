@@ -1,0 +1,231 @@
+"""Build the engine's model from a checkpoint directory: config, quantization metadata, safetensors.
+
+Quantization metadata is looked up where the ecosystem puts it (FORMATS.md): `quantize_config.json`,
+then `quant_config.json`, then `config.json["quantization_config"]`, with AutoAWQ's legacy aliases.
+Each Linear is taken from the checkpoint by name: `prefix.qweight` (+ qzeros, scales, g_idx) when
+present, else `prefix.weight`, so partially quantized checkpoints (`modules_to_not_convert`) load too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qserve.errors import CheckpointError, ConfigError
+from qserve.quantize.arch import arch_for_config
+from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding
+from qserve.serve.quant_linear import PackedLinear, QuantSpec, build_linear
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
+QUANT_METADATA_FILES = ("quantize_config.json", "quant_config.json")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    quant: QuantSpec | None
+    hf_config: dict
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read JSON ({exc}); re-export or re-download the checkpoint"
+        ) from exc
+
+
+def read_quant_spec(model_dir: Path, hf_config: dict) -> QuantSpec | None:
+    """The checkpoint's packing, or None for an unquantized checkpoint."""
+    found = [
+        (model_dir / name, read_json(model_dir / name))
+        for name in QUANT_METADATA_FILES
+        if (model_dir / name).exists()
+    ]
+    if "quantization_config" in hf_config:
+        found.append((model_dir / "config.json", hf_config["quantization_config"]))
+    if not found:
+        return None
+    source, meta = found[0]
+    # AutoAWQ's legacy quant_config.json has no quant_method; its zero_point/version keys identify it.
+    method = str(
+        meta.get("quant_method") or ("awq" if "version" in meta or "zero_point" in meta else "gptq")
+    ).lower()
+    if method not in ("gptq", "awq"):
+        raise CheckpointError(
+            f"{source}: quant_method {method!r} is not supported; qserve serves 'gptq' and 'awq' (GEMM) checkpoints"
+        )
+    version = str(meta.get("version", "gemm")).lower()
+    if method == "awq" and version != "gemm":
+        raise CheckpointError(
+            f"{source}: AWQ version {version!r} uses a different packed layout; only 'gemm' is supported "
+            "(re-quantize with version gemm)"
+        )
+    bits = int(meta.get("bits", meta.get("w_bit", 4)))
+    group_size = int(meta.get("group_size", meta.get("q_group_size", 128)))
+    checkpoint_format = str(meta.get("checkpoint_format", "gptq")).lower() if method == "gptq" else "gptq"
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise CheckpointError(
+            f"{source}: checkpoint_format {checkpoint_format!r} is not supported; expected 'gptq' or 'gptq_v2'"
+        )
+    try:
+        return QuantSpec(method, bits, group_size, checkpoint_format, bool(meta.get("desc_act", False)))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+
+
+class SafetensorsWeights:
+    """Tensors of a single-file or sharded (`model.safetensors.index.json`) checkpoint, read by name."""
+
+    def __init__(self, model_dir: Path) -> None:
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map", {})
+            self._files = {name: model_dir / shard for name, shard in weight_map.items()}
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(
+                    f"{model_dir}: no *.safetensors weights found; qserve loads safetensors only (never pickle)"
+                )
+            self._files = {}
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    self._files.update(dict.fromkeys(f.keys(), file))
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def has_packed(self) -> bool:
+        return any(name.endswith(".qweight") for name in self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint; the export is incomplete")
+        file = self._files[name]
+        if not file.exists():
+            raise CheckpointError(f"shard {file} (holding {name!r}) is missing; re-download the checkpoint")
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def linear_part(self, prefix: str, quant: QuantSpec | None) -> torch.Tensor | PackedLinear:
+        """`prefix`'s packed tensors if it was quantized, else its dense weight [out, in]."""
+        if f"{prefix}.qweight" not in self:
+            return self.get(f"{prefix}.weight")
+        if quant is None:
+            raise CheckpointError(
+                f"tensor {prefix}.qweight is packed but the checkpoint has no quantization metadata "
+                f"(looked in {', '.join(QUANT_METADATA_FILES)} and config.json quantization_config)"
+            )
+        g_idx = self.get(f"{prefix}.g_idx") if quant.method == "gptq" and f"{prefix}.g_idx" in self else None
+        return PackedLinear(
+            self.get(f"{prefix}.qweight"), self.get(f"{prefix}.qzeros"), self.get(f"{prefix}.scales"), g_idx
+        )
+
+    def bias(self, prefix: str, expected: bool) -> torch.Tensor | None:
+        if f"{prefix}.bias" in self:
+            return self.get(f"{prefix}.bias")
+        if expected:
+            raise CheckpointError(f"tensor {prefix}.bias is missing but config.json declares biases for it")
+        return None
+
+
+def load_model(
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    validate: bool = True,
+) -> LoadedModel:
+    """Build the model with its weights on `device`, after `qserve validate`'s checks pass (when
+    `validate` and the checkpoint is quantized)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    hf_config = read_json(model_dir / "config.json")
+    arch_for_config(hf_config)  # ConfigError naming the supported families
+    cfg = ModelConfig.from_hf(hf_config)
+    quant = read_quant_spec(model_dir, hf_config)
+    weights = SafetensorsWeights(model_dir)
+    # The validator checks quantized checkpoints (it reports a plain model as "not quantized").
+    if validate and (quant is not None or weights.has_packed()):
+        _validate(model_dir)
+
+    def linear(prefixes: list[str], bias_expected: bool) -> torch.nn.Module:
+        parts = [weights.linear_part(p, quant) for p in prefixes]
+        biases = [weights.bias(p, bias_expected) for p in prefixes]
+        return build_linear(parts, biases, quant, device, dtype)
+
+    rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to(device)  # tables stay float32
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        attn_names = [f"{p}.self_attn.{n}_proj" for n in ("q", "k", "v")]
+        attn = Attention(cfg, linear(attn_names, cfg.qkv_bias), linear([f"{p}.self_attn.o_proj"], cfg.o_bias))
+        mlp_names = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
+        layers.append(DecoderLayer(cfg, attn, mlp))
+    # HF ties the head whenever the config says so, even if the file also carries lm_head.weight.
+    lm_head = None if cfg.tie_word_embeddings else linear(["lm_head"], False)
+    model = CausalLM(cfg, rotary, layers, lm_head)
+    # Set tensor by tensor rather than model.to(dtype): that would also cast the packed fp16 scales
+    # and the float32 RoPE tables.
+    params = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    for i in range(cfg.num_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+    for module_name, tensor_name in params.items():
+        weight = weights.get(tensor_name).to(device=device, dtype=dtype)
+        model.get_submodule(module_name).weight = torch.nn.Parameter(weight, requires_grad=False)
+    return LoadedModel(model.eval(), cfg, quant, hf_config)
+
+
+def _validate(model_dir: Path) -> None:
+    try:
+        from qserve.validate import validate_checkpoint
+    except ImportError:  # the validator is optional at this layer; loading still checks every tensor it reads
+        return
+    report = validate_checkpoint(model_dir)
+    if not report.ok:
+        raise CheckpointError(f"{model_dir} failed validation:\n{report.format_text()}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
+    """'auto': the checkpoint's half dtype on CUDA (bf16 for fp32 checkpoints); float32 on CPU, because
+    this project's CPUs (AVX2, no AVX512-BF16/AMX) run bf16 GEMMs ~5x slower than fp32 at batch 64
+    (measured: 21 ms vs 4.5 ms for SmolLM2's MLP at M=64), which outweighs bf16's halved weight reads."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    declared = _DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or ""), torch.bfloat16)
+    return declared if declared != torch.float32 else torch.bfloat16
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json (an int or a list) plus the tokenizer's EOS token."""
+    ids: set[int] = set()
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,84 @@
+"""Engine-side statistics: queue sizes, KV-cache and prefix-cache use, token counters, latencies.
+
+Latency samples are kept raw (the most recent `max_samples` of each kind, in seconds) so a consumer
+can bucket them however its exporter wants; counters are cumulative since the engine started.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from qserve.serve.outputs import SchedulerStats
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # used blocks / total blocks, 0..1
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    tokens_stored: int  # KV slot use = tokens_stored / slots_allocated
+    slots_allocated: int
+    requests_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+    time_to_first_token: tuple[float, ...] = ()  # seconds, most recent samples
+    inter_token_latency: tuple[float, ...] = ()
+    e2e_latency: tuple[float, ...] = ()
+
+    @property
+    def kv_slot_use(self) -> float:
+        """Tokens stored / token slots allocated (1.0 = no slot wasted); 1.0 when nothing is allocated."""
+        return self.tokens_stored / self.slots_allocated if self.slots_allocated else 1.0
+
+
+class EngineMetrics:
+    """Accumulates counters and latency samples; safe to snapshot from another thread."""
+
+    def __init__(self, max_samples: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished: Counter[str] = Counter()
+        self.ttft: deque[float] = deque(maxlen=max_samples)
+        self.itl: deque[float] = deque(maxlen=max_samples)
+        self.e2e: deque[float] = deque(maxlen=max_samples)
+
+    def on_first_token(self, num_prompt_tokens: int, ttft: float) -> None:
+        with self._lock:
+            self.prompt_tokens += num_prompt_tokens
+            self.ttft.append(ttft)
+
+    def on_tokens(self, count: int, inter_token: float | None) -> None:
+        with self._lock:
+            self.generation_tokens += count
+            if inter_token is not None:
+                self.itl.append(inter_token)
+
+    def on_finished(self, reason: str, e2e: float) -> None:
+        with self._lock:
+            self.finished[reason] += 1
+            self.e2e.append(e2e)
+
+    def snapshot(self, sched: SchedulerStats, num_running: int, num_waiting: int) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                num_running=num_running,
+                num_waiting=num_waiting,
+                kv_cache_usage=sched.kv_cache_usage,
+                prefix_cache_queries=sched.prefix_cache_queries,
+                prefix_cache_hits=sched.prefix_cache_hits,
+                num_preemptions=sched.num_preemptions,
+                prompt_tokens_total=self.prompt_tokens,
+                generation_tokens_total=self.generation_tokens,
+                tokens_stored=sched.tokens_stored,
+                slots_allocated=sched.slots_allocated,
+                requests_finished=dict(self.finished),
+                time_to_first_token=tuple(self.ttft),
+                inter_token_latency=tuple(self.itl),
+                e2e_latency=tuple(self.e2e),
+            )

@@ -1,0 +1,260 @@
+"""qserve's Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a flat token batch.
+
+The engine packs every scheduled token of every sequence into one [num_tokens, hidden] batch with no
+padding between sequences; attention finds each token's context through the paged KV cache
+(`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
+the Triton kernels on CUDA and their torch paths on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qserve import kernels
+from qserve.errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3 only: the wavelength band that is interpolated smoothly between unscaled and scaled.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> RopeConfig:
+        # transformers 5 writes `rope_parameters`; older configs (most hub checkpoints) `rope_theta`
+        # plus an optional `rope_scaling` dict whose type key is `rope_type` or the legacy `type`.
+        params = dict(cfg.get("rope_scaling") or {})
+        params.update(cfg.get("rope_parameters") or {})
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"config.json rope type {rope_type!r} is not supported; qserve implements {', '.join(ROPE_TYPES)}"
+            )
+        return cls(
+            theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Hugging Face config.json that the decoder needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 always, Llama with attention_bias
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"config.json num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelConfig:
+        heads = cfg["num_attention_heads"]
+        is_qwen2 = cfg.get("model_type") == "qwen2"
+        attention_bias = bool(cfg.get("attention_bias", False))
+        # Qwen2 declares a sliding window but only uses it when use_sliding_window is set.
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not is_qwen2) else None
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope=RopeConfig.from_hf(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=window,
+        )
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of the flat batch reads and writes the paged KV cache (built by the runner)."""
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: block_id * block_size + offset of each new token
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: cumulative query lengths
+    seq_lens: torch.Tensor  # int32 [num_seqs]: context length including this step's tokens
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies [dim / 2] in float32, with the config's scaling applied."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+        # the band between interpolated, so local attention patterns survive the context extension.
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved (rotate-half) RoPE with a cos/sin table precomputed up to `max_positions`."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim / 2]
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [num_tokens, 1, head_dim / 2] for the batch; looked up once per step, not per layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim] rotated by position: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, device="meta"), requires_grad=False)  # loaded
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation: bf16 variance loses too much.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, qkv_proj: nn.Module, o_proj: nn.Module) -> None:
+        super().__init__()
+        self.qkv_proj = qkv_proj  # fused q, k, v: one GEMM reads the activations once
+        self.o_proj = o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        n, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x)  # [n, (heads + 2 * kv_heads) * head_dim]
+        # q and k heads side by side are rotated in one pass: [n, heads + kv_heads, head_dim]
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), *rope)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = kernels.paged_attention(
+            q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale
+        )
+        return self.o_proj(out.reshape(n, self.q_size))  # [n, heads * head_dim]
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module) -> None:
+        super().__init__()
+        self.gate_up_proj = gate_up_proj  # fused gate and up projections
+        self.down_proj = down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: Attention, mlp: MLP) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; the loader fills in the weights."""
+
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, layers: list[DecoderLayer], lm_head: nn.Module | None
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.rotary = rotary
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")  # loaded
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = lm_head  # None: tied to the embedding
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(rope, x, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, hidden] -> float32 logits [rows, vocab]; called only on rows that sample."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
