@@ -14,6 +14,7 @@ before any model is loaded. Strings may use `${VAR}` / `${VAR:-default}` environ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -75,7 +76,7 @@ class SmokeStage:
     stop: tuple[str, ...] = ()
     expect_nonempty: bool = True
     expect_contains: tuple[str, ...] = ()  # each answer must contain these (case-insensitive)
-    max_model_len: int = 1024
+    max_model_len: int | None = None  # None: the engine's default (the model's own limit)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.temperature < 0 or not self.prompts:
@@ -257,6 +258,10 @@ def _coerce(value, f: dataclasses.Field, dotted: str, where):
     optional = "None" in ann
     if value is None and optional:
         return None
+    if expect == "float" and isinstance(value, str):
+        # YAML 1.1 reads `1e-9` (no dot) as a string; accept any spelling float() accepts.
+        with contextlib.suppress(ValueError):
+            value = float(value)
     checks = {
         "bool": lambda v: isinstance(v, bool),
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),

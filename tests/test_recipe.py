@@ -75,7 +75,7 @@ def test_overrides(tmp_path):
     p = write(tmp_path, BASE)
     r = load_recipe(p, parse_overrides(["quantize.n_samples=4", "eval.windows=1", "quantize.desc_act=true"]))
     assert r.quant_config().n_samples == 4 and r.eval.windows == 1 and r.quant_config().desc_act is True
-    with pytest.raises(RecipeError, match="--set quantize.bogus"):
+    with pytest.raises(RecipeError, match=r"--set quantize\.bogus"):
         load_recipe(p, parse_overrides(["quantize.bogus=1"]))
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         parse_overrides(["novalue"])

@@ -1,0 +1,224 @@
+"""One frozen `QuantConfig` with a field per `qserve quantize` option.
+
+A recipe's YAML keys map 1:1 onto these fields (`QuantConfig.from_dict`), so every option the CLI
+has is also settable from a recipe. The config does no I/O: checks that need the model's shapes live
+in `check_layer_shapes`, called once the checkpoint header has been read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from qserve.errors import ConfigError, RecipeError
+
+METHODS = ("gptq", "awq", "rtn")
+LAYOUTS = ("gptq", "awq")
+CALIB_MODES = ("concat", "windows")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The GPTQ layout packs 2, 4 and 8 bits per word; 4 is the one every kernel reads, 8 is the plus.
+GPTQ_BITS = (4, 8)
+AWQ_BITS = (4,)  # AWQ GEMM exists only at 4 bits
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Every knob of a quantization run. `sym` and `format` default per method (None = the method's own)."""
+
+    model: str
+    output: str
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    # GPTQ checkpoints in the wild are symmetric (vLLM's CPU GPTQ path refuses sym=false); AWQ's are
+    # asymmetric ("zero_point": true). None resolves to that per-method default.
+    sym: bool | None = None
+    format: str | None = None  # checkpoint layout; only rtn may choose, gptq/awq write their own
+    calib: str = "c4"
+    # How calibration text is cut: None = the method's reference convention (GPTQ: random windows of
+    # documents; AWQ and RTN: concatenated documents cut into blocks).
+    calib_mode: str | None = None
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # compute dtype; the exported non-quantized tensors keep the model's dtype
+    # GPTQ
+    damp: float = 0.01
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    block_size: int = 128
+    # AWQ
+    duo_scaling: bool = True
+    clip: bool = True
+    n_grid: int = 20
+    # run control
+    resume: bool = False
+    eval: bool = True
+    eval_windows: int | None = 16  # None = every window
+    eval_seqlen: int = 2048
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, METHODS)
+        if self.format is None:
+            object.__setattr__(self, "format", "awq" if self.method == "awq" else "gptq")
+        _one_of("format", self.format, LAYOUTS)
+        if self.method != "rtn" and self.format != self.method:
+            raise ConfigError(
+                f"format={self.format!r} does not go with method={self.method!r}: {self.method} writes the "
+                f"{self.method} layout; only --method rtn can choose --format"
+            )
+        if self.sym is None:
+            object.__setattr__(self, "sym", self.format == "gptq")
+        allowed_bits = AWQ_BITS if self.format == "awq" else GPTQ_BITS
+        if self.bits not in allowed_bits:
+            raise ConfigError(
+                f"bits={self.bits} is not available in the {self.format} layout; use one of {allowed_bits}"
+                + (" (AWQ GEMM is 4-bit only; use --method gptq for 8-bit)" if self.format == "awq" else "")
+            )
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size={self.group_size}: expected a positive size or -1 (per channel)")
+        if self.method != "gptq" and (self.desc_act or self.static_groups):
+            raise ConfigError(
+                f"desc_act/static_groups are GPTQ options; method={self.method!r} has no act-order "
+                "(the AWQ layout has no g_idx)"
+            )
+        if self.calib_mode is None:
+            object.__setattr__(self, "calib_mode", "windows" if self.method == "gptq" else "concat")
+        _one_of("calib_mode", self.calib_mode, CALIB_MODES)
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, DTYPES)
+        for name in ("n_samples", "seqlen", "block_size", "n_grid", "eval_seqlen"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise ConfigError(f"eval_windows={self.eval_windows}: expected a positive integer or None (all)")
+        if not 0.0 < self.damp < 1.0:
+            raise ConfigError(f"damp={self.damp}: expected a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
+        if not self.model or not self.output:
+            raise ConfigError("model and output must both be given")
+
+    # ----------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Build from plain data (a recipe merged with CLI options); unknown keys and wrong types are
+        RecipeErrors naming the key."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise RecipeError(
+                f"unknown key(s) {', '.join(map(repr, unknown))}; valid keys are: {', '.join(fields)}"
+            )
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise RecipeError(f"missing required key(s) {', '.join(map(repr, missing))}")
+        for key, value in d.items():
+            _check_type(key, value, _FIELD_TYPES[key])
+        return cls(**d)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields that decide the quantized tensors (what a resumed run must share)."""
+        skip = {"output", "resume", "eval", "eval_windows", "eval_seqlen", "quiet", "model"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+
+# Field types for recipe checking; kept explicit because annotations are strings under
+# `from __future__ import annotations` and a recipe must not smuggle a str into an int field.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "output": (str,),
+    "method": (str,),
+    "bits": (int,),
+    "group_size": (int,),
+    "sym": (bool, type(None)),
+    "format": (str, type(None)),
+    "calib": (str,),
+    "calib_mode": (str, type(None)),
+    "n_samples": (int,),
+    "seqlen": (int,),
+    "seed": (int,),
+    "device": (str,),
+    "dtype": (str,),
+    "damp": (float, int),
+    "desc_act": (bool,),
+    "static_groups": (bool,),
+    "true_sequential": (bool,),
+    "block_size": (int,),
+    "duo_scaling": (bool,),
+    "clip": (bool,),
+    "n_grid": (int,),
+    "resume": (bool,),
+    "eval": (bool,),
+    "eval_windows": (int, type(None)),
+    "eval_seqlen": (int,),
+    "quiet": (bool,),
+}
+
+
+def _check_type(key: str, value: Any, types: tuple[type, ...]) -> None:
+    # bool is an int subclass: `bits: true` must not pass as bits=1.
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise RecipeError(f"key {key!r}: expected {names}, found {type(value).__name__} {value!r}")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def check_layer_shapes(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, before any calibration, a group size or bit width that some layer cannot be packed with.
+
+    `shapes` maps each Linear to be quantized to its weight shape (out, in).
+    """
+    per_word = 32 // cfg.bits
+    bad_group: dict[str, int] = {}
+    bad_pack: dict[str, tuple[int, int]] = {}
+    for name, (out_f, in_f) in shapes.items():
+        if cfg.group_size != -1 and in_f % cfg.group_size:
+            bad_group[name] = in_f
+        # qweight packs `in` (GPTQ) or `out` (AWQ) into words; qzeros packs `out` in both layouts.
+        if in_f % per_word or out_f % per_word:
+            bad_pack[name] = (out_f, in_f)
+    if bad_group:
+        fit = suggest_group_sizes(list({in_f for _, in_f in shapes.values()}))
+        raise ConfigError(
+            f"group_size={cfg.group_size} does not divide the input size of {len(bad_group)} layer(s): "
+            f"{_summarise(bad_group)}. Every quantized layer needs in_features % group_size == 0 "
+            f"(AutoAWQ and the kernels require it); use --group-size {' or '.join(map(str, fit))}"
+        )
+    if bad_pack:
+        listed = ", ".join(f"{n} {s}" for n, s in list(bad_pack.items())[:4])
+        raise ConfigError(
+            f"{len(bad_pack)} layer(s) have (out, in) not divisible by {per_word} and cannot be packed "
+            f"at {cfg.bits} bits: {listed}"
+        )
+
+
+def suggest_group_sizes(in_features: list[int]) -> list[int]:
+    """Power-of-two group sizes (32..256, largest first) dividing every input size, then -1."""
+    g = math.gcd(*in_features)
+    return [s for s in (256, 128, 64, 32) if g % s == 0] + [-1]
+
+
+def _summarise(bad: dict[str, int]) -> str:
+    """Collapse per-block names (model.layers.N.mlp.down_proj) so 30 blocks read as one line."""
+    by_suffix: dict[str, tuple[int, int]] = {}
+    for name, in_f in bad.items():
+        parts = name.split(".")
+        suffix = ".".join(p if not p.isdigit() else "*" for p in parts)
+        count, _ = by_suffix.get(suffix, (0, in_f))
+        by_suffix[suffix] = (count + 1, in_f)
+    return "; ".join(f"{s} (in_features {in_f}, {n}x)" for s, (n, in_f) in by_suffix.items())

@@ -1,0 +1,260 @@
+"""The block-by-block driver shared by RTN, GPTQ and AWQ.
+
+For each decoder block, in order: load its weights from disk, collect what the method needs from the
+calibration activations entering it, solve, write the dequantized weights back (so the activations
+handed to the next block are those of the quantized model), re-run the block to produce the next
+block's inputs, save the block durably, free it. Only one block is ever materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qserve.kernels.packing import QuantizedWeight, rtn_quantize
+from qserve.quantize.arch import ArchSpec
+from qserve.quantize.capture import BlockInputs, capture_block_inputs, run_block
+from qserve.quantize.config import QuantConfig
+from qserve.quantize.export import block_tensors
+from qserve.quantize.lazy_model import LazyCheckpoint, materialize, rebuild, release
+from qserve.quantize.resume import PartialState
+
+CHUNK_TOKENS = 8192  # tokens per block forward: bounds attention/MLP scratch, keeps matmuls large
+DIAG_SAMPLES = 8  # samples on which each block's output error vs the float block is measured
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """What quantizing one block produced: the quantized Linears, its log, and the method's search data."""
+
+    qweights: dict[str, QuantizedWeight]
+    log: list[dict[str, Any]]
+    extra: dict[str, torch.Tensor]  # search tensors (AWQ scales/clips), saved beside the block
+    search: dict[str, Any] | None = None  # what names those tensors (JSON), so the search can be re-applied
+
+
+def samples_per_chunk(seqlen: int) -> int:
+    return max(1, CHUNK_TOKENS // seqlen)
+
+
+def served_weight(qw: QuantizedWeight) -> torch.Tensor:
+    """W' [out, in] exactly as a reader of the checkpoint reconstructs it: the file stores fp16 scales,
+    so later blocks calibrate against the rounded scales the served model will use."""
+    return dataclasses.replace(qw, scales=qw.scales.to(torch.float16)).dequantize()
+
+
+def _write_back(linear: nn.Linear, qw: QuantizedWeight) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(served_weight(qw))
+
+
+def quantize_block(
+    block: nn.Module, inputs: BlockInputs | None, spec: ArchSpec, cfg: QuantConfig, prefix: str = "block"
+) -> BlockOutcome:
+    """Quantize every Linear of `block` in place (weights become their dequantized values)."""
+    if cfg.method == "rtn":
+        return _rtn_block(block, spec, cfg)
+    if inputs is None:
+        raise ValueError(f"method {cfg.method} needs calibration inputs")
+    if cfg.method == "gptq":
+        return _gptq_block(block, inputs, spec, cfg, prefix)
+    return _awq_block(block, inputs, spec, cfg)
+
+
+def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutcome:
+    qweights, log = {}, []
+    for name in spec.linears:
+        start = time.perf_counter()
+        linear = block.get_submodule(name)
+        w = linear.weight.detach().float()
+        qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym)
+        _write_back(linear, qw)
+        err = (linear.weight.float() - w).norm() / w.norm().clamp(min=1e-12)
+        qweights[name] = qw
+        log.append({"layer": name, "weight_rel_err": err.item(), "seconds": time.perf_counter() - start})
+    return BlockOutcome(qweights, log, {})
+
+
+def _input_owners(spec: ArchSpec) -> dict[str, str]:
+    """Linear -> the linear whose Hessian it can reuse. Linears of one AWQ scale group read the same
+    input (the output of their shared previous op), so H = 2/n sum x x^T is accumulated once for them."""
+    return {name: group.linears[0] for group in spec.scale_groups for name in group.linears}
+
+
+def _gptq_block(
+    block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig, prefix: str
+) -> BlockOutcome:
+    from qserve.quantize.gptq import GPTQ
+
+    # True-sequential: each group is calibrated on inputs produced with the earlier groups already
+    # quantized (q/k/v, then o, then gate/up, then down), one block forward per group.
+    groups = spec.sequential if cfg.true_sequential else (spec.linears,)
+    owners = _input_owners(spec)
+    qweights, log = {}, []
+    chunk = samples_per_chunk(inputs.hidden.shape[1])
+    for group in groups:
+        linears = {name: block.get_submodule(name) for name in group}
+        solvers = {
+            name: GPTQ(linear.weight.detach(), name=f"{prefix}.{name}") for name, linear in linears.items()
+        }
+        collectors = [n for n in group if owners.get(n, n) == n or owners[n] not in group]
+        handles = [
+            linears[n].register_forward_hook(
+                lambda _m, args, _out, s=solvers[n]: s.add_batch(args[0].detach())
+            )
+            for n in collectors
+        ]
+        try:
+            run_block(block, inputs, chunk)
+        finally:
+            for h in handles:
+                h.remove()
+        for name in group:
+            if name not in collectors:  # quantize() copies H, so sharing the owner's tensor is safe
+                solvers[name].hessian = solvers[owners[name]].hessian
+                solvers[name].n_samples = solvers[owners[name]].n_samples
+        for name in group:
+            res = solvers[name].quantize(
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                sym=cfg.sym,
+                damp=cfg.damp,
+                desc_act=cfg.desc_act,
+                static_groups=cfg.static_groups,
+                block_size=cfg.block_size,
+            )
+            _write_back(linears[name], res.qweight)
+            qweights[name] = res.qweight
+            log.append(
+                {
+                    "layer": name,
+                    "loss": float(res.loss),
+                    "damp": float(res.damp),
+                    "seconds": float(res.seconds),
+                }
+            )
+        del solvers
+    return BlockOutcome(qweights, log, {})
+
+
+def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig) -> BlockOutcome:
+    from qserve.quantize.awq import awq_apply_block, awq_search_block
+
+    result = awq_search_block(
+        block,
+        inputs.hidden,
+        inputs.kwargs,
+        spec,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        n_grid=cfg.n_grid,
+        duo_scaling=cfg.duo_scaling,
+        clip=cfg.clip,
+    )
+    awq_apply_block(block, result, spec)
+    clips = {c.linear: c.max_val for c in result.clips}
+    qweights = {}
+    for name in spec.linears:
+        linear = block.get_submodule(name)
+        clip = clips.get(name)
+        clip = None if clip is None else clip.to(linear.weight.device)
+        qw = rtn_quantize(linear.weight.detach().float(), cfg.bits, cfg.group_size, cfg.sym, clip_max=clip)
+        _write_back(linear, qw)
+        qweights[name] = qw
+    state = result.state_dict()
+    extra = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # The log lives in the record's "layers"; the rest of the metadata names the saved tensors.
+    search = {k: v for k, v in state["meta"].items() if k != "log"}
+    return BlockOutcome(qweights, [_plain(entry) for entry in result.log], extra, search)
+
+
+def _plain(entry: dict[str, Any]) -> dict[str, Any]:
+    """A log entry made JSON-safe (tensors and tuples to numbers and lists)."""
+    out = {}
+    for k, v in entry.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
+
+
+def quantize_blocks(
+    model: nn.Module,
+    ckpt: LazyCheckpoint,
+    spec: ArchSpec,
+    cfg: QuantConfig,
+    calib_ids: torch.Tensor | None,
+    state: PartialState,
+    device: torch.device,
+    model_dtype: torch.dtype,
+) -> list[dict[str, Any]]:
+    """Quantize every block not yet committed in `state`; returns every block's record, in order."""
+    blocks = model.get_submodule(spec.blocks)
+    n_blocks = len(blocks)
+    start = state.done
+    inputs = None
+    if calib_ids is not None and start < n_blocks:
+        inputs = _block0_inputs(model, ckpt, spec, calib_ids, device)
+        if start > 0:  # the saved activations entering block `start`, bit-identical to the killed run's
+            inputs = BlockInputs(hidden=state.load_inputs(device), kwargs=inputs.kwargs)
+    bar = tqdm(
+        range(start, n_blocks), initial=start, total=n_blocks, desc=f"{cfg.method} blocks", disable=cfg.quiet
+    )
+    for i in bar:
+        prefix = f"{spec.blocks}.{i}"
+        block = blocks[i]
+        materialize(block, prefix, ckpt, device)
+        t0 = time.perf_counter()
+        ref = None
+        if inputs is not None:
+            diag = BlockInputs(inputs.hidden[:DIAG_SAMPLES], inputs.kwargs)
+            ref = run_block(block, diag, samples_per_chunk(cfg.seqlen))
+        outcome = quantize_block(block, inputs, spec, cfg, prefix)
+        record: dict[str, Any] = {"block": i, "layers": outcome.log}
+        if outcome.search is not None:
+            record["search"] = outcome.search
+        last = i == n_blocks - 1
+        next_hidden = None
+        if inputs is not None:
+            # Nothing follows the last block: run only the samples the error is measured on.
+            next_hidden = run_block(block, diag if last else inputs, samples_per_chunk(cfg.seqlen))
+            record["out_rel_err"] = _rel_err(next_hidden[:DIAG_SAMPLES], ref)
+        record["seconds"] = time.perf_counter() - t0
+        tensors = block_tensors(block, prefix, outcome.qweights, cfg.format, model_dtype)
+        state.commit_block(i, tensors, record, outcome.extra, None if last else next_hidden)
+        release(block)
+        if next_hidden is not None:
+            inputs = BlockInputs(hidden=next_hidden, kwargs=inputs.kwargs)
+        bar.set_postfix(
+            {
+                "sec": f"{record['seconds']:.1f}",
+                **({"err": f"{record['out_rel_err']:.3g}"} if "out_rel_err" in record else {}),
+            }
+        )
+    return [state.block_record(i) for i in range(n_blocks)]
+
+
+def _block0_inputs(
+    model: nn.Module, ckpt: LazyCheckpoint, spec: ArchSpec, calib_ids: torch.Tensor, device: torch.device
+) -> BlockInputs:
+    embed = model.get_submodule(spec.embed)
+    materialize(embed, spec.embed, ckpt, device)
+    for name in spec.pre_blocks:
+        rebuild(model, name, device)
+    try:
+        return capture_block_inputs(model, spec, calib_ids, device, samples_per_chunk(calib_ids.shape[1]))
+    finally:
+        release(embed)  # the exporter copies the embedding from the source files, not from here

@@ -1,0 +1,370 @@
+"""The block-by-block driver and the checks it makes before loading anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from quant_helpers import (
+    dense_state_dict,
+    logits,
+    make_model,
+    quantize_tiny,
+    read_tensors,
+    rel_err,
+    write_calib_text,
+)
+
+from qserve.errors import CheckpointError, ConfigError, DataSourceError, RecipeError, ResourceError
+from qserve.quantize import driver, lazy_model, pipeline
+from qserve.quantize.arch import arch_for_config
+from qserve.quantize.capture import run_block
+from qserve.quantize.config import QuantConfig, check_layer_shapes, suggest_group_sizes
+from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton, materialize
+from qserve.quantize.report import REPORT_FILE
+
+torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return write_calib_text(tmp_path_factory.mktemp("calib") / "calib.txt")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {family: make_model(root, family) for family in ("llama", "qwen2", "mistral")}
+
+
+@pytest.fixture(scope="module")
+def calib_ids(models, calib):
+    from transformers import AutoTokenizer
+
+    from qserve.calib_data import get_calib_samples
+
+    return get_calib_samples(str(calib), AutoTokenizer.from_pretrained(models["llama"]), 4, 32, seed=5)
+
+
+# --- capture and the lazy model ---------------------------------------------------------------------
+
+
+def test_captured_inputs_and_block_outputs_equal_the_full_models_hidden_states(models, calib_ids):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = models["qwen2"]
+    config = AutoConfig.from_pretrained(src)
+    spec = arch_for_config(config)
+    skeleton = build_skeleton(config, torch.float32)
+    inputs = driver._block0_inputs(skeleton, LazyCheckpoint(src), spec, calib_ids, torch.device("cpu"))
+    block = skeleton.get_submodule(spec.blocks)[0]
+    materialize(block, f"{spec.blocks}.0", LazyCheckpoint(src), torch.device("cpu"))
+    out = run_block(block, inputs, samples_per_chunk=3)  # chunks of 3 + 1 exercise the kwargs broadcast
+    with torch.no_grad():
+        hs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(
+            calib_ids, output_hidden_states=True
+        )
+    torch.testing.assert_close(inputs.hidden, hs.hidden_states[0])
+    torch.testing.assert_close(out, hs.hidden_states[1])
+    assert skeleton.get_submodule(spec.embed).weight.is_meta, "the embedding is released after capture"
+
+
+def test_only_one_block_is_materialised_at_a_time(tmp_path, models, calib, monkeypatch):
+    src = make_model(tmp_path, "llama", num_hidden_layers=4)
+    seen = []
+    real = lazy_model.materialize
+
+    def spy(module, prefix, ckpt, device):
+        if prefix.startswith("model.layers."):
+            blocks = module_parent[0]
+            seen.append(sum(not b.self_attn.q_proj.weight.is_meta for b in blocks))
+        real(module, prefix, ckpt, device)
+
+    module_parent = []
+    real_skeleton = pipeline.build_skeleton
+
+    def skeleton(config, dtype):
+        model = real_skeleton(config, dtype)
+        module_parent.append(model.model.layers)
+        return model
+
+    monkeypatch.setattr(driver, "materialize", spy)
+    monkeypatch.setattr(pipeline, "build_skeleton", skeleton)
+    quantize_tiny(src, tmp_path / "out", calib, "gptq")
+    assert seen == [0, 0, 0, 0]  # every earlier block was freed before the next one loaded
+
+
+def test_sharded_source_checkpoint_gives_the_same_result(tmp_path, models, calib):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, sharded = models["llama"], tmp_path / "sharded"
+    shutil.copytree(src, sharded)
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    # Split inside block 0 so one block's weights come from two files.
+    parts = {"model-1.safetensors": names[:5], "model-2.safetensors": names[5:]}
+    for file, part in parts.items():
+        save_file({n: tensors[n] for n in part}, sharded / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, part in parts.items() for n in part}
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    quantize_tiny(src, tmp_path / "a", calib, "gptq")
+    quantize_tiny(sharded, tmp_path / "b", calib, "gptq")
+    a, b = read_tensors(tmp_path / "a"), read_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the three methods on three families --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, method",
+    # Mistral shares Llama's module layout: one method suffices to show its config is handled.
+    [(f, m) for f in ("llama", "qwen2") for m in ("rtn", "gptq", "awq")] + [("mistral", "gptq")],
+)
+def test_quantized_checkpoint_logits_stay_close_to_the_float_model(
+    tmp_path, models, calib, calib_ids, family, method
+):
+    src = models[family]
+    extra = {"n_grid": 5} if method == "awq" else {}
+    report = quantize_tiny(src, tmp_path / "out", calib, method, **extra)
+    ref = logits(src, None, calib_ids)
+    err = rel_err(logits(src, dense_state_dict(tmp_path / "out"), calib_ids), ref)
+    # w4 g32 on a random model moves logits by ~5%; a broken export (wrong nibble order, missing
+    # zero offset, transposed scales) moves them by 50-100%.
+    assert 0.005 < err < 0.1, err
+    assert [b["block"] for b in report.blocks] == [0, 1]
+    spec = arch_for_config(json.loads((src / "config.json").read_text()))
+    for block in report.blocks:
+        if method == "gptq":
+            assert [e["layer"] for e in block["layers"]] == list(spec.linears)
+            assert all(e["loss"] >= 0 and e["seconds"] >= 0 for e in block["layers"])
+        if method == "awq":
+            assert {"best_ratio", "loss", "rtn_loss"} <= set(block["layers"][0])
+            assert block["search"]["clips"], "clip search results are kept"
+        if method != "rtn":
+            assert 0 < block["out_rel_err"] < 0.1
+    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert saved["config"]["method"] == method and saved["peak_rss_bytes"] > 0
+
+
+def test_gptq_and_awq_beat_rtn_on_the_calibration_distribution(tmp_path, models, calib, calib_ids):
+    src = models["llama"]
+    ref = logits(src, None, calib_ids)
+    errs = {}
+    for method, extra in (("rtn", {}), ("gptq", {}), ("awq", {"n_grid": 10})):
+        quantize_tiny(src, tmp_path / method, calib, method, group_size=64, **extra)
+        errs[method] = rel_err(logits(src, dense_state_dict(tmp_path / method), calib_ids), ref)
+    print(errs)
+    assert errs["gptq"] < 0.95 * errs["rtn"]
+    assert errs["awq"] < 0.95 * errs["rtn"]
+
+
+def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, calib, monkeypatch):
+    """q/k/v (and gate/up) read one input: accumulating H once must change nothing."""
+    quantize_tiny(models["llama"], tmp_path / "shared", calib, "gptq")
+    monkeypatch.setattr(driver, "_input_owners", lambda spec: {})
+    quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq")
+    a, b = read_tensors(tmp_path / "shared"), read_tensors(tmp_path / "separate")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_written_back_weights_are_what_the_checkpoint_serves(tmp_path, models, calib, monkeypatch):
+    """Later blocks must calibrate against the weights a reader of the file reconstructs."""
+    served = {}
+    real = driver._write_back
+
+    def spy(linear, qw):
+        real(linear, qw)
+        served[id(linear)] = linear.weight.detach().clone()
+
+    monkeypatch.setattr(driver, "_write_back", spy)
+    quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq", desc_act=True)
+    dense = dense_state_dict(tmp_path / "out")
+    written = list(served.values())
+    expected = [
+        dense[f"model.layers.{i}.{n}.weight"]
+        for i in range(2)
+        for n in arch_for_config({"model_type": "llama"}).linears
+    ]
+    assert len(written) == len(expected)
+    for w, e in zip(written, expected, strict=True):
+        torch.testing.assert_close(w, e, rtol=0, atol=1e-6)
+
+
+# --- refusals before any work --------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fail loudly if anything reads tensor data or calibration text."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("weights were read before the config was checked")
+
+    monkeypatch.setattr(LazyCheckpoint, "load", boom)
+    monkeypatch.setattr("qserve.calib_data.get_calib_samples", boom)
+
+
+def test_group_size_that_does_not_divide_is_refused_before_loading(tmp_path, models, calib, no_weights_read):
+    with pytest.raises(ConfigError) as exc:
+        quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq", group_size=48)
+    msg = str(exc.value)
+    assert "group_size=48" in msg and "model.layers.*.self_attn.q_proj (in_features 64, 2x)" in msg
+    assert "mlp.down_proj" in msg and "--group-size 64 or 32 or -1" in msg
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_suggested_group_sizes_for_smollm2_shapes():
+    assert suggest_group_sizes([576, 1536]) == [64, 32, -1]
+    cfg = QuantConfig(model="m", output="o", method="awq")
+    with pytest.raises(ConfigError, match=r"in_features 576.*--group-size 64 or 32 or -1"):
+        check_layer_shapes(
+            cfg, {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.mlp.down_proj": (576, 1536)}
+        )
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path, calib, no_weights_read):
+    src = make_model(tmp_path, "llama")
+    config = json.loads((src / "config.json").read_text())
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ConfigError, match="unsupported architecture GPT2LMHeadModel; qserve supports LlamaForCausalLM"
+    ):
+        quantize_tiny(src, tmp_path / "out", calib, "rtn")
+
+
+def test_existing_output_is_refused(tmp_path, models, calib, no_weights_read):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="already exists"):
+        quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_missing_calibration_source_is_refused_before_loading(tmp_path, models, no_weights_read):
+    with pytest.raises(DataSourceError, match=r"nope\.txt"):
+        quantize_tiny(models["llama"], tmp_path / "out", tmp_path / "nope.txt", "gptq")
+
+
+def test_already_quantized_model_is_refused(tmp_path, models, calib):
+    quantize_tiny(models["llama"], tmp_path / "q", calib, "rtn")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_tiny(tmp_path / "q", tmp_path / "out", calib, "rtn")
+
+
+def test_run_that_does_not_fit_in_memory_is_refused(tmp_path, models, calib, monkeypatch, no_weights_read):
+    monkeypatch.setattr("qserve.quantize.memory.available_bytes", lambda device: 100 * 1024**2)
+    with pytest.raises(
+        ResourceError, match=r"needs ~.* GiB .* of 0.10 GiB available on cpu; this run will not fit"
+    ):
+        quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq")
+
+
+def test_memory_estimate_grows_with_calibration_tokens(models):
+    from transformers import AutoConfig
+
+    from qserve.quantize.memory import estimate
+
+    src = models["llama"]
+    config = AutoConfig.from_pretrained(src)
+    spec, ckpt = arch_for_config(config), LazyCheckpoint(src)
+    small = QuantConfig(model="m", output="o", method="gptq", n_samples=8, seqlen=64)
+    large = QuantConfig(model="m", output="o", method="gptq", n_samples=64, seqlen=64)
+    a = estimate(ckpt, spec, config, small, torch.float32, "cpu")
+    b = estimate(ckpt, spec, config, large, torch.float32, "cpu")
+    assert b.parts["activations"] == 8 * a.parts["activations"] == 8 * 2 * 8 * 64 * 64 * 4
+    assert a.parts["hessians"] == 2 * 4 * (6 * 64 * 64 + 128 * 128)  # H + inverse per linear, fp32
+
+
+def test_checkpoint_missing_a_block_tensor_names_it(tmp_path, calib):
+    from safetensors.torch import load_file, save_file
+
+    src = make_model(tmp_path, "llama")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        quantize_tiny(src, tmp_path / "out", calib, "rtn")
+
+
+# --- evaluation wiring ---------------------------------------------------------------------------
+
+
+def test_eval_compares_original_and_quantized_on_the_same_windows(tmp_path, models, calib, monkeypatch):
+    from qserve.evaluate import PplResult
+
+    calls = []
+
+    def fake_eval(path, **kw):
+        calls.append((str(path), kw))
+        ppl = 10.0 if str(path) == str(models["llama"]) else 12.5
+        return PplResult(
+            ppl=ppl,
+            nll=2.3,
+            windows=kw["max_windows"],
+            tokens=100,
+            seqlen=kw["seqlen"],
+            seconds=0.1,
+            dataset=kw["dataset"],
+        )
+
+    monkeypatch.setattr("qserve.evaluate.evaluate_ppl", fake_eval)
+    report = quantize_tiny(
+        models["llama"], tmp_path / "out", calib, "rtn", eval=True, eval_windows=3, eval_seqlen=64
+    )
+    assert [c[0] for c in calls] == [str(models["llama"]), str(tmp_path / "out")]
+    assert calls[0][1] == calls[1][1] and calls[0][1]["max_windows"] == 3 and calls[0][1]["seqlen"] == 64
+    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert saved["ppl"]["original"]["ppl"] == 10.0 and saved["ppl"]["quantized"]["ppl"] == 12.5
+    assert report.ppl_increase() == pytest.approx(0.25)
+    assert "10.00 -> 12.50 (+25.0%) on 3 wikitext2 windows of 64" in report.format_table()
+
+
+# --- QuantConfig ---------------------------------------------------------------------------------
+
+
+def test_config_defaults_follow_each_ecosystem():
+    assert QuantConfig(model="m", output="o", method="gptq").sym is True
+    assert QuantConfig(model="m", output="o", method="awq").sym is False
+    assert QuantConfig(model="m", output="o", method="awq").format == "awq"
+    assert QuantConfig(model="m", output="o", method="rtn").format == "gptq"
+    assert QuantConfig(model="m", output="o", method="gptq").calib_mode == "windows"
+    assert QuantConfig(model="m", output="o", method="awq").calib_mode == "concat"
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"method": "awq", "bits": 8}, "AWQ GEMM is 4-bit only"),
+        ({"method": "gptq", "bits": 3}, "bits=3"),
+        ({"method": "gptq", "format": "awq"}, "only --method rtn can choose --format"),
+        ({"method": "awq", "desc_act": True}, "GPTQ options"),
+        ({"method": "gptq", "group_size": 0}, "group_size=0"),
+        ({"method": "int3"}, "method='int3'"),
+        ({"method": "gptq", "damp": 1.5}, "damp=1.5"),
+        ({"method": "gptq", "dtype": "float64"}, "dtype='float64'"),
+    ],
+)
+def test_config_rejects_bad_combinations(fields, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        QuantConfig(model="m", output="o", **fields)
+
+
+def test_config_from_dict_round_trips_and_names_bad_keys():
+    cfg = QuantConfig(model="m", output="o", method="awq", group_size=64, n_grid=10, eval_windows=None)
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(RecipeError, match=r"unknown key.*'n_sample'"):
+        QuantConfig.from_dict({"model": "m", "output": "o", "method": "gptq", "n_sample": 8})
+    with pytest.raises(RecipeError, match="key 'bits': expected int, found bool"):
+        QuantConfig.from_dict({"model": "m", "output": "o", "method": "gptq", "bits": True})
+    with pytest.raises(RecipeError, match="key 'n_samples': expected int, found str"):
+        QuantConfig.from_dict({"model": "m", "output": "o", "method": "gptq", "n_samples": "lots"})
+    with pytest.raises(RecipeError, match=r"missing required key.*'method'"):
+        QuantConfig.from_dict({"model": "m", "output": "o"})
