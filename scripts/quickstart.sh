@@ -12,7 +12,8 @@ CKPT=${QSERVE_RUNS:-runs}/$(basename "$RECIPE" .yaml)
 PORT=${PORT:-8000}
 
 qserve pull smollm2-135m
-qserve run "$RECIPE" "$@"
+# A failed quality gate still leaves a valid checkpoint: report it, then serve it anyway.
+qserve run "$RECIPE" "$@" || { [ -f "$CKPT/config.json" ] && echo "qserve run: a gate or stage failed; see $CKPT.report/run_report.md" >&2; } || exit 1
 
 qserve serve "$CKPT" --port "$PORT" --max-model-len 2048 &
 SERVER=$!
