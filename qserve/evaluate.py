@@ -11,7 +11,6 @@ the shared packed-format code (kernels/packing.py), so `eval ppl` runs unchanged
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -32,28 +31,6 @@ class PplResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def read_quantization_config(path: Path) -> dict | None:
-    """The checkpoint's quantization metadata, wherever the ecosystem puts it (None if unquantized)."""
-    for name in ("quantize_config.json", "quant_config.json"):
-        f = path / name
-        if f.is_file():
-            return json.loads(f.read_text())
-    cfg_path = path / "config.json"
-    if cfg_path.is_file():
-        return json.loads(cfg_path.read_text()).get("quantization_config")
-    return None
-
-
-def quant_method(qcfg: dict | None) -> str | None:
-    """ "gptq", "awq" or None (unquantized, or a method qserve does not read) from quantization metadata."""
-    if not qcfg:
-        return None
-    method = qcfg.get("quant_method")
-    if method is None:  # legacy files without quant_method: AutoAWQ's quant_config.json vs AutoGPTQ's
-        method = "awq" if ("w_bit" in qcfg or "zero_point" in qcfg or "version" in qcfg) else "gptq"
-    return method if method in ("gptq", "awq") else None
 
 
 def _resolve_dtype(dtype, device: str):
@@ -88,8 +65,11 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
     path = Path(path)
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    qcfg = read_quantization_config(path)
-    if quant_method(qcfg) is None:
+    from qserve.serve.loader import read_json, read_quant_spec
+
+    # One reader of quantization metadata (file locations, aliases, legacy AutoAWQ keys) for eval and serving.
+    spec = read_quant_spec(path, read_json(path / "config.json"))
+    if spec is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         return model.to(device).eval()
 
@@ -98,7 +78,7 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
         delattr(config, "quantization_config")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    state = _dense_state_dict(path, qcfg, torch_dtype)
+    state = _dense_state_dict(path, spec, torch_dtype)
     missing = [k for k in model.state_dict() if k not in state and not _is_tied(model, k)]
     if missing:
         raise CheckpointError(f"{path}: tensors missing for {len(missing)} parameters, e.g. {missing[:3]}")
@@ -117,15 +97,13 @@ def _is_tied(model, key: str) -> bool:
     return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
 
 
-def _dense_state_dict(path: Path, qcfg: dict, dtype) -> dict:
+def _dense_state_dict(path: Path, spec, dtype) -> dict:
     """Every tensor of the checkpoint, with quantized Linears dequantized into `<prefix>.weight`."""
     from safetensors import safe_open
 
     from qserve.kernels.packing import dequantize_awq, dequantize_gptq
 
-    method = quant_method(qcfg)
-    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
-    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    method, bits, group_size = spec.method, spec.bits, spec.group_size
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files")
@@ -148,7 +126,7 @@ def _dense_state_dict(path: Path, qcfg: dict, dtype) -> dict:
                     raw.get(f"{prefix}.g_idx"),
                     bits,
                     group_size,
-                    qcfg.get("checkpoint_format", "gptq"),
+                    spec.checkpoint_format,
                 )
             state[f"{prefix}.weight"] = w.to(dtype)
         elif k.endswith((".qzeros", ".scales", ".g_idx")):
