@@ -8,9 +8,8 @@ CUDA call, so importing `qserve.kernels` does not need triton.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from qserve.kernels import reference, torch_attention
+from qserve.kernels import cpu_gemm, reference, torch_attention
 
 # Above this many tokens, dequantize + cuBLAS beats the fused kernel: the GEMM is compute-bound and
 # the one-off decode of the weight is amortised over the rows. vLLM's Triton AWQ path switches at the
@@ -94,7 +93,7 @@ def dequant_gemm(
             checkpoint_format=checkpoint_format, dtype=compute,
         )  # fmt: skip
         b = bias.to(compute) if bias is not None else None
-        return F.linear(x.to(compute), w, b).to(x.dtype)
+        return cpu_gemm.linear(x.to(compute), w, b).to(x.dtype)
 
     from qserve.kernels import triton_gemm
 

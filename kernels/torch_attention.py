@@ -1,11 +1,17 @@
 """Paged attention and KV-cache writes in plain torch: the engine's CPU hot path.
 
-Decodes are batched: every decoding sequence's context is gathered block by block into one padded
-[S, KVH, L, D] tensor and a single `scaled_dot_product_attention` call with a padding mask serves the
-whole batch (one call for 64 sequences is several times faster than 64 calls; see bench/kernels.py
---cpu-attention). Prefill chunks have many queries each, so they are attended one sequence at a time
-without padding waste. GQA folds each kv head's query heads into the query dim, so K/V are never
-repeated per query head.
+Decodes are batched: sequences are sorted by context length and cut into a few buckets of similar
+length, each bucket's blocks are gathered into one padded [S, KVH, L, D] tensor, and one
+`scaled_dot_product_attention` call with a padding mask serves the whole bucket. One call for many
+sequences is several times faster than one call each, and bucketing keeps the padding small: ShareGPT
+prompts run from 4 to ~1000 tokens, so padding all of them to the longest read ~4x the real context.
+The gathers write into a per-thread workspace reused across layers and steps: a fresh multi-megabyte
+tensor per gather costs more in page faults than the copy itself.
+
+Prefill chunks have many queries each, so they are attended one sequence at a time without padding
+waste; a chunk with no cached context before it uses SDPA's causal path, one after cached context an
+explicit bottom-right mask. GQA folds each kv head's query heads into the query dim (decode) or lets
+SDPA broadcast kv heads (prefill), so K/V are never repeated per query head.
 
 Whole blocks are read, including the unwritten tail of a sequence's last block, and masked: cache
 memory must hold finite values (the engine allocates it with torch.zeros; stale K/V are fine), since
@@ -13,6 +19,9 @@ a NaN there would survive the mask (0 * NaN). The Triton kernels never load thos
 """
 
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +45,100 @@ def write_kv_cache_torch(
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(value_cache.dtype))
 
 
-def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+class _Workspace(threading.local):
+    """Per-thread scratch memory for the decode gathers, grown on demand and reused."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (dtype, device, slot)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            # grow by half again so a slowly lengthening batch does not reallocate every step
+            buf = torch.empty(max(numel, numel * 3 // 2), dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:numel].view(shape)
+
+
+_workspace = _Workspace()
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, slot: int | None = None) -> torch.Tensor:
     """Rows of the given blocks, in order: block_ids [..., nb] -> [..., KVH, nb * block_size, D].
 
     Whole blocks are copied (block_size * KVH * D contiguous elements each), which is several times
     faster than gathering token rows one by one; positions past a sequence's end are masked by callers.
+    With `slot`, the rows land in workspace buffer `slot` (valid until the next gather into it).
     """
     _, block_size, num_kv_heads, head_dim = cache.shape
     lead = block_ids.shape[:-1]
     # padding entries (-1 or stale ids) are clamped into range; callers mask the positions they cover
-    rows = cache.index_select(0, block_ids.reshape(-1).long().clamp(0, cache.shape[0] - 1))
+    flat = block_ids.reshape(-1).long().clamp(0, cache.shape[0] - 1)
+    if slot is None:
+        rows = cache.index_select(0, flat)
+    else:
+        out = _workspace.get((flat.numel(), *cache.shape[1:]), cache.dtype, cache.device, slot)
+        rows = torch.index_select(cache, 0, flat, out=out)
     rows = rows.view(*lead, block_ids.shape[-1] * block_size, num_kv_heads, head_dim)
     return rows.transpose(-3, -2)
+
+
+# A bucket may hold at most this many gathered blocks per block of real context (the padding ratio).
+MAX_DECODE_PADDING = 1.25
+
+
+def decode_buckets(num_blocks: list[int], max_padding: float = MAX_DECODE_PADDING) -> list[list[int]]:
+    """Group sequences (by index) so each group's padded size count * max(blocks) stays within
+    `max_padding` of its real size sum(blocks). Longest first; every index appears exactly once."""
+    order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__, reverse=True)
+    buckets: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        widest = num_blocks[order[i]]
+        bucket, real = [order[i]], widest
+        i += 1
+        while i < len(order) and (len(bucket) + 1) * widest <= max_padding * (real + num_blocks[order[i]]):
+            bucket.append(order[i])
+            real += num_blocks[order[i]]
+            i += 1
+        buckets.append(bucket)
+    return buckets
+
+
+def _decode_padded(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [S, H, D] over contexts padded to `num_blocks` blocks: one SDPA call."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    ids = block_tables[:, :num_blocks]  # padding entries are clamped, then masked
+    k = _gather_blocks(key_cache, ids, slot=0).to(q.dtype)  # [S, KVH, L, D]
+    v = _gather_blocks(value_cache, ids, slot=1).to(q.dtype)
+    if num_seqs == 1:  # batch-1 decode: cut the context to its length instead of masking
+        length = int(seq_lens[0])
+        k, v, valid = k[:, :, :length], v[:, :, :length], None
+    else:
+        pos = torch.arange(num_blocks * block_size, device=q.device)
+        valid = (pos[None, :] < seq_lens.long()[:, None])[:, None, None, :]  # [S, 1, 1, L]
+    # A decode has no causal structure among its query heads, so the G = H / KVH heads that share a kv
+    # head ride in SDPA's query-length dim: [S, H, D] -> [S, KVH, G, D]. This is GQA without repeating
+    # K/V, and measured faster on CPU than SDPA's enable_gqa (which is slow in bf16).
+    out = F.scaled_dot_product_attention(
+        q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
+        k,
+        v,
+        attn_mask=valid,
+        scale=scale,
+    )
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def paged_decode_torch(
@@ -58,28 +149,21 @@ def paged_decode_torch(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence: q [S, H, D] -> [S, H, D], all sequences in one padded SDPA call."""
-    num_seqs, num_heads, head_dim = q.shape
-    if num_seqs == 0:
+    """One query token per sequence: q [S, H, D] -> [S, H, D], in length buckets of padded SDPA calls."""
+    if q.shape[0] == 0:
         return torch.empty_like(q)
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    num_blocks = -(-int(seq_lens.max()) // block_size)
-    ids = block_tables[:, :num_blocks]  # padding entries (-1) are clamped, then masked
-    k = _gather_blocks(key_cache, ids).to(q.dtype)  # [S, KVH, L, D]
-    v = _gather_blocks(value_cache, ids).to(q.dtype)
-    pos = torch.arange(num_blocks * block_size, device=q.device)
-    valid = pos[None, :] < seq_lens.long()[:, None]  # [S, L]
-    # A decode has no causal structure among its query heads, so the G = H / KVH heads that share a kv
-    # head ride in SDPA's query-length dim: [S, H, D] -> [S, KVH, G, D]. This is GQA without repeating
-    # K/V, and measured faster on CPU than SDPA's enable_gqa (which is slow in bf16).
-    out = F.scaled_dot_product_attention(
-        q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
-        k,
-        v,
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
-    )
-    return out.reshape(num_seqs, num_heads, head_dim)
+    block_size = key_cache.shape[1]
+    blocks = [-(-n // block_size) for n in seq_lens.tolist()]
+    buckets = decode_buckets(blocks)
+    if len(buckets) == 1:
+        return _decode_padded(q, key_cache, value_cache, block_tables, seq_lens, max(blocks), scale)
+    out = torch.empty_like(q)
+    for bucket in buckets:
+        idx = torch.tensor(bucket, device=q.device)
+        out[idx] = _decode_padded(
+            q[idx], key_cache, value_cache, block_tables[idx], seq_lens[idx], blocks[bucket[0]], scale
+        )
+    return out
 
 
 def _attend_one(

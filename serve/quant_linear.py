@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qserve import kernels
-from qserve.kernels import packing
+from qserve.kernels import cpu_gemm, packing
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if x.is_cuda:
+            return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.bias)
 
 
 class QuantLinear(nn.Module):

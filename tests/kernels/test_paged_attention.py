@@ -10,6 +10,7 @@ from kernel_testing import HAS_CUDA, TRITON_DEVICES
 
 from qserve.kernels import paged_attention, paged_attention_decode, write_kv_cache
 from qserve.kernels.reference import paged_attention_reference, write_kv_cache_reference
+from qserve.kernels.torch_attention import decode_buckets
 
 triton_attention = pytest.importorskip("qserve.kernels.triton_attention", reason="triton is not installed")
 
@@ -158,6 +159,40 @@ def test_public_cpu_paths(block_size, dtype, heads, kv_heads, head_dim, gen):
     torch.testing.assert_close(paged_attention(*d.args()).float(), d.expected, **tol)
     got = paged_attention_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
     torch.testing.assert_close(got.float(), d.expected, **tol)
+
+
+def test_cpu_decode_buckets_ragged_batches(gen):
+    # ShareGPT-like spread (1 to 300 tokens) splits into several length buckets; the calls reuse the
+    # gather workspace with different sizes, so stale rows from a larger earlier call must not leak.
+    tol = attention_tolerances(torch.float32)
+    for n in (40, 3, 17):
+        lens = torch.randint(1, 300, (n,), generator=gen).tolist()
+        d = make_batch([(c, 1) for c in lens], 9, 3, 64, 16, torch.float32, gen, junk=1e4)
+        blocks = [-(-c // 16) for c in lens]
+        if n == 40:
+            assert len(decode_buckets(blocks)) > 1  # the test really exercises several buckets
+        got = paged_attention_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
+        torch.testing.assert_close(got, d.expected, **tol)
+
+
+@pytest.mark.parametrize("ctx", [1, 16, 45])
+def test_cpu_single_sequence_decode(ctx, gen):
+    # batch-1 decode cuts the context to its length instead of masking: junk past it must not count
+    d = make_batch([(ctx, 1)], 6, 2, 32, 16, torch.float32, gen, junk=1e4)
+    got = paged_attention(*d.args())
+    torch.testing.assert_close(got, d.expected, **attention_tolerances(torch.float32))
+
+
+def test_decode_buckets_cover_every_sequence_within_the_padding_bound(gen):
+    for _ in range(50):
+        blocks = torch.randint(1, 64, (int(torch.randint(1, 80, (1,), generator=gen)),), generator=gen).tolist()
+        buckets = decode_buckets(blocks, max_padding=1.25)
+        assert sorted(i for b in buckets for i in b) == list(range(len(blocks)))
+        for b in buckets:
+            widest = max(blocks[i] for i in b)
+            assert blocks[b[0]] == widest  # the bucket is padded to its first (longest) sequence
+            # a bucket either holds one sequence or pads at most 25% over its real blocks
+            assert len(b) == 1 or len(b) * widest <= 1.25 * sum(blocks[i] for i in b)
 
 
 @pytest.mark.gpu
