@@ -86,6 +86,26 @@ def _datasets_available() -> bool:
     return importlib.util.find_spec("datasets") is not None
 
 
+def _hub_offline() -> str | None:
+    """The variable that forbids hub downloads, if one is set (then a hub fallback would only fail later)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def _hub_usable(name: str, looked: list[str]) -> bool:
+    """Whether a Hugging Face dataset can be fetched; if not, record why in `looked`."""
+    offline = _hub_offline()
+    if offline:
+        looked.append(f"Hugging Face dataset {name} (skipped: {offline} is set)")
+        return False
+    if not _datasets_available():
+        looked.append(f"Hugging Face dataset {name} (needs `pip install datasets` and network)")
+        return False
+    return True
+
+
 def resolve_source(spec: str) -> ResolvedSource:
     """Resolve `spec` without reading it; DataSourceError naming every place looked if it is missing."""
     looked: list[str] = []
@@ -96,9 +116,8 @@ def resolve_source(spec: str) -> ResolvedSource:
         if path.is_file():
             return ResolvedSource(spec, paths=(path,), kind=kind)
         looked.append(f"preset file {path}")
-        if _datasets_available():
+        if _hub_usable(preset.hub[0], looked):
             return ResolvedSource(spec, hub=preset.hub, hub_files=preset.hub_files, kind=kind)
-        looked.append(f"Hugging Face dataset {preset.hub[0]} (needs `pip install datasets` and network)")
     else:
         path = Path(spec).expanduser()
         if path.is_file():
@@ -113,9 +132,8 @@ def resolve_source(spec: str) -> ResolvedSource:
         if _is_hub_id(spec):
             name, _, rest = spec.partition(":")
             config, _, split = rest.partition(":")
-            if _datasets_available():
+            if _hub_usable(name, looked):
                 return ResolvedSource(spec, hub=(name, config or None, split or "train"))
-            looked.append(f"Hugging Face dataset {name} (needs `pip install datasets` and network)")
     raise DataSourceError(
         f"text source {spec!r} not found. Looked at: {'; '.join(looked)}. "
         f"Presets: {', '.join(PRESETS)} (set QSERVE_DATA to the folder holding them); "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qserve import kernels
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import arch_for_config
 from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding
@@ -127,6 +128,10 @@ class SafetensorsWeights:
                 f"(looked in {', '.join(QUANT_METADATA_FILES)} and config.json quantization_config)"
             )
         g_idx = self.get(f"{prefix}.g_idx") if quant.method == "gptq" and f"{prefix}.g_idx" in self else None
+        if g_idx is not None and kernels.g_idx_is_trivial(g_idx, quant.group_size):
+            # i // group_size (no act-order, or act-order with static groups): the fused kernel then
+            # loads scales once per tile instead of gathering them per input row
+            g_idx = None
         return PackedLinear(
             self.get(f"{prefix}.qweight"), self.get(f"{prefix}.qzeros"), self.get(f"{prefix}.scales"), g_idx
         )

@@ -69,6 +69,24 @@ def test_missing_source_names_places(tmp_path, monkeypatch):
     assert "nowhere" in msg and ("datasets" in msg or "allenai/c4" in msg)
 
 
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_missing_preset_fails_up_front(tmp_path, monkeypatch, var):
+    # With `datasets` installed a missing preset would fall back to the hub and fail only at load
+    # time; offline, the error must come before any model work and say why the hub was not tried.
+    import qserve.calib_data.sources as sources
+
+    monkeypatch.setenv("QSERVE_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(sources, "_datasets_available", lambda: True)
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(DataSourceError) as exc:
+        check_source("c4")
+    assert var in str(exc.value) and "nowhere" in str(exc.value)
+    monkeypatch.delenv(var)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert check_source("c4").hub is not None  # online with datasets: the hub is the fallback
+
+
 def test_file_kinds_and_directory(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
     (tmp_path / "b.json").write_text(json.dumps([{"text": "json one"}, "json two"]))

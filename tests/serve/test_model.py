@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from qserve.errors import CheckpointError, ConfigError
 from qserve.kernels import packing
-from qserve.serve.loader import load_model, read_quant_spec
+from qserve.serve.loader import SafetensorsWeights, load_model, read_quant_spec
 from qserve.serve.outputs import ScheduledChunk
 from qserve.serve.quant_linear import DenseLinear, PackedLinear, QuantLinear, QuantSpec, build_linear
 from qserve.serve.runner import ModelRunner
@@ -118,6 +118,22 @@ def test_quantized_checkpoint_matches_dequantized_reference(tmp_path, method, ac
         torch.testing.assert_close(got, hf_logits(dense_dir, prompt), atol=1e-4, rtol=1e-4)
     # The quantization must actually change the model, or the comparison above proves nothing.
     assert not torch.allclose(ours[0], hf_logits(src, PROMPTS[0]), atol=1e-3)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_loader_drops_trivial_g_idx(tmp_path, act_order):
+    # g_idx = i // group_size carries no information: the loader passes None so the fused kernel
+    # reads scales per tile; an act-order g_idx must reach the kernel unchanged.
+    src = varied_model(tmp_path / "src")
+    qdir, _ = quantize_checkpoint(src, tmp_path / "q", "gptq", act_order=act_order)
+    spec = read_quant_spec(qdir, json.loads((qdir / "config.json").read_text()))
+    weights = SafetensorsWeights(qdir)
+    prefix = "model.layers.0.self_attn.q_proj"
+    part = weights.linear_part(prefix, spec)
+    if act_order:
+        torch.testing.assert_close(part.g_idx, weights.get(f"{prefix}.g_idx"))
+    else:
+        assert part.g_idx is None
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path):
