@@ -20,6 +20,7 @@ from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import arch_for_config
 from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding
 from qserve.serve.quant_linear import PackedLinear, QuantSpec, build_linear
+from qserve.validate.metadata import find_metadata
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
@@ -44,42 +45,29 @@ def read_json(path: Path) -> dict:
 
 
 def read_quant_spec(model_dir: Path, hf_config: dict) -> QuantSpec | None:
-    """The checkpoint's packing, or None for an unquantized checkpoint."""
-    found = [
-        (model_dir / name, read_json(model_dir / name))
-        for name in QUANT_METADATA_FILES
-        if (model_dir / name).exists()
+    """The checkpoint's packing, or None for an unquantized checkpoint.
+
+    Read by `qserve validate`'s metadata reader (the same files, aliases, precedence and conflict
+    rules), so the engine and the validator can never disagree about what a checkpoint is.
+    """
+    sources: list[tuple[str, object]] = [
+        (name, read_json(model_dir / name)) for name in QUANT_METADATA_FILES if (model_dir / name).exists()
     ]
     if "quantization_config" in hf_config:
-        found.append((model_dir / "config.json", hf_config["quantization_config"]))
-    if not found:
+        sources.append(("config.json:quantization_config", hf_config["quantization_config"]))
+    if not sources:
         return None
-    source, meta = found[0]
-    # AutoAWQ's legacy quant_config.json has no quant_method; its zero_point/version keys identify it.
-    method = str(
-        meta.get("quant_method") or ("awq" if "version" in meta or "zero_point" in meta else "gptq")
-    ).lower()
-    if method not in ("gptq", "awq"):
-        raise CheckpointError(
-            f"{source}: quant_method {method!r} is not supported; qserve serves 'gptq' and 'awq' (GEMM) checkpoints"
-        )
-    version = str(meta.get("version", "gemm")).lower()
-    if method == "awq" and version != "gemm":
-        raise CheckpointError(
-            f"{source}: AWQ version {version!r} uses a different packed layout; only 'gemm' is supported "
-            "(re-quantize with version gemm)"
-        )
-    bits = int(meta.get("bits", meta.get("w_bit", 4)))
-    group_size = int(meta.get("group_size", meta.get("q_group_size", 128)))
-    checkpoint_format = str(meta.get("checkpoint_format", "gptq")).lower() if method == "gptq" else "gptq"
-    if checkpoint_format not in ("gptq", "gptq_v2"):
-        raise CheckpointError(
-            f"{source}: checkpoint_format {checkpoint_format!r} is not supported; expected 'gptq' or 'gptq_v2'"
-        )
+    meta, _, findings = find_metadata(sources, has_qweight=True)
+    errors = [f for f in findings if f.severity == "error"]
+    if meta is None or errors:
+        first = errors[0] if errors else None
+        detail = f"{first.subject}: {first.line()}" if first else "unreadable quantization metadata"
+        raise CheckpointError(f"{model_dir}: {detail} (run `qserve validate {model_dir}` for the full report)")
+    fmt = meta.checkpoint_format if meta.method == "gptq" else "gptq"
     try:
-        return QuantSpec(method, bits, group_size, checkpoint_format, bool(meta.get("desc_act", False)))
+        return QuantSpec(meta.method, meta.bits, meta.group_size, fmt or "gptq", meta.desc_act)
     except ValueError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
+        raise CheckpointError(f"{model_dir}: {meta.source}: {exc}") from exc
 
 
 class SafetensorsWeights:

@@ -166,6 +166,11 @@ def test_quant_metadata_is_found_in_every_place_and_alias(tmp_path):
     gemv = {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}}
     with pytest.raises(CheckpointError, match="gemv"):
         read_quant_spec(tmp_path, gemv)
+    # two sources that disagree: loaders reading different files would build different models
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
+    conflicting = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64}}
+    with pytest.raises(CheckpointError, match="group_size.*disagrees"):
+        read_quant_spec(tmp_path, conflicting)
 
 
 def test_loader_errors_name_what_is_wrong(tmp_path):
