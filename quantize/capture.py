@@ -43,7 +43,7 @@ class _PassThrough(nn.Module):
 
 
 @contextlib.contextmanager
-def _swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+def swapped(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
     originals = {name: model.get_submodule(name) for name in replacements}
     try:
         for name, module in replacements.items():
@@ -71,7 +71,7 @@ def capture_block_inputs(
     # The final norm's weights are not loaded; the pass-through output skips it via Identity.
     swaps = {spec.blocks: nn.ModuleList([probe]), spec.final_norm: nn.Identity()}
     try:
-        with _swapped(model, swaps), torch.no_grad():
+        with swapped(model, swaps), torch.no_grad():
             backbone(input_ids=input_ids[:1].to(device), use_cache=False)
             kwargs = seen[0][1]
             seen.clear()

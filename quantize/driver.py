@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from qserve.kernels.packing import QuantizedWeight, rtn_quantize
 from qserve.quantize.arch import ArchSpec
-from qserve.quantize.capture import BlockInputs, capture_block_inputs, run_block
+from qserve.quantize.capture import BlockInputs, capture_block_inputs, run_block, swapped
 from qserve.quantize.config import QuantConfig
 from qserve.quantize.export import block_tensors
 from qserve.quantize.lazy_model import LazyCheckpoint, materialize, rebuild, release
@@ -81,6 +81,13 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
+class _Skipped(nn.Module):
+    """Stands in for a submodule whose output no collector of the current pass reads."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 def _input_owners(spec: ArchSpec) -> dict[str, str]:
     """Linear -> the linear whose Hessian it can reuse. Linears of one AWQ scale group read the same
     input (the output of their shared previous op), so H = 2/n sum x x^T is accumulated once for them."""
@@ -110,8 +117,11 @@ def _gptq_block(
             )
             for n in collectors
         ]
+        # Nothing in a q/k/v or o pass reads the MLP: replace it by zeros for that pass.
+        skip = spec.mlp if spec.mlp and not any(n.startswith(f"{spec.mlp}.") for n in group) else None
         try:
-            run_block(block, inputs, chunk)
+            with swapped(block, {skip: _Skipped()} if skip else {}):
+                run_block(block, inputs, chunk)
         finally:
             for h in handles:
                 h.remove()

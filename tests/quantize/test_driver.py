@@ -174,6 +174,21 @@ def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, cal
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_skipping_the_mlp_in_attention_passes_changes_nothing(tmp_path, models, calib, monkeypatch):
+    """GPTQ's q/k/v and o passes replace the MLP by zeros: their Hessians must be bit-identical."""
+    skipped = []
+    real = driver._Skipped.forward
+    monkeypatch.setattr(driver._Skipped, "forward", lambda self, x, *a, **k: skipped.append(1) or real(self, x))
+    quantize_tiny(models["qwen2"], tmp_path / "skip", calib, "gptq")
+    assert skipped, "the attention-side passes should have skipped the MLP"
+    spec = arch_for_config(json.loads((models["qwen2"] / "config.json").read_text()))
+    no_skip = type(spec)(**{**spec.__dict__, "mlp": None})
+    monkeypatch.setattr(pipeline, "arch_for_config", lambda cfg: no_skip)
+    quantize_tiny(models["qwen2"], tmp_path / "full", calib, "gptq")
+    a, b = read_tensors(tmp_path / "skip"), read_tensors(tmp_path / "full")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_written_back_weights_are_what_the_checkpoint_serves(tmp_path, models, calib, monkeypatch):
     """Later blocks must calibrate against the weights a reader of the file reconstructs."""
     served = {}
