@@ -44,9 +44,6 @@ class ArchSpec:
     scale_groups: tuple[ScaleGroup, ...]
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    # The block's MLP, relative to the block: its output is not needed while GPTQ collects the
-    # inputs of attention-side linears, so those passes skip it (two thirds of a block's FLOPs).
-    mlp: str | None = "mlp"
 
     @property
     def linears(self) -> tuple[str, ...]:

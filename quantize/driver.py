@@ -81,11 +81,49 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
-class _Skipped(nn.Module):
-    """Stands in for a submodule whose output no collector of the current pass reads."""
+class _Collector(nn.Module):
+    """Stands in for a Linear during a GPTQ collection pass: hands its input to a solver (if any) and
+    returns zeros, since nothing computed after it in that pass is used."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(x)
+    def __init__(self, out_features: int, solver: Any | None) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.solver = solver
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.solver is not None:
+            self.solver.add_batch(x.detach())
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+# Collection passes replace the collected Linears and every Linear quantized after them by
+# _Collector stubs. False runs the plain block with hooks instead (the tests compare the two).
+STUB_COLLECTION_PASSES = True
+
+
+def _collection_pass(
+    block: nn.Module, inputs: BlockInputs, chunk: int, solvers: dict[str, Any], unneeded: list[str]
+) -> None:
+    """One block forward that feeds `solvers` (by Linear name) their inputs.
+
+    The Linears in `unneeded` (this group and every later one) produce nothing this pass needs:
+    their inputs are final once the earlier groups are quantized, so they are stubbed out, and a
+    q/k/v pass costs an attention over zeros instead of a whole block (about a third of the FLOPs
+    of the four passes together).
+    """
+    stubbed = set(unneeded) if STUB_COLLECTION_PASSES else set()
+    stubs = {n: _Collector(block.get_submodule(n).out_features, solvers.get(n)) for n in stubbed}
+    handles = [
+        block.get_submodule(n).register_forward_hook(lambda _m, args, _out, s=s: s.add_batch(args[0].detach()))
+        for n, s in solvers.items()
+        if n not in stubbed
+    ]
+    try:
+        with swapped(block, stubs):
+            run_block(block, inputs, chunk)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _input_owners(spec: ArchSpec) -> dict[str, str]:
@@ -105,26 +143,18 @@ def _gptq_block(
     owners = _input_owners(spec)
     qweights, log = {}, []
     chunk = samples_per_chunk(inputs.hidden.shape[1])
-    for group in groups:
+    for index, group in enumerate(groups):
         linears = {name: block.get_submodule(name) for name in group}
         solvers = {
             name: GPTQ(linear.weight.detach(), name=f"{prefix}.{name}") for name, linear in linears.items()
         }
         collectors = [n for n in group if owners.get(n, n) == n or owners[n] not in group]
-        handles = [
-            linears[n].register_forward_hook(
-                lambda _m, args, _out, s=solvers[n]: s.add_batch(args[0].detach())
-            )
-            for n in collectors
-        ]
-        # Nothing in a q/k/v or o pass reads the MLP: replace it by zeros for that pass.
-        skip = spec.mlp if spec.mlp and not any(n.startswith(f"{spec.mlp}.") for n in group) else None
-        try:
-            with swapped(block, {skip: _Skipped()} if skip else {}):
-                run_block(block, inputs, chunk)
-        finally:
-            for h in handles:
-                h.remove()
+        # True-sequential groups are in data-flow order and read only earlier groups' outputs, so
+        # this group and all later ones are not needed to produce this group's inputs. In one-pass
+        # mode every Linear must run for real (o_proj reads what q/k/v produce).
+        later = [n for g in groups[index + 1 :] for n in g]
+        unneeded = [*group, *later] if cfg.true_sequential else []
+        _collection_pass(block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded)
         for name in group:
             if name not in collectors:  # quantize() copies H, so sharing the owner's tensor is safe
                 solvers[name].hessian = solvers[owners[name]].hessian

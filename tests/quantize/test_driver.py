@@ -174,19 +174,24 @@ def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, cal
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_skipping_the_mlp_in_attention_passes_changes_nothing(tmp_path, models, calib, monkeypatch):
-    """GPTQ's q/k/v and o passes replace the MLP by zeros: their Hessians must be bit-identical."""
-    skipped = []
-    real = driver._Skipped.forward
-    monkeypatch.setattr(driver._Skipped, "forward", lambda self, x, *a, **k: skipped.append(1) or real(self, x))
-    quantize_tiny(models["qwen2"], tmp_path / "skip", calib, "gptq")
-    assert skipped, "the attention-side passes should have skipped the MLP"
-    spec = arch_for_config(json.loads((models["qwen2"] / "config.json").read_text()))
-    no_skip = type(spec)(**{**spec.__dict__, "mlp": None})
-    monkeypatch.setattr(pipeline, "arch_for_config", lambda cfg: no_skip)
+def test_stubbed_collection_passes_change_nothing(tmp_path, models, calib, monkeypatch):
+    """GPTQ's collection passes stub out the Linears they do not need: the checkpoint must be
+    bit-identical to one calibrated with plain full-block forwards and hooks."""
+    collected = []
+    real = driver._Collector.forward
+    monkeypatch.setattr(driver._Collector, "forward", lambda self, x: collected.append(1) or real(self, x))
+    quantize_tiny(models["qwen2"], tmp_path / "stubbed", calib, "gptq")
+    assert collected, "the collection passes should have run through the stubs"
+    quantize_tiny(models["qwen2"], tmp_path / "one-pass", calib, "gptq", true_sequential=False)
+    monkeypatch.setattr(driver, "STUB_COLLECTION_PASSES", False)
     quantize_tiny(models["qwen2"], tmp_path / "full", calib, "gptq")
-    a, b = read_tensors(tmp_path / "skip"), read_tensors(tmp_path / "full")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    quantize_tiny(models["qwen2"], tmp_path / "one-pass-hooks", calib, "gptq", true_sequential=False)
+    for x, y in (("stubbed", "full"), ("one-pass", "one-pass-hooks")):
+        a, b = read_tensors(tmp_path / x), read_tensors(tmp_path / y)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (x, y)
+    # and one-pass differs from true-sequential, or the comparison above would not test the mode
+    a, b = read_tensors(tmp_path / "stubbed"), read_tensors(tmp_path / "one-pass")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_written_back_weights_are_what_the_checkpoint_serves(tmp_path, models, calib, monkeypatch):
