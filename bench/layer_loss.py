@@ -5,7 +5,9 @@ inputs twice: on the calibration sample (what GPTQ solves against) and on WikiTe
 GPTQ never saw). For RTN and several GPTQ variants it prints 0.5 * tr(dW H dW^T), the expected
 output error of the layer, under both. A variant whose held-out error is far above its calibration
 error is fitting the sample, not the layer; one above RTN's held-out error is worse than no
-calibration at all. Used to choose the GPTQ recipe (see bench/RESULTS.md).
+calibration at all. It also prints how much of each H comes from the first token of each calibration
+window (SmolLM2's attention-sink token has huge activations in late blocks). Used to choose the GPTQ
+recipe (see bench/RESULTS.md).
 
     python bench/layer_loss.py --n-samples 64 --blocks 27,28,29 --layers mlp.down_proj,self_attn.o_proj
 """
@@ -55,13 +57,26 @@ def main() -> None:
     layers = args.layers.split(",")
     variants = args.variants.split(",")
 
+    # share of trace(H) = sum of squared input norms that comes from the first token of each window
+    first_share: dict[tuple[int, str], list[float]] = {}
+
+    def observe(solver: GPTQ, key: tuple[int, str], x: torch.Tensor) -> None:
+        solver.add_batch(x)
+        energy = x.float().pow(2).sum(-1)  # [batch, seq]
+        acc = first_share.setdefault(key, [0.0, 0.0])
+        acc[0] += float(energy[:, 0].sum())
+        acc[1] += float(energy.sum())
+
     def hessians(ids: torch.Tensor) -> dict[tuple[int, str], GPTQ]:
         out, hooks = {}, []
+        first_share.clear()
         for b in blocks:
             for name in layers:
                 linear = model.model.layers[b].get_submodule(name)
                 solver = out[(b, name)] = GPTQ(linear.weight, name=f"{b}.{name}")
-                hooks.append(linear.register_forward_hook(lambda _m, a, _o, s=solver: s.add_batch(a[0])))
+                hooks.append(
+                    linear.register_forward_hook(lambda _m, a, _o, s=solver, k=(b, name): observe(s, k, a[0]))
+                )
         with torch.no_grad():
             for chunk in ids.split(8):
                 model(chunk, use_cache=False)
@@ -69,7 +84,11 @@ def main() -> None:
             h.remove()
         return out
 
-    fit, heldout = hessians(calib), hessians(held)
+    fit = hessians(calib)
+    print("share of trace(H) from the first token of each calibration window:")
+    for (b, name), (first, total) in first_share.items():
+        print(f"{b:>3} {name:<18} {first / total:.3f}")
+    heldout = hessians(held)
 
     def loss(dw: torch.Tensor, h: torch.Tensor) -> float:
         return 0.5 * float(torch.trace(dw @ h @ dw.t()))

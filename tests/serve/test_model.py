@@ -169,7 +169,7 @@ def test_quant_metadata_is_found_in_every_place_and_alias(tmp_path):
     # two sources that disagree: loaders reading different files would build different models
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
     conflicting = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64}}
-    with pytest.raises(CheckpointError, match="group_size.*disagrees"):
+    with pytest.raises(CheckpointError, match=r"group_size.*disagrees"):
         read_quant_spec(tmp_path, conflicting)
 
 
