@@ -25,8 +25,8 @@ def smollm2():
 def test_smollm2_w4g64_keeps_perplexity_close(tmp_path, smollm2, method):
     torch.set_num_threads(2)
     out = tmp_path / method
-    # GPTQ as the recipe runs it: act-order without static groups (non-monotonic g_idx).
-    extra = {"desc_act": True} if method == "gptq" else {}
+    # GPTQ as the recipe runs it: act-order with static groups (monotonic g_idx).
+    extra = {"desc_act": True, "static_groups": True} if method == "gptq" else {}
     cfg = QuantConfig(
         model=str(smollm2),
         output=str(out),
