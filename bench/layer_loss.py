@@ -33,7 +33,15 @@ def main() -> None:
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--heldout-windows", type=int, default=8, help="WikiText-2 test windows of --seqlen")
+    ap.add_argument("--heldout-windows", type=int, default=8, help="WikiText-2 test windows")
+    ap.add_argument(
+        "--heldout-seqlen", type=int, default=2048, help="their length (2048: as qserve eval scores)"
+    )
+    ap.add_argument(
+        "--drop-first",
+        action="store_true",
+        help="leave each calibration window's first token out of H (the held-out H keeps every token)",
+    )
     ap.add_argument("--blocks", default="0,15,28")
     ap.add_argument("--layers", default=LINEARS)
     ap.add_argument("--group-size", type=int, default=64)
@@ -52,7 +60,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     calib = get_calib_samples(args.calib, tok, args.n_samples, args.seqlen, 0, mode="windows")
-    held = eval_tokens(tok)[0, : args.heldout_windows * args.seqlen].view(args.heldout_windows, args.seqlen)
+    n_held = args.heldout_windows * args.heldout_seqlen
+    held = eval_tokens(tok)[0, :n_held].view(args.heldout_windows, args.heldout_seqlen)
     blocks = [int(b) for b in args.blocks.split(",")]
     layers = args.layers.split(",")
     variants = args.variants.split(",")
@@ -60,8 +69,10 @@ def main() -> None:
     # share of trace(H) = sum of squared input norms that comes from the first token of each window
     first_share: dict[tuple[int, str], list[float]] = {}
 
+    dropping = False  # set while the calibration H is accumulated with --drop-first
+
     def observe(solver: GPTQ, key: tuple[int, str], x: torch.Tensor) -> None:
-        solver.add_batch(x)
+        solver.add_batch(x[:, 1:] if dropping else x)
         energy = x.float().pow(2).sum(-1)  # [batch, seq]
         acc = first_share.setdefault(key, [0.0, 0.0])
         acc[0] += float(energy[:, 0].sum())
@@ -84,7 +95,9 @@ def main() -> None:
             h.remove()
         return out
 
+    dropping = args.drop_first
     fit = hessians(calib)
+    dropping = False
     print("share of trace(H) from the first token of each calibration window:")
     for (b, name), (first, total) in first_share.items():
         print(f"{b:>3} {name:<18} {first / total:.3f}")
