@@ -23,7 +23,7 @@ SPLIT_WAYS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for CPU tensors, row-split across threads when that is faster."""
+    """F.linear(x, weight, bias); on CPU, row-split across threads when that is faster."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     if (
@@ -31,7 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or rows > SPLIT_MAX_ROWS
         or out_features % SPLIT_WAYS
         or torch.get_num_threads() < 2
-        or x.is_cuda
+        or x.device.type != "cpu"
         or not weight.is_contiguous()
     ):
         return F.linear(x, weight, bias)

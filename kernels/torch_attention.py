@@ -9,9 +9,8 @@ The gathers write into a per-thread workspace reused across layers and steps: a 
 tensor per gather costs more in page faults than the copy itself.
 
 Prefill chunks have many queries each, so they are attended one sequence at a time without padding
-waste; a chunk with no cached context before it uses SDPA's causal path, one after cached context an
-explicit bottom-right mask. GQA folds each kv head's query heads into the query dim (decode) or lets
-SDPA broadcast kv heads (prefill), so K/V are never repeated per query head.
+waste, with an explicit bottom-right causal mask (the queries are the last q_len positions). GQA folds
+each kv head's query heads into the query dim, so K/V are never repeated per query head.
 
 Whole blocks are read, including the unwritten tail of a sequence's last block, and masked: cache
 memory must hold finite values (the engine allocates it with torch.zeros; stale K/V are fine), since

@@ -63,9 +63,8 @@ def read_quant_spec(model_dir: Path, hf_config: dict) -> QuantSpec | None:
         first = errors[0] if errors else None
         detail = f"{first.subject}: {first.line()}" if first else "unreadable quantization metadata"
         raise CheckpointError(f"{model_dir}: {detail} (run `qserve validate {model_dir}` for the full report)")
-    fmt = meta.checkpoint_format if meta.method == "gptq" else "gptq"
-    try:
-        return QuantSpec(meta.method, meta.bits, meta.group_size, fmt or "gptq", meta.desc_act)
+    try:  # AWQ has no checkpoint_format; QuantSpec keeps its GPTQ default there
+        return QuantSpec(meta.method, meta.bits, meta.group_size, meta.checkpoint_format or "gptq", meta.desc_act)
     except ValueError as exc:
         raise CheckpointError(f"{model_dir}: {meta.source}: {exc}") from exc
 

@@ -260,8 +260,5 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden] -> float32 logits [rows, vocab]; called only on rows that sample."""
         if self.lm_head is None:
-            weight = self.embed_tokens.weight
-            if hidden.is_cuda:
-                return F.linear(hidden, weight).float()
-            return cpu_gemm.linear(hidden, weight).float()
+            return cpu_gemm.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
