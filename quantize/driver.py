@@ -81,18 +81,24 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
+def _feed(solver: Any, x: torch.Tensor, skip_first: int) -> None:
+    """Add a Linear's input [samples, seqlen, in] to its solver, less each window's first tokens."""
+    solver.add_batch(x.detach()[:, skip_first:] if skip_first else x.detach())
+
+
 class _Collector(nn.Module):
     """Stands in for a Linear during a GPTQ collection pass: hands its input to a solver (if any) and
     returns zeros, since nothing computed after it in that pass is used."""
 
-    def __init__(self, out_features: int, solver: Any | None) -> None:
+    def __init__(self, out_features: int, solver: Any | None, skip_first: int) -> None:
         super().__init__()
         self.out_features = out_features
         self.solver = solver
+        self.skip_first = skip_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.solver is not None:
-            self.solver.add_batch(x.detach())
+            _feed(self.solver, x, self.skip_first)
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
@@ -102,7 +108,12 @@ STUB_COLLECTION_PASSES = True
 
 
 def _collection_pass(
-    block: nn.Module, inputs: BlockInputs, chunk: int, solvers: dict[str, Any], unneeded: list[str]
+    block: nn.Module,
+    inputs: BlockInputs,
+    chunk: int,
+    solvers: dict[str, Any],
+    unneeded: list[str],
+    skip_first: int = 0,
 ) -> None:
     """One block forward that feeds `solvers` (by Linear name) their inputs.
 
@@ -112,9 +123,11 @@ def _collection_pass(
     of the four passes together).
     """
     stubbed = set(unneeded) if STUB_COLLECTION_PASSES else set()
-    stubs = {n: _Collector(block.get_submodule(n).out_features, solvers.get(n)) for n in stubbed}
+    stubs = {n: _Collector(block.get_submodule(n).out_features, solvers.get(n), skip_first) for n in stubbed}
     handles = [
-        block.get_submodule(n).register_forward_hook(lambda _m, args, _out, s=s: s.add_batch(args[0].detach()))
+        block.get_submodule(n).register_forward_hook(
+            lambda _m, args, _out, s=s: _feed(s, args[0], skip_first)
+        )
         for n, s in solvers.items()
         if n not in stubbed
     ]
@@ -154,7 +167,7 @@ def _gptq_block(
         # mode every Linear must run for real (o_proj reads what q/k/v produce).
         later = [n for g in groups[index + 1 :] for n in g]
         unneeded = [*group, *later] if cfg.true_sequential else []
-        _collection_pass(block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded)
+        _collection_pass(block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first)
         for name in group:
             if name not in collectors:  # quantize() copies H, so sharing the owner's tensor is safe
                 solvers[name].hessian = solvers[owners[name]].hessian

@@ -16,7 +16,18 @@ REPORT_FILE = "quant_report.json"
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (the kernel's high-water mark)."""
+    """Peak resident memory of this process so far (the kernel's high-water mark).
+
+    On Linux this is VmHWM: getrusage's ru_maxrss survives exec, so a process started by a big
+    parent (a benchmark that loaded a model, then ran `qserve quantize`) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kB, macOS bytes
 

@@ -194,6 +194,48 @@ def test_stubbed_collection_passes_change_nothing(tmp_path, models, calib, monke
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stub", [True, False])
+def test_skip_first_leaves_each_windows_leading_tokens_out_of_the_hessians(
+    tmp_path, models, calib, monkeypatch, stub
+):
+    """--skip-first k: every solver sees seqlen - k rows per window, and they are the window's last ones
+    (compared on block 0's q/k/v, whose inputs do not depend on the quantization)."""
+    from qserve.quantize.gptq import GPTQ
+
+    monkeypatch.setattr(driver, "STUB_COLLECTION_PASSES", stub)
+    seen: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    real = GPTQ.add_batch
+
+    def record(self, inp):
+        seen[skip].append((self.name, inp.clone()))
+        return real(self, inp)
+
+    monkeypatch.setattr(GPTQ, "add_batch", record)
+    for skip in (0, 3):
+        seen[skip] = []
+        quantize_tiny(models["llama"], tmp_path / f"skip{skip}", calib, "gptq", skip_first=skip)
+    assert {x.shape[-2] for _, x in seen[3]} == {32 - 3}
+    assert {x.shape[-2] for _, x in seen[0]} == {32}
+    first = [(n, x) for n, x in seen[0] if n.startswith("model.layers.0.self_attn.q_proj")]
+    first_skip = [(n, x) for n, x in seen[3] if n.startswith("model.layers.0.self_attn.q_proj")]
+    assert first and len(first) == len(first_skip)
+    for (_, full), (_, cut) in zip(first, first_skip, strict=True):
+        torch.testing.assert_close(cut, full[:, 3:], rtol=0, atol=0)
+    a, b = read_tensors(tmp_path / "skip0"), read_tensors(tmp_path / "skip3")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("qweight"))
+
+
+def test_skip_first_is_checked_and_fingerprinted(tmp_path):
+    base = dict(model="m", output="o", method="gptq", seqlen=16)
+    assert QuantConfig(**base, skip_first=1).fingerprint_dict() != QuantConfig(**base).fingerprint_dict()
+    with pytest.raises(ConfigError, match="skip_first=16"):
+        QuantConfig(**base, skip_first=16)
+    with pytest.raises(ConfigError, match="GPTQ option"):
+        QuantConfig(**{**base, "method": "awq"}, skip_first=1)
+    with pytest.raises(RecipeError, match="skip_first"):
+        QuantConfig.from_dict({**base, "skip_first": "1"})
+
+
 def test_written_back_weights_are_what_the_checkpoint_serves(tmp_path, models, calib, monkeypatch):
     """Later blocks must calibrate against the weights a reader of the file reconstructs."""
     served = {}
@@ -388,3 +430,19 @@ def test_config_from_dict_round_trips_and_names_bad_keys():
         QuantConfig.from_dict({"model": "m", "output": "o", "method": "gptq", "n_samples": "lots"})
     with pytest.raises(RecipeError, match=r"missing required key.*'method'"):
         QuantConfig.from_dict({"model": "m", "output": "o"})
+
+
+def test_peak_rss_is_this_processs_own_not_its_parents():
+    """A benchmark that loaded a model and then starts `qserve quantize` must not see its own peak
+    reported as the child's (getrusage's ru_maxrss is kept across exec on Linux)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1536 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page so it is resident
+    code = "from qserve.quantize.report import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    del ballast
+    assert 0 < child < 1024 * 2**20, child
