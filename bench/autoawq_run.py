@@ -218,6 +218,13 @@ def main() -> None:
 
     model_dir = resolve_model(args.model, progress=False)
     output = Path(args.output).expanduser()
+    # Made (or refused) now, not after hours of calibration.
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(
+            f"--output {output}: cannot create it ({e.strerror}); choose a writable directory"
+        ) from e
     dtype = getattr(torch, args.dtype)
     quant_config = {"w_bit": 4, "q_group_size": args.group_size, "zero_point": True, "version": "GEMM"}
 
@@ -242,7 +249,6 @@ def main() -> None:
         quantizer_cls=quantizer_cls,
     )
     quantize_call_seconds = time.perf_counter() - t_q - check["block0_check_seconds"]
-    output.mkdir(parents=True, exist_ok=True)
     model.save_quantized(str(output))
     tokenizer.save_pretrained(output)
     quantize_seconds = time.perf_counter() - t_work - check["block0_check_seconds"]

@@ -17,11 +17,11 @@ autoawq==0.2.9`) on the same model, the same calibration tokens (qserve's AWQ ro
 and the same settings (4 bits, the group size, zero point, GEMM), in fp16 (`--autoawq-dtype`). Its
 checkpoint is scored by the same reader and windows as the other rows. With both rows the table ends
 with AutoAWQ's quantize time over qserve AWQ's (issue 3 asks for at least 5x). AutoAWQ in fp16 takes
-about two minutes per decoder block on a 2-core CPU, so run it once and reuse its output directory
-(checkpoint + autoawq_report.json) with `--autoawq-result DIR`:
+about 320 s per decoder block on a 2-core CPU (measured on SmolLM2, bench/RESULTS.md), so run it once
+and reuse its output directory (checkpoint + autoawq_report.json) with `--autoawq-result DIR`:
 
     python bench/autoawq_run.py smollm2-135m --output ~/autoawq-smollm2-g64 --group-size 64 \
-        --calib c4 --n-samples 128 --seqlen 512 --seed 0        # about an hour, once
+        --calib c4 --n-samples 128 --seqlen 512 --seed 0        # ~2.7 h for SmolLM2, once
     python bench/quality.py --methods rtn-asym,awq,autoawq --autoawq-result ~/autoawq-smollm2-g64
 """
 
@@ -99,7 +99,7 @@ def run_autoawq(model: str, out: Path, args, threads: int) -> dict:
     """bench/autoawq_run.py in a fresh process, with the qserve rows' data and settings."""
     cmd = [sys.executable, str(AUTOAWQ_SCRIPT), model, "--output", str(out), *_calib_args(args),
            "--dtype", args.autoawq_dtype, "--threads", str(threads)]  # fmt: skip
-    return autoawq_row(out, _run("autoawq", cmd))
+    return autoawq_row(out, None, _run("autoawq", cmd))
 
 
 def reuse_autoawq(result_dir: Path, model_dir: Path, args) -> dict:
@@ -123,11 +123,13 @@ def reuse_autoawq(result_dir: Path, model_dir: Path, args) -> dict:
         diff.append(f"model={report['model']} (this run: {model_dir})")
     if diff:
         raise SystemExit(f"--autoawq-result {result_dir} was made with other settings: {', '.join(diff)}")
-    return autoawq_row(result_dir, None)
+    return autoawq_row(result_dir, report, None)
 
 
-def autoawq_row(out: Path, wall: float | None) -> dict:
-    report = json.loads((out / AUTOAWQ_REPORT).read_text())
+def autoawq_row(out: Path, report: dict | None, wall: float | None) -> dict:
+    """A row from bench/autoawq_run.py's report (read from `out` unless given); wall None = reused."""
+    if report is None:
+        report = json.loads((out / AUTOAWQ_REPORT).read_text())
     if not report.get("calib_blocks_identical"):
         raise SystemExit(f"{out}: AutoAWQ did not calibrate on qserve's calibration rows ({AUTOAWQ_REPORT})")
     return {

@@ -81,24 +81,24 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
-def _feed(solver: Any, x: torch.Tensor, skip_first: int) -> None:
-    """Add a Linear's input [samples, seqlen, in] to its solver, less each window's first tokens."""
-    solver.add_batch(x.detach()[:, skip_first:] if skip_first else x.detach())
+def _feeder(solver: Any, skip_first: int):
+    """A callable adding a Linear's input [samples, seqlen, in] to `solver`, less each window's first
+    `skip_first` tokens."""
+    return lambda x: solver.add_batch(x.detach()[:, skip_first:] if skip_first else x.detach())
 
 
 class _Collector(nn.Module):
-    """Stands in for a Linear during a GPTQ collection pass: hands its input to a solver (if any) and
+    """Stands in for a Linear during a GPTQ collection pass: hands its input to a feeder (if any) and
     returns zeros, since nothing computed after it in that pass is used."""
 
-    def __init__(self, out_features: int, solver: Any | None, skip_first: int) -> None:
+    def __init__(self, out_features: int, feed: Any | None) -> None:
         super().__init__()
         self.out_features = out_features
-        self.solver = solver
-        self.skip_first = skip_first
+        self.feed = feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.solver is not None:
-            _feed(self.solver, x, self.skip_first)
+        if self.feed is not None:
+            self.feed(x)
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
@@ -123,12 +123,11 @@ def _collection_pass(
     of the four passes together).
     """
     stubbed = set(unneeded) if STUB_COLLECTION_PASSES else set()
-    stubs = {n: _Collector(block.get_submodule(n).out_features, solvers.get(n), skip_first) for n in stubbed}
+    feeds = {n: _feeder(s, skip_first) for n, s in solvers.items()}
+    stubs = {n: _Collector(block.get_submodule(n).out_features, feeds.get(n)) for n in stubbed}
     handles = [
-        block.get_submodule(n).register_forward_hook(
-            lambda _m, args, _out, s=s: _feed(s, args[0], skip_first)
-        )
-        for n, s in solvers.items()
+        block.get_submodule(n).register_forward_hook(lambda _m, args, _out, f=f: f(args[0]))
+        for n, f in feeds.items()
         if n not in stubbed
     ]
     try:
