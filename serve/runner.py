@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qserve.errors import ResourceError
+from qserve.kernels import cpu_ext
 from qserve.serve.model import AttentionMetadata, CausalLM, ModelConfig
 from qserve.serve.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from qserve.serve.sampler import Sampler, SamplingState
@@ -104,6 +105,8 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.kv_cache_bytes = num_blocks * kv_bytes_per_block(cfg, block_size, dtype)
+        if device.type == "cpu" and dtype == torch.float32:
+            cpu_ext.available()  # build or load the C++ decode kernels now, not inside the first request
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, states: Mapping[int, SamplingState]) -> ModelRunnerOutput:

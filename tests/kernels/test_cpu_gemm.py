@@ -1,26 +1,37 @@
-"""The CPU dense GEMM (row-split across threads for small M) against F.linear."""
+"""The CPU dense GEMM for few rows (qserve's C++ kernel, or a row split across threads) against F.linear."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels import cpu_gemm
+from qserve.kernels import cpu_ext, cpu_gemm
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Take the C++ kernel out, as on a machine without a compiler."""
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64, 256, 257])
 @pytest.mark.parametrize("out_features", [96, 98])  # 98: not divisible by the split, falls back
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_f_linear(rows, out_features, with_bias, gen):
+@pytest.mark.parametrize("path", ["ext", "torch"])
+def test_linear_matches_f_linear(rows, out_features, with_bias, path, gen, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(cpu_ext, "available", lambda: False)
     x = torch.randn(rows, 80, generator=gen)
     w = torch.randn(out_features, 80, generator=gen)
     b = torch.randn(out_features, generator=gen) if with_bias else None
-    # fp32 sums of 80 products of O(1) values: different BLAS kernels may reorder the sum, a few ulps
+    # fp32 sums of 80 products of O(1) values: different kernels may reorder the sum, a few ulps
     torch.testing.assert_close(cpu_gemm.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_keeps_leading_dims_and_uses_the_split(gen, monkeypatch):
+def test_linear_keeps_leading_dims_and_uses_the_split(gen, monkeypatch, torch_path):
     x = torch.randn(2, 3, 64, generator=gen)
     w = torch.randn(128, 64, generator=gen)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -33,7 +44,7 @@ def test_linear_keeps_leading_dims_and_uses_the_split(gen, monkeypatch):
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_falls_back_for_large_m_and_one_thread(gen, monkeypatch):
+def test_linear_falls_back_for_large_m_and_one_thread(gen, monkeypatch, torch_path):
     w = torch.randn(128, 64, generator=gen)
     calls = []
     real_bmm = torch.bmm
@@ -42,3 +53,77 @@ def test_linear_falls_back_for_large_m_and_one_thread(gen, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     cpu_gemm.linear(torch.randn(4, 64, generator=gen), w)
     assert not calls
+
+
+needs_build_tools = pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None,
+    reason="no C++ compiler or ninja on PATH: the C++ kernel cannot be built",
+)
+
+
+@needs_build_tools
+def test_the_cpp_kernel_builds_on_a_machine_with_a_compiler():
+    assert cpu_ext.available(), cpu_ext.unavailable_reason()
+
+
+@needs_build_tools
+@pytest.mark.parametrize(
+    "rows,out_features,in_features",
+    [(1, 1, 1), (1, 7, 15), (2, 4, 16), (3, 963, 576), (5, 49, 1537), (17, 130, 33), (256, 64, 80)],
+)
+def test_cpp_kernel_matches_f_linear_on_ragged_shapes(rows, out_features, in_features, gen):
+    # ragged on purpose: rows of W not a multiple of the kernel's 4, K not a multiple of 16 (masked tail)
+    assert cpu_ext.available(), cpu_ext.unavailable_reason()
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    y = cpu_ext.linear_small_m(x, w)
+    assert y.shape == (rows, out_features)
+    # fp32 dot products of up to 1537 O(1) terms summed in another order: error ~ sqrt(K) ulps of |y|
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-4 * (in_features**0.5))
+
+
+@needs_build_tools
+def test_linear_takes_the_cpp_kernel_for_fp32_and_not_for_bf16(gen, monkeypatch):
+    calls = []
+    real = cpu_ext.linear_small_m
+    monkeypatch.setattr(cpu_ext, "linear_small_m", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(98, 64, generator=gen)
+    x = torch.randn(1, 3, 64, generator=gen)
+    torch.testing.assert_close(cpu_gemm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    cpu_gemm.linear(x.bfloat16(), w.bfloat16())
+    assert calls == [1]
+
+
+@needs_build_tools
+def test_cpp_kernel_rejects_bad_inputs_with_a_message(gen):
+    assert cpu_ext.available(), cpu_ext.unavailable_reason()
+    with pytest.raises(RuntimeError, match="float32 only"):
+        cpu_ext.linear_small_m(torch.randn(1, 8).double(), torch.randn(4, 8).double())
+    with pytest.raises(RuntimeError, match="expected"):
+        cpu_ext.linear_small_m(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_ext.linear_small_m(torch.randn(8, 2).t(), torch.randn(4, 8))
+
+
+def test_a_failed_build_falls_back_to_torch_with_a_warning(gen, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with caplog.at_level("WARNING"):
+        assert not cpu_ext.available()
+    assert "Ninja is required" in cpu_ext.unavailable_reason()
+    assert "torch path" in caplog.text
+    x, w = torch.randn(2, 64, generator=gen), torch.randn(96, 64, generator=gen)
+    torch.testing.assert_close(cpu_gemm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_qserve_cpu_ext_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setenv("QSERVE_CPU_EXT", "0")
+    assert not cpu_ext.available()
+    assert "QSERVE_CPU_EXT=0" in cpu_ext.unavailable_reason()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_testing import HAS_CUDA, TRITON_DEVICES
 
-from qserve.kernels import paged_attention, paged_attention_decode, write_kv_cache
+from qserve.kernels import cpu_ext, paged_attention, paged_attention_decode, write_kv_cache
 from qserve.kernels.reference import paged_attention_reference, write_kv_cache_reference
 from qserve.kernels.torch_attention import decode_buckets
 
@@ -148,8 +148,18 @@ def test_triton_decode_kernel(block_size, dtype, heads, kv_heads, head_dim, spli
     torch.testing.assert_close(got.float().cpu(), b.expected, **attention_tolerances(dtype))
 
 
+@pytest.fixture(params=["ext", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU test through qserve's C++ decode kernel (fp32, when built) and through plain torch."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    elif not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    return request.param
+
+
 @pytest.mark.parametrize(("block_size", "dtype", "heads", "kv_heads", "head_dim"), SHAPES)
-def test_public_cpu_paths(block_size, dtype, heads, kv_heads, head_dim, gen):
+def test_public_cpu_paths(block_size, dtype, heads, kv_heads, head_dim, gen, cpu_path):
     # The torch path gathers whole blocks and masks the tail, so unwritten slots need finite values
     # (caches are allocated zeroed); 1e4 there would dominate any softmax that failed to mask them.
     b = make_batch(MIXED, heads, kv_heads, head_dim, block_size, dtype, gen, junk=1e4)
@@ -161,7 +171,7 @@ def test_public_cpu_paths(block_size, dtype, heads, kv_heads, head_dim, gen):
     torch.testing.assert_close(got.float(), d.expected, **tol)
 
 
-def test_cpu_decode_buckets_ragged_batches(gen):
+def test_cpu_decode_buckets_ragged_batches(gen, cpu_path):
     # ShareGPT-like spread (1 to 300 tokens) splits into several length buckets; the calls reuse the
     # gather workspace with different sizes, so stale rows from a larger earlier call must not leak.
     tol = attention_tolerances(torch.float32)
@@ -169,18 +179,41 @@ def test_cpu_decode_buckets_ragged_batches(gen):
         lens = torch.randint(1, 300, (n,), generator=gen).tolist()
         d = make_batch([(c, 1) for c in lens], 9, 3, 64, 16, torch.float32, gen, junk=1e4)
         blocks = [-(-c // 16) for c in lens]
-        if n == 40:
+        if n == 40 and cpu_path == "torch":
             assert len(decode_buckets(blocks)) > 1  # the test really exercises several buckets
         got = paged_attention_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
         torch.testing.assert_close(got, d.expected, **tol)
 
 
 @pytest.mark.parametrize("ctx", [1, 16, 45])
-def test_cpu_single_sequence_decode(ctx, gen):
+def test_cpu_single_sequence_decode(ctx, gen, cpu_path):
     # batch-1 decode cuts the context to its length instead of masking: junk past it must not count
     d = make_batch([(ctx, 1)], 6, 2, 32, 16, torch.float32, gen, junk=1e4)
     got = paged_attention(*d.args())
     torch.testing.assert_close(got, d.expected, **attention_tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("specs", [DECODES, [(300, 1), (1, 1), (129, 1)]])
+def test_cpp_decode_reads_only_the_context(specs, gen):
+    # The C++ kernel reads blocks in place and only up to each length, so NaN in every unwritten
+    # slot (including the tail of each last block) must not reach the output.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    d = make_batch(specs, 9, 3, 64, 16, torch.float32, gen, junk=float("nan"))
+    got = cpu_ext.paged_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
+    torch.testing.assert_close(got, d.expected, **attention_tolerances(torch.float32))
+
+
+def test_cpp_decode_rejects_tables_that_point_outside_the_cache(gen):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    d = make_batch([(20, 1)], 4, 2, 16, 8, torch.float32, gen, junk=0.0)
+    bad = d.block_tables.clone()
+    bad[0, 1] = d.key_cache.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_ext.paged_decode(d.q, d.key_cache, d.value_cache, bad, d.seq_lens, d.scale)
+    with pytest.raises(RuntimeError, match="length"):
+        cpu_ext.paged_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens * 100, d.scale)
 
 
 def test_decode_buckets_cover_every_sequence_within_the_padding_bound(gen):

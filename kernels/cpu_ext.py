@@ -1,0 +1,120 @@
+"""qserve's C++ CPU kernels (kernels/csrc), compiled for this machine on first use.
+
+`torch.utils.cpp_extension` builds them with the system C++ compiler and ninja into
+~/.cache/qserve/torch_extensions (about 15 s, once per machine, torch version and source); later
+processes load the cached library. Where that is not possible (no compiler, no ninja, a read-only
+cache, `QSERVE_CPU_EXT=0`) qserve says so once and runs the torch path instead: the same results,
+slower batch-1 decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once tried, "error": str when unavailable
+
+
+def _cpu_signature() -> str:
+    """What a -march=native binary depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep)
+
+
+def _build_dir() -> Path:
+    """A directory per (source, torch version, CPU): the home cache, or the temp dir if that is read-only."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode()):
+        key.update(part)
+    name = f"cpu_ops-{key.hexdigest()[:16]}"
+    root = Path(os.environ.get("QSERVE_EXT_CACHE", Path.home() / ".cache" / "qserve" / "torch_extensions"))
+    try:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        return root / name
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"qserve-torch-extensions-{os.getuid()}" / name
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernels are loaded (building them on the first call)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _load() -> bool:
+    if os.environ.get("QSERVE_CPU_EXT", "1") == "0":
+        _state["error"] = "disabled by QSERVE_CPU_EXT=0"
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        _state["error"] = f"not built for {platform.machine()}"
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        build = _build_dir()
+        if not any(build.glob("*.so")):
+            log.warning("qserve: compiling the C++ CPU decode kernels for this machine (once, ~15 s)")
+        cpp_extension.load(
+            name="qserve_cpu_" + build.name.split("-")[-1],
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+        torch.ops.qserve_cpu.linear_small_m  # noqa: B018 - raises if the library did not register
+    except Exception as exc:  # no compiler / ninja / headers, or a failed build: the torch path stands in
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _state["error"] = f"{type(exc).__name__}: {first}"
+        log.warning(
+            "qserve: the C++ CPU decode kernels are unavailable (%s); using the slower torch path. "
+            "Install a C++ compiler and `pip install ninja` to enable it, or set QSERVE_CPU_EXT=0 to "
+            "silence this.",
+            _state["error"],
+        )
+        return False
+    return True
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T for fp32 contiguous CPU tensors; call only when available()."""
+    return torch.ops.qserve_cpu.linear_small_m(x, weight)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over the paged cache, read in place; fp32, call only when available()."""
+    return torch.ops.qserve_cpu.paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
