@@ -50,6 +50,9 @@ METHODS = {
     # the first token of each calibration window (the attention sink) left out of the Hessians
     "gptq-skip1": (["--method", "gptq", "--desc-act", "--sym", "--skip-first", "1"], "rtn-sym"),
     "gptq-asym-skip1": (["--method", "gptq", "--desc-act", "--asym", "--skip-first", "1"], "rtn-asym"),
+    # each group's range from GPTQ's MSE search over shrunk [min, max] (--mse)
+    "gptq-mse": (["--method", "gptq", "--desc-act", "--sym", "--mse"], "rtn-sym"),
+    "gptq-asym-mse": (["--method", "gptq", "--desc-act", "--asym", "--mse"], "rtn-asym"),
     "gptq-static-skip1": (
         ["--method", "gptq", "--desc-act", "--static-groups", "--sym", "--skip-first", "1"],
         "rtn-sym",

@@ -58,6 +58,9 @@ class QuantConfig:
     # lowers that layer's held-out error but made SmolLM2 worse end to end (bench/RESULTS.md): a knob
     # for experiments, off by default.
     skip_first: int = 0
+    # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
+    # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
+    mse: bool = False
     # AWQ
     duo_scaling: bool = True
     clip: bool = True
@@ -113,6 +116,11 @@ class QuantConfig:
             raise ConfigError(
                 f"skip_first={self.skip_first} is a GPTQ option (tokens left out of its Hessians); "
                 f"method={self.method!r} does not use it"
+            )
+        if self.mse and self.method != "gptq":
+            raise ConfigError(
+                f"mse is a GPTQ option (its per-group range search); method={self.method!r} does not use it"
+                + (" (AWQ has its own clipping search, --clip)" if self.method == "awq" else "")
             )
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"damp={self.damp}: expected a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
@@ -171,6 +179,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "true_sequential": (bool,),
     "block_size": (int,),
     "skip_first": (int,),
+    "mse": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),
     "n_grid": (int,),

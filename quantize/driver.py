@@ -180,6 +180,7 @@ def _gptq_block(
                 desc_act=cfg.desc_act,
                 static_groups=cfg.static_groups,
                 block_size=cfg.block_size,
+                mse=cfg.mse,
             )
             _write_back(linears[name], res.qweight)
             qweights[name] = res.qweight

@@ -26,6 +26,13 @@ from qserve.kernels.packing import (
     quantize_tensor,
 )
 
+# The MSE search over clipping ranges (GPTQ reference quantizer's `mse` option): shrink each group's
+# [min, max] by p = 1, 1 - 1/grid, ... down to 1 - max_shrink and keep, per output row, the p with the
+# least sum |w - q(w)|^norm (norm 2.4 weights large errors a little more than squared error does).
+MSE_NORM = 2.4
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+
 # Cholesky retries double the damping up to this fraction of mean(diag(H)); past it the problem is
 # not conditioning but bad inputs (caught earlier as non-finite).
 _MAX_DAMP = 1.0
@@ -97,8 +104,12 @@ class GPTQ:
         desc_act: bool = False,
         static_groups: bool = False,
         block_size: int = 128,
+        mse: bool = False,
     ) -> GPTQResult:
-        """Solve for the quantized weight. Does not consume the Hessian: it may be called again."""
+        """Solve for the quantized weight. Does not consume the Hessian: it may be called again.
+
+        `mse`: choose each group's scale/zero by the clipping search of `mse_qparams` instead of from
+        the group's min/max."""
         tick = time.perf_counter()
         if self.n_samples == 0:
             raise ConfigError(
@@ -122,9 +133,10 @@ class GPTQ:
         w[:, dead] = 0.0
 
         # Static groups: qparams fixed up front on the (un-updated) weights, in original column order.
+        qparams = mse_qparams if mse else compute_qparams
         static = None
         if static_groups and group_size != -1:
-            static = [compute_qparams(w[:, c : c + gs], bits, sym) for c in range(0, in_f, gs)]
+            static = [qparams(w[:, c : c + gs], bits, sym) for c in range(0, in_f, gs)]
 
         perm = None
         if desc_act:
@@ -135,7 +147,7 @@ class GPTQ:
             h = h[perm][:, perm]
 
         hinv, used_damp = self._inverse_factor(h, damp)
-        codes, scales, zeros, loss = _solve(w, hinv, bits, sym, gs, block_size, static, perm)
+        codes, scales, zeros, loss = _solve(w, hinv, bits, sym, gs, block_size, static, perm, qparams)
 
         g_idx = torch.arange(in_f, device=w.device, dtype=torch.int32) // gs
         if perm is not None:
@@ -192,6 +204,7 @@ def _solve(
     block_size: int,
     static: list[tuple[torch.Tensor, torch.Tensor]] | None,
     perm: torch.Tensor | None,
+    qparams=compute_qparams,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The column loop over W [out, in] (already permuted) with U = chol(H^-1, upper).
 
@@ -225,7 +238,7 @@ def _solve(
                 # from earlier columns. The reference reads the global W here, which misses this
                 # block's pending updates when a group starts mid-block; we read current values.
                 cur = _current_columns(w, w1, err1, hinv, i1, i2, i, min(col + gs, in_f))
-                scale, zero = compute_qparams(cur, bits, sym)
+                scale, zero = qparams(cur, bits, sym)
                 scales[col // gs], zeros[col // gs] = scale, zero
             wcol = w1[:, i]
             q = quantize_tensor(wcol, scale, zero, bits)
@@ -251,3 +264,39 @@ def _current_columns(w, w1, err1, hinv, i1: int, i2: int, i: int, end: int) -> t
         return inside
     beyond = w[:, i2:end] - err1[:, :i] @ hinv[i1 : i1 + i, i2:end]
     return torch.cat([inside, beyond], dim=1)
+
+
+def mse_qparams(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    *,
+    norm: float = MSE_NORM,
+    grid: int = MSE_GRID,
+    max_shrink: float = MSE_MAX_SHRINK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `compute_qparams` (one group per row of w [rows, cols]), but each row's range is the
+    min/max shrunk by the factor p in {1, 1 - 1/grid, ...} (down to 1 - max_shrink) that minimises
+    sum |w - dequant(quant(w))|^norm over the row. p = 1 is always a candidate, so the chosen error is
+    never above min/max's."""
+    w = w.float()
+    best_scale, best_zero = compute_qparams(w, bits, sym)
+    best_err = _lp_error(w, best_scale, best_zero, bits, norm)
+    for i in range(1, int(max_shrink * grid)):
+        # Shrinking w by p shrinks its min and max by p, which is exactly the shrunk range.
+        scale, zero = compute_qparams(w * (1.0 - i / grid), bits, sym)
+        err = _lp_error(w, scale, zero, bits, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _lp_error(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, norm: float
+) -> torch.Tensor:
+    dq = dequantize_tensor(
+        quantize_tensor(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None]
+    )
+    return (dq - w).abs_().pow_(norm).sum(dim=1)

@@ -110,6 +110,13 @@ def _opt(*decls: str, field: str, **kwargs):
     "an experiment: 1 measured worse on SmolLM2.",
 )
 @_opt(
+    "--mse",
+    field="mse",
+    is_flag=True,
+    help="GPTQ: choose each group's scale by a search over shrunk ranges (least |w - q|^2.4), "
+    "not min/max.",
+)
+@_opt(
     "--duo-scaling/--no-duo-scaling",
     field="duo_scaling",
     help="AWQ: scales from activations and weights (s = x^r / w^(1-r)).",

@@ -241,3 +241,44 @@ def test_take_hessian_gives_the_same_solve_as_accumulating():
     assert a.n_samples == 512
     with pytest.raises(ValueError, match="in_features"):
         GPTQ(make_layer(8, 32)).take_hessian(first)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_qparams_never_worse_than_min_max_and_better_on_heavy_tails(sym):
+    from qserve.kernels.packing import compute_qparams
+    from qserve.quantize.gptq import MSE_NORM, _lp_error, mse_qparams
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 64, generator=g)
+    w[:32, 0] *= 8.0  # one outlier per row in the first half: clipping it pays off there
+    s0, z0 = compute_qparams(w, 4, sym)
+    s1, z1 = mse_qparams(w, 4, sym)
+    e0, e1 = _lp_error(w, s0, z0, 4, MSE_NORM), _lp_error(w, s1, z1, 4, MSE_NORM)
+    assert (e1 <= e0).all()  # p = 1 is a candidate, so no row gets worse
+    assert e1[:32].sum() < (0.9 if sym else 0.98) * e0[:32].sum()  # asym already fits a one-sided outlier
+    assert (s1 <= s0 + 1e-7).all() and (s1 < s0).any()  # only ever shrinks the range
+    assert torch.equal(z1, z1.round()) and (z1 >= 0).all() and (z1 <= 15).all()
+
+
+@pytest.mark.parametrize(("desc_act", "static_groups"), MODES)
+def test_mse_search_solves_consistently_and_still_beats_rtn(desc_act, static_groups):
+    x = correlated_inputs(2048, 128)
+    w = make_layer(64, 128)
+    res = solve(w, x, group_size=32, desc_act=desc_act, static_groups=static_groups, sym=False, mse=True)
+    plain = solve(w, x, group_size=32, desc_act=desc_act, static_groups=static_groups, sym=False)
+    # the packed form round-trips and the stored scales are the searched ones, not min/max
+    q = res.qweight
+    assert not torch.equal(q.scales, plain.qweight.scales)
+    p = pack_gptq(q)
+    back = unpack_gptq(p.qweight, p.qzeros, p.scales, p.g_idx, 4, 32)
+    assert torch.equal(back.intweight, q.intweight) and torch.equal(back.zeros, q.zeros)
+    rtn = rtn_quantize(w, 4, 32, sym=False).dequantize()
+    assert output_error(x, w, q.dequantize()) < 0.7 * output_error(x, w, rtn)
+
+
+def test_mse_is_a_gptq_option():
+    from qserve.quantize.config import QuantConfig
+
+    with pytest.raises(ConfigError, match="mse is a GPTQ option"):
+        QuantConfig(model="m", output="o", method="awq", group_size=64, mse=True)
+    assert QuantConfig(model="m", output="o", method="gptq", mse=True).fingerprint_dict()["mse"] is True
