@@ -118,3 +118,17 @@ def paged_decode(
 ) -> torch.Tensor:
     """One query per sequence over the paged cache, read in place; fp32, call only when available()."""
     return torch.ops.qserve_cpu.paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """Rotated q [T, H, D] from qkv [T, (H + 2 KVH) D]; rotated k and v written to the caches at the
+    flat slots (-1 skips). fp32 contiguous; call only when available()."""
+    return torch.ops.qserve_cpu.rope_write_kv(qkv, cos, sin, key_cache, value_cache, slot_mapping, num_heads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qserve.kernels import cpu_gemm, reference, torch_attention
+from qserve.kernels import cpu_ext, cpu_gemm, reference, torch_attention
 
 # Above this many tokens, dequantize + cuBLAS beats the fused kernel: the GEMM is compute-bound and
 # the one-off decode of the weight is amortised over the rows. vLLM's Triton AWQ path switches at the
@@ -128,6 +128,46 @@ def write_kv_cache(
         triton_attention.write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping)
     else:
         torch_attention.write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
+
+
+def rope_and_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """RoPE (rotate-half) on the q and k heads of a fused projection qkv [T, (H + 2 KVH) * D], with
+    cos/sin [T, 1, D / 2] per token, and the rotated k and the v written to the paged caches at the
+    flat slots (-1 skips); returns the rotated q [T, H, D]."""
+    n = qkv.shape[0]
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    if (
+        not qkv.is_cuda
+        and qkv.dtype == torch.float32
+        and key_cache.dtype == torch.float32
+        and qkv.is_contiguous()
+        and key_cache.is_contiguous()
+        and value_cache.is_contiguous()
+        and cpu_ext.available()
+    ):
+        return cpu_ext.rope_write_kv(
+            qkv,
+            cos.reshape(n, -1).contiguous(),
+            sin.reshape(n, -1).contiguous(),
+            key_cache,
+            value_cache,
+            slot_mapping.long().contiguous(),
+            num_heads,
+        )
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    # q and k heads side by side are rotated in one pass: [T, H + KVH, D]
+    qk = torch_attention.apply_rotary(qkv[:, : q_size + kv_size].view(n, -1, head_dim), cos, sin)
+    v = qkv[:, q_size + kv_size :].view(n, num_kv_heads, head_dim)
+    write_kv_cache(qk[:, num_heads:], v, key_cache, value_cache, slot_mapping)
+    return qk[:, :num_heads]
 
 
 def _check_heads(q: torch.Tensor, key_cache: torch.Tensor) -> None:

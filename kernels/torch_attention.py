@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from qserve.kernels import cpu_ext
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim] rotated by position: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 def write_kv_cache_torch(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -234,6 +240,8 @@ def paged_attention_torch(
     causal: bool = True,
 ) -> torch.Tensor:
     """Mixed batch of prefill chunks and decodes; same contract as `qserve.kernels.paged_attention`."""
+    if q.shape[0] == seq_lens.shape[0]:  # T == S and every sequence has >= 1 query: all decodes
+        return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
     starts = query_start_loc.long()
     q_lens = starts[1:] - starts[:-1]
     is_decode = q_lens == 1

@@ -152,12 +152,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, heads, head_dim] rotated by position: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -193,12 +187,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n, heads = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)  # [n, (heads + 2 * kv_heads) * head_dim]
-        # q and k heads side by side are rotated in one pass: [n, heads + kv_heads, head_dim]
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), *rope)
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
-        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        q = kernels.rope_and_write_kv(qkv, *rope, key_cache, value_cache, meta.slot_mapping, heads)
         out = kernels.paged_attention(
             q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale
         )

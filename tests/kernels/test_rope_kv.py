@@ -1,0 +1,66 @@
+"""`kernels.rope_and_write_kv`: qserve's C++ CPU kernel against the torch path (RoPE + KV-cache write)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qserve.kernels import cpu_ext, rope_and_write_kv, torch_attention
+
+
+def _case(n, heads, kv_heads, head_dim, gen, num_blocks=6, block_size=4):
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    angles = torch.rand(n, 1, head_dim // 2, generator=gen) * 6.3
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, generator=gen)
+    value_cache = torch.randn(cache_shape, generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[::3] = -1  # padding tokens: rotated q, nothing written
+    return qkv, angles.cos(), angles.sin(), key_cache, value_cache, slots
+
+
+@pytest.mark.parametrize(
+    ("n", "heads", "kv_heads", "head_dim"), [(1, 9, 3, 64), (7, 4, 4, 48), (20, 8, 1, 16)]
+)
+def test_cpp_kernel_matches_the_torch_path(n, heads, kv_heads, head_dim, gen, monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    qkv, cos, sin, kc, vc, slots = _case(n, heads, kv_heads, head_dim, gen)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = rope_and_write_kv(qkv, cos, sin, kc, vc, slots, heads)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    q_ref = rope_and_write_kv(qkv, cos, sin, kc2, vc2, slots, heads)
+    assert q.shape == (n, heads, head_dim)
+    # same products, at most one fma contraction apart: an ulp or two of O(1) values
+    torch.testing.assert_close(q, q_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kc, kc2, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc, vc2)  # v is copied, not computed
+
+
+def test_torch_path_rotates_q_and_k_by_position_and_skips_padding(gen, monkeypatch):
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    qkv, cos, sin, kc, vc, slots = _case(5, 2, 1, 8, gen)
+    before = kc.clone()
+    q = rope_and_write_kv(qkv, cos, sin, kc, vc, slots, 2)
+    x = qkv[:, :16].view(5, 2, 8)
+    torch.testing.assert_close(q, torch_attention.apply_rotary(x, cos, sin))
+    flat_k = kc.view(-1, 1, 8)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            k = torch_attention.apply_rotary(
+                qkv[t : t + 1, 16:24].view(1, 1, 8), cos[t : t + 1], sin[t : t + 1]
+            )
+            torch.testing.assert_close(flat_k[slot], k[0])
+            assert torch.equal(vc.view(-1, 1, 8)[slot], qkv[t, 24:32].view(1, 8))
+    written = {s for s in slots.tolist() if s >= 0}
+    untouched = [i for i in range(flat_k.shape[0]) if i not in written]
+    assert torch.equal(flat_k[untouched], before.view(-1, 1, 8)[untouched])
+
+
+def test_cpp_kernel_rejects_a_slot_outside_the_cache(gen):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    qkv, cos, sin, kc, vc, slots = _case(4, 2, 1, 8, gen)
+    slots[1] = kc.shape[0] * kc.shape[1]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        rope_and_write_kv(qkv, cos, sin, kc, vc, slots, 2)
