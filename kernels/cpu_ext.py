@@ -103,32 +103,22 @@ def _load() -> bool:
     return True
 
 
+# Thin handles on the compiled ops (call only when available()); arguments as the torch paths they
+# replace, fp32 contiguous CPU tensors, checked again in C++ with messages naming the op.
+
+
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T for fp32 contiguous CPU tensors; call only when available()."""
+    """x [M, K] @ weight [N, K]^T."""
     return torch.ops.qserve_cpu.linear_small_m(x, weight)
 
 
-def paged_decode(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One query per sequence over the paged cache, read in place; fp32, call only when available()."""
-    return torch.ops.qserve_cpu.paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
+def paged_decode(*args) -> torch.Tensor:
+    """(q [S, H, D], key_cache, value_cache, block_tables int32, seq_lens int32, scale) -> [S, H, D]:
+    one query per sequence over the paged cache, read in place (`torch_attention.paged_decode_torch`)."""
+    return torch.ops.qserve_cpu.paged_decode(*args)
 
 
-def rope_write_kv(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-) -> torch.Tensor:
-    """Rotated q [T, H, D] from qkv [T, (H + 2 KVH) D]; rotated k and v written to the caches at the
-    flat slots (-1 skips). fp32 contiguous; call only when available()."""
-    return torch.ops.qserve_cpu.rope_write_kv(qkv, cos, sin, key_cache, value_cache, slot_mapping, num_heads)
+def rope_write_kv(*args) -> torch.Tensor:
+    """(qkv [T, (H + 2 KVH) D], cos [T, D/2], sin [T, D/2], key_cache, value_cache, slot_mapping int64,
+    num_heads) -> rotated q [T, H, D]; the rotated k and v land in the caches (`ops.rope_and_write_kv`)."""
+    return torch.ops.qserve_cpu.rope_write_kv(*args)
