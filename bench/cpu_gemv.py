@@ -1,0 +1,98 @@
+"""CPU GEMMs at decode sizes: torch's F.linear, the thread split and qserve's C++ kernel, vs bandwidth.
+
+For SmolLM2-135M's linear shapes (fused qkv 960x576, o 576x576, fused gate/up 3072x576, down 576x1536,
+each 30 times, plus the 49152x576 LM head) and M activation rows, the time of one forward's GEMMs with
+each implementation, and `torch.sum` over the same weight bytes (the read bandwidth the batch-1
+ceiling is measured with). Weights rotate through >= 256 MB per shape, so every call reads them from
+memory as a real forward does, not from cache.
+
+    python bench/cpu_gemv.py --rows 1,2,4,8,16,64,256 --threads 2 --out /tmp/cpu_gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qserve.kernels import cpu_ext, cpu_gemm
+
+SHAPES = {(960, 576): 30, (576, 576): 30, (3072, 576): 30, (576, 1536): 30, (49152, 576): 1}
+
+
+def best_us(fn, calls: int) -> float:
+    """Best of 4 means over calls/4 calls, after a warm-up: microseconds per call."""
+    for _ in range(3):
+        fn()
+    per = max(1, calls // 4)
+    runs = []
+    for _ in range(4):
+        t = time.perf_counter()
+        for _ in range(per):
+            fn()
+        runs.append((time.perf_counter() - t) / per * 1e6)
+    return min(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,4,8,16,64,256", help="activation rows M, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_ext.available():
+        raise SystemExit(f"qserve's C++ CPU kernels are not available: {cpu_ext.unavailable_reason()}")
+    weights = {s: [torch.randn(*s) for _ in range(max(4, (256 << 20) // (s[0] * s[1] * 4)))] for s in SHAPES}
+    nbytes = sum(o * i * 4 * n for (o, i), n in SHAPES.items())
+
+    def split(x, w):  # the thread split alone, as cpu_gemm runs it without the C++ kernel
+        real = cpu_ext.available
+        cpu_ext.available = lambda: False
+        try:
+            return cpu_gemm.linear(x, w)
+        finally:
+            cpu_ext.available = real
+
+    impls = {"F.linear": F.linear, "split": split, "cpp": cpu_ext.linear_small_m, "sum": None}
+    results = []
+    for m in [int(r) for r in args.rows.split(",")]:
+        ms = dict.fromkeys(impls, 0.0)
+        for shape, count in SHAPES.items():
+            ws, x, k = weights[shape], torch.randn(m, shape[1]), [0]
+
+            def nxt(ws=ws, k=k):
+                k[0] = (k[0] + 1) % len(ws)
+                return ws[k[0]]
+
+            for name, fn in impls.items():
+                call = (lambda: nxt().sum()) if fn is None else (lambda fn=fn, x=x: fn(x, nxt()))
+                ms[name] += best_us(call, args.calls) * count / 1e3
+        row = {"rows": m, "ms_per_forward": ms, "gb_s": {k: nbytes / v / 1e6 for k, v in ms.items()}}
+        results.append(row)
+        print(
+            f"M={m:<4d} " + "  ".join(f"{k} {v:7.2f} ms ({row['gb_s'][k]:5.1f} GB/s)" for k, v in ms.items()),
+            flush=True,
+        )
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "date": date.today().isoformat(),
+                    "threads": args.threads,
+                    "weight_mb": nbytes / 1e6,
+                    "rows": results,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
