@@ -62,6 +62,14 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled ops can take these tensors: all fp32, contiguous, on the CPU, and built."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and available()
+    )
+
+
 def unavailable_reason() -> str | None:
     available()
     return _state.get("error")  # type: ignore[return-value]

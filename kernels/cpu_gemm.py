@@ -13,13 +13,14 @@ the output features, so a decode step reads the weights on every core instead of
 SPLIT_MAX_ROWS rows the problem is compute-bound, MKL threads it itself, and the split only costs.
 
 For fp32, qserve's own C++ kernel (`cpu_ext`, built on first use) does better still: it streams each
-thread's share of the weight rows at close to the machine's read bandwidth. Measured on the AVX-512
-machine of 2026-12-01 (2 threads, same forward's GEMMs, weights rotated so they come from DRAM; its
-`torch.sum` reads ~81 GB/s):
+thread's share of the weight rows at the machine's read bandwidth. `python bench/cpu_gemv.py` on the
+AVX-512 machine of 2026-12-01 (2 threads, same forward's GEMMs; `torch.sum` over the same bytes read
+~47 GB/s at the time, 11.4 ms):
 
-    rows M         1      2      4      8     16     32     64    128    256
-    split x4    17.3   23.8   24.7   28.9   38.0   56.4   99.1    183    335   ms
-    cpu_ext     12.1   15.0   16.3   19.0   25.8   40.6   71.0    132    268   ms
+    rows M         1      4     16     64    256
+    F.linear    30.7   46.5   49.1    107    345   ms
+    split x4    17.8   25.4   41.1   94.8    346   ms
+    cpu_ext     11.6   14.7   26.5   72.2    286   ms
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // in_features if in_features else 0
     if rows == 0 or rows > SPLIT_MAX_ROWS or x.device.type != "cpu" or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, in_features)
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and cpu_ext.available():
-        y = cpu_ext.linear_small_m(x2.contiguous(), weight).view(*x.shape[:-1], out_features)
+    x2 = x.reshape(rows, in_features).contiguous()
+    if cpu_ext.usable(x2, weight):
+        y = cpu_ext.linear_small_m(x2, weight).view(*x.shape[:-1], out_features)
         return y if bias is None else y + bias
     if out_features % SPLIT_WAYS or torch.get_num_threads() < 2:
         return F.linear(x, weight, bias)

@@ -144,15 +144,7 @@ def rope_and_write_kv(
     flat slots (-1 skips); returns the rotated q [T, H, D]."""
     n = qkv.shape[0]
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    if (
-        not qkv.is_cuda
-        and qkv.dtype == torch.float32
-        and key_cache.dtype == torch.float32
-        and qkv.is_contiguous()
-        and key_cache.is_contiguous()
-        and value_cache.is_contiguous()
-        and cpu_ext.available()
-    ):
+    if cpu_ext.usable(qkv, key_cache, value_cache):
         return cpu_ext.rope_write_kv(
             qkv,
             cos.reshape(n, -1).contiguous(),
@@ -216,6 +208,8 @@ def paged_attention(
     `write_kv_cache`. Query j of sequence i sits at position seq_lens[i] - q_len_i + j and, if causal,
     sees positions <= its own. block_tables int32 [S, max_blocks] (padding entries ignored).
     """
+    if q.shape[0] == seq_lens.shape[0]:  # T == S with q_len >= 1 each: all decodes, no host sync
+        return paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
     _check_heads(q, key_cache)
     if not q.is_cuda:
         return torch_attention.paged_attention_torch(
@@ -223,10 +217,6 @@ def paged_attention(
         )
     from qserve.kernels import triton_attention
 
-    if q.shape[0] == seq_lens.shape[0]:  # T == S with q_len >= 1 each: all decodes, no host sync
-        return triton_attention.paged_attention_decode_triton(
-            q, key_cache, value_cache, block_tables, seq_lens, scale
-        )
     return triton_attention.paged_attention_prefill_triton(
         q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal
     )

@@ -159,20 +159,15 @@ def paged_decode_torch(
     """One query token per sequence: q [S, H, D] -> [S, H, D], in length buckets of padded SDPA calls.
 
     In fp32 with qserve's C++ kernels built, they read the blocks in place instead (no gathers, no
-    padding); measured at batch 1 (SmolLM2, 100-token context, 2 threads): 49 us per layer here.
+    padding); measured at batch 1 (SmolLM2's heads, 100-token context, 2 threads, one call):
+    49 us this way, 14 us through the C++ kernel.
     """
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    if (
-        q.dtype == torch.float32
-        and key_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-        and key_cache.is_contiguous()
-        and value_cache.is_contiguous()
-        and cpu_ext.available()
-    ):
+    q = q.contiguous()
+    if cpu_ext.usable(q, key_cache, value_cache):
         return cpu_ext.paged_decode(
-            q.contiguous(),
+            q,
             key_cache,
             value_cache,
             block_tables.to(torch.int32).contiguous(),
@@ -240,8 +235,6 @@ def paged_attention_torch(
     causal: bool = True,
 ) -> torch.Tensor:
     """Mixed batch of prefill chunks and decodes; same contract as `qserve.kernels.paged_attention`."""
-    if q.shape[0] == seq_lens.shape[0]:  # T == S and every sequence has >= 1 query: all decodes
-        return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
     starts = query_start_loc.long()
     q_lens = starts[1:] - starts[:-1]
     is_decode = q_lens == 1

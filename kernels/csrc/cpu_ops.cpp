@@ -1,9 +1,10 @@
 // qserve's C++ CPU kernels for the engine's decode hot path (fp32):
 //
-// linear_small_m: y[M, N] = x[M, K] @ w[N, K]^T for the few activation rows of a decode step. At those shapes the work is one pass over the weight, so the only goal is to stream
-// it at memory bandwidth: each thread takes a contiguous range of weight rows and reads each row as
-// one sequential stream (for more rows of x, four weight rows at a time share every load of x). torch's own fp32 GEMV
-// (MKL/oneDNN) runs these shapes on one thread at about a quarter of the machine's read bandwidth.
+// linear_small_m: y[M, N] = x[M, K] @ w[N, K]^T for the few activation rows of a decode step. At those
+// shapes the work is one pass over the weight, so the only goal is to stream it at memory bandwidth:
+// each thread takes a contiguous range of weight rows and reads each row as one sequential stream (for
+// more rows of x, four weight rows at a time share every load of x). torch's own fp32 GEMV (MKL/oneDNN)
+// runs these shapes on one thread at about a third of the machine's read bandwidth.
 //
 // paged_decode: one query token per sequence attending over its blocks of the paged KV cache, read in
 // place (the torch path must first gather each sequence's blocks into a padded tensor).
