@@ -25,8 +25,11 @@ the one module that imports `datasets` (its calibration loader) is loaded here w
 AutoAWQ was last tested with transformers 4.51. On transformers 5 (5.24 here) its Llama path needs no
 patch: its Catcher, `prepare_inputs_for_generation`, rotary-embedding and causal-mask handling still give
 each decoder block the arguments transformers gives it. That is checked on every run, not assumed
-(`_check_block0`, result in the report). The only things patched are AutoAWQ's device choice (CPU, see
-`_import_autoawq`) and its `datasets` import.
+(`_check_block0`, result in the report). Patched: AutoAWQ's device choice (CPU, see `_import_autoawq`),
+its `datasets` import, and one CPU-only bug: its scale search restores the weights from a dict that on
+the CPU aliases them, so without the fix every block keeps the first grid point's scaling (checkpoints
+~55% off per layer, perplexity in the hundreds of thousands; see `_checked_quantizer`). The fix gives
+the search what a GPU run gives it, copies, and each search is checked to leave the weights unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -118,7 +122,8 @@ def _import_autoawq(received: list):
 
 
 def _checked_quantizer(awq_quantizer_cls, check: dict):
-    """AutoAWQ's AwqQuantizer, unchanged, plus one check right after it captured block 0's inputs.
+    """AutoAWQ's AwqQuantizer plus one check right after it captured block 0's inputs, and its scale
+    search handed copies of the weights it saves (its CPU aliasing bug, see `_compute_best_scale`).
 
     AutoAWQ 0.2.9 was last tested on transformers 4.51. It never calls the whole model again after
     capturing block 0's input: it calls each decoder block (and the attention and MLP inside it) itself,
@@ -135,6 +140,30 @@ def _checked_quantizer(awq_quantizer_cls, check: dict):
             modules, layer_kwargs, inps = super().init_quant(n_samples=n_samples, max_seq_len=max_seq_len)
             check.update(_check_block0(self, modules[0], layer_kwargs, inps))
             return modules, layer_kwargs, inps
+
+        def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, *args, **kwargs):
+            # AutoAWQ's scale search saves the weights as `{k: v.cpu() for k, v in state_dict()}`,
+            # scales them in place for each grid point and restores them from that dict. On a GPU `.cpu()`
+            # is a copy; on the CPU it is the same tensor, so the in-place scaling also rewrites the
+            # "saved" weights and every block leaves the search with its weights multiplied by the first
+            # grid point's scales (~55% off, which is what made AutoAWQ's CPU checkpoints unusable).
+            # Handing the search copies, as a GPU run gets them, is the whole fix; the check after it
+            # proves the search left the weights as it found them.
+            import torch
+
+            real = module2inspect.state_dict
+            module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in real(*a, **k).items()}
+            before = [fc.weight.detach().clone() for fc in linears2scale]
+            try:
+                scales = super()._compute_best_scale(
+                    x, w_mean, x_mean, module2inspect, linears2scale, *args, **kwargs
+                )
+            finally:
+                del module2inspect.state_dict
+            if not all(torch.equal(fc.weight, w) for fc, w in zip(linears2scale, before, strict=True)):
+                raise SystemExit("AutoAWQ's scale search changed the weights it should have restored")
+            check["scale_searches_restored"] = check.get("scale_searches_restored", 0) + 1
+            return scales
 
     return CheckedQuantizer
 
@@ -187,6 +216,46 @@ def _check_block0(quantizer, block, layer_kwargs: dict, inps) -> dict:
     return result
 
 
+def _loadable_by_this_transformers(model_dir: Path, transformers_version: str) -> Path:
+    """`model_dir`, or a stand-in for it that transformers < 5 can read.
+
+    AutoAWQ was last tested with transformers 4.51, which is where this script is best run. A directory
+    written by transformers 5 (qserve's `pull` output, for one) keeps RoPE's base in `rope_parameters`,
+    which 4.x does not read (it would silently use 10000 instead of SmolLM2's 100000), and names its
+    tokenizer class `TokenizersBackend`, which 4.x does not know. The stand-in is a temporary directory of
+    links to the same files, with `rope_theta` and `PreTrainedTokenizerFast` written in; the weights are
+    the same files.
+    """
+    if int(transformers_version.split(".")[0]) >= 5:
+        return model_dir
+    config = json.loads((model_dir / "config.json").read_text())
+    tok_path = model_dir / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text()) if tok_path.is_file() else None
+    rope = config.get("rope_parameters")
+    fix_rope = isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config
+    fix_tok = tok is not None and tok.get("tokenizer_class") == "TokenizersBackend"
+    if not (fix_rope or fix_tok):
+        return model_dir
+    shadow = Path(tempfile.mkdtemp(prefix="autoawq-model-"))
+    for f in model_dir.iterdir():
+        (shadow / f.name).symlink_to(f.resolve())
+    if fix_rope:
+        config["rope_theta"] = rope["rope_theta"]
+        if "dtype" in config and "torch_dtype" not in config:
+            config["torch_dtype"] = config["dtype"]
+        (shadow / "config.json").unlink()
+        (shadow / "config.json").write_text(json.dumps(config, indent=2))
+    if fix_tok:
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok.pop("backend", None)
+        template = model_dir / "chat_template.jinja"
+        if template.is_file() and "chat_template" not in tok:
+            tok["chat_template"] = template.read_text()
+        (shadow / "tokenizer_config.json").unlink()
+        (shadow / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return shadow
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="HF safetensors model directory or an embedded name (smollm2-135m)")
@@ -217,6 +286,7 @@ def main() -> None:
     awq = _import_autoawq(received)
 
     model_dir = resolve_model(args.model, progress=False)
+    load_dir = _loadable_by_this_transformers(Path(model_dir), transformers.__version__)
     output = Path(args.output).expanduser()
     # Made (or refused) now, not after hours of calibration.
     try:
@@ -230,10 +300,10 @@ def main() -> None:
 
     # From here on is what qserve's quantize_seconds covers: calibration data, load, quantize, write.
     t_work = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(load_dir)
     rows = get_calib_samples(args.calib, tokenizer, args.n_samples, args.seqlen, args.seed, mode="concat")
     model = awq.AutoAWQForCausalLM.from_pretrained(
-        str(model_dir), torch_dtype=dtype, device_map={"": "cpu"}, safetensors=True
+        str(load_dir), torch_dtype=dtype, device_map={"": "cpu"}, safetensors=True
     )
     check: dict = {}
     quantizer_cls = _checked_quantizer(importlib.import_module("awq.quantize.quantizer").AwqQuantizer, check)
@@ -262,6 +332,7 @@ def main() -> None:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "model": str(model_dir),
+        "model_loaded_from": str(load_dir),  # a stand-in with 4.x-readable config (same weights), or model
         "output": str(output),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "dtype": args.dtype,

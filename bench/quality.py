@@ -28,6 +28,7 @@ and reuse its output directory (checkpoint + autoawq_report.json) with `--autoaw
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -53,6 +54,9 @@ METHODS = {
     # each group's range from GPTQ's MSE search over shrunk [min, max] (--mse)
     "gptq-mse": (["--method", "gptq", "--desc-act", "--sym", "--mse"], "rtn-sym"),
     "gptq-asym-mse": (["--method", "gptq", "--desc-act", "--asym", "--mse"], "rtn-asym"),
+    # asymmetric calibration (--gptaq): each layer fitted to the float model's output
+    "gptq-gptaq": (["--method", "gptq", "--desc-act", "--sym", "--gptaq"], "rtn-sym"),
+    "gptq-asym-mse-gptaq": (["--method", "gptq", "--desc-act", "--asym", "--mse", "--gptaq"], "rtn-asym"),
     "gptq-static-skip1": (
         ["--method", "gptq", "--desc-act", "--static-groups", "--sym", "--skip-first", "1"],
         "rtn-sym",
@@ -122,11 +126,33 @@ def reuse_autoawq(result_dir: Path, model_dir: Path, args) -> dict:
     }
     got = {k: report["settings"].get(k) for k in want}
     diff = [f"{k}={got[k]!r} (this run: {want[k]!r})" for k in want if got[k] != want[k]]
-    if Path(report["model"]).resolve() != model_dir.resolve():
-        diff.append(f"model={report['model']} (this run: {model_dir})")
+    if not _same_weights(Path(report["model"]), model_dir):
+        diff.append(f"model={report['model']} (this run: {model_dir}; weight files differ)")
     if diff:
         raise SystemExit(f"--autoawq-result {result_dir} was made with other settings: {', '.join(diff)}")
     return autoawq_row(result_dir, report, None)
+
+
+def _weight_digest(model_dir: Path) -> list[tuple[str, str]]:
+    out = []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out.append((f.name, h.hexdigest()))
+    return out
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """The same model: the same directory, or (for a stand-in directory made for another transformers
+    version, see bench/autoawq_run.py) byte-identical safetensors files."""
+    if a.resolve() == b.resolve():
+        return True
+    if not a.is_dir():
+        return False
+    digest = _weight_digest(a)
+    return bool(digest) and digest == _weight_digest(b)
 
 
 def autoawq_row(out: Path, report: dict | None, wall: float | None) -> dict:

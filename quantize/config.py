@@ -61,6 +61,11 @@ class QuantConfig:
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
     mse: bool = False
+    # Asymmetric calibration (the GPTAQ objective, Li et al. 2025): fit each layer's output on the
+    # quantized model's inputs to the float model's output on the float model's inputs, instead of to
+    # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
+    # one float-block forward per true-sequential group and a second copy of the block activations.
+    gptaq: bool = False
     # AWQ
     duo_scaling: bool = True
     clip: bool = True
@@ -122,6 +127,11 @@ class QuantConfig:
                 f"mse is a GPTQ option (its per-group range search); method={self.method!r} does not use it"
                 + (" (AWQ has its own clipping search, --clip)" if self.method == "awq" else "")
             )
+        if self.gptaq and self.method != "gptq":
+            raise ConfigError(
+                f"gptaq is a GPTQ option (asymmetric calibration of its solve); method={self.method!r} "
+                "does not use it"
+            )
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"damp={self.damp}: expected a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
         if not self.model or not self.output:
@@ -180,6 +190,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "block_size": (int,),
     "skip_first": (int,),
     "mse": (bool,),
+    "gptaq": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),
     "n_grid": (int,),

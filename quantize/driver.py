@@ -8,6 +8,7 @@ block's inputs, save the block durably, free it. Only one block is ever material
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from qserve.quantize.resume import PartialState
 
 CHUNK_TOKENS = 8192  # tokens per block forward: bounds attention/MLP scratch, keeps matmuls large
 DIAG_SAMPLES = 8  # samples on which each block's output error vs the float block is measured
+FLOAT_INPUTS = "float_hidden"  # the float model's activations, saved for resume beside "hidden"
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,23 @@ def _write_back(linear: nn.Linear, qw: QuantizedWeight) -> None:
 
 
 def quantize_block(
-    block: nn.Module, inputs: BlockInputs | None, spec: ArchSpec, cfg: QuantConfig, prefix: str = "block"
+    block: nn.Module,
+    inputs: BlockInputs | None,
+    spec: ArchSpec,
+    cfg: QuantConfig,
+    prefix: str = "block",
+    float_side: tuple[nn.Module, BlockInputs] | None = None,
 ) -> BlockOutcome:
-    """Quantize every Linear of `block` in place (weights become their dequantized values)."""
+    """Quantize every Linear of `block` in place (weights become their dequantized values).
+
+    `float_side`: (an unquantized copy of the block, the float model's activations entering it), for
+    GPTQ's asymmetric calibration (`cfg.gptaq`)."""
     if cfg.method == "rtn":
         return _rtn_block(block, spec, cfg)
     if inputs is None:
         raise ValueError(f"method {cfg.method} needs calibration inputs")
     if cfg.method == "gptq":
-        return _gptq_block(block, inputs, spec, cfg, prefix)
+        return _gptq_block(block, inputs, spec, cfg, prefix, float_side)
     return _awq_block(block, inputs, spec, cfg)
 
 
@@ -81,10 +91,9 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
-def _feeder(solver: Any, skip_first: int):
-    """A callable adding a Linear's input [samples, seqlen, in] to `solver`, less each window's first
-    `skip_first` tokens."""
-    return lambda x: solver.add_batch(x.detach()[:, skip_first:] if skip_first else x.detach())
+def _cut(x: torch.Tensor, skip_first: int) -> torch.Tensor:
+    """A Linear's input [samples, seqlen, in] less each window's first `skip_first` tokens."""
+    return x.detach()[:, skip_first:] if skip_first else x.detach()
 
 
 class _Collector(nn.Module):
@@ -111,11 +120,10 @@ def _collection_pass(
     block: nn.Module,
     inputs: BlockInputs,
     chunk: int,
-    solvers: dict[str, Any],
+    feeds: dict[str, Any],
     unneeded: list[str],
-    skip_first: int = 0,
 ) -> None:
-    """One block forward that feeds `solvers` (by Linear name) their inputs.
+    """One block forward that hands each Linear named in `feeds` its input.
 
     The Linears in `unneeded` (this group and every later one) produce nothing this pass needs:
     their inputs are final once the earlier groups are quantized, so they are stubbed out, and a
@@ -123,7 +131,6 @@ def _collection_pass(
     of the four passes together).
     """
     stubbed = set(unneeded) if STUB_COLLECTION_PASSES else set()
-    feeds = {n: _feeder(s, skip_first) for n, s in solvers.items()}
     stubs = {n: _Collector(block.get_submodule(n).out_features, feeds.get(n)) for n in stubbed}
     handles = [
         block.get_submodule(n).register_forward_hook(lambda _m, args, _out, f=f: f(args[0]))
@@ -138,6 +145,39 @@ def _collection_pass(
             h.remove()
 
 
+def _collect(
+    block: nn.Module,
+    inputs: BlockInputs,
+    chunk: int,
+    solvers: dict[str, Any],
+    unneeded: list[str],
+    skip_first: int,
+    float_side: tuple[nn.Module, BlockInputs] | None,
+) -> None:
+    """Feed `solvers` their Linears' inputs over every calibration sample.
+
+    With `float_side` = (the float block, the float model's activations entering it), each chunk also
+    runs through the float block first, and every solver gets its Linear's float inputs for the same
+    tokens next to the quantized model's (asymmetric calibration); only one chunk's float inputs are
+    held at a time.
+    """
+    if float_side is None:
+        feeds = {n: (lambda x, s=s: s.add_batch(_cut(x, skip_first))) for n, s in solvers.items()}
+        _collection_pass(block, inputs, chunk, feeds, unneeded)
+        return
+    float_block, float_inputs = float_side
+    held: dict[str, torch.Tensor] = {}  # one chunk's float inputs, by Linear, until its pair arrives
+    record = {n: (lambda x, n=n: held.__setitem__(n, _cut(x, skip_first))) for n in solvers}
+    feeds = {
+        n: (lambda x, n=n, s=s: s.add_batch(_cut(x, skip_first), held.pop(n))) for n, s in solvers.items()
+    }
+    for start in range(0, inputs.hidden.shape[0], chunk):
+        piece = BlockInputs(float_inputs.hidden[start : start + chunk], float_inputs.kwargs)
+        _collection_pass(float_block, piece, chunk, record, unneeded)
+        piece = BlockInputs(inputs.hidden[start : start + chunk], inputs.kwargs)
+        _collection_pass(block, piece, chunk, feeds, unneeded)
+
+
 def _input_owners(spec: ArchSpec) -> dict[str, str]:
     """Linear -> the linear whose Hessian it can reuse. Linears of one AWQ scale group read the same
     input (the output of their shared previous op), so H = 2/n sum x x^T is accumulated once for them."""
@@ -145,7 +185,12 @@ def _input_owners(spec: ArchSpec) -> dict[str, str]:
 
 
 def _gptq_block(
-    block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig, prefix: str
+    block: nn.Module,
+    inputs: BlockInputs,
+    spec: ArchSpec,
+    cfg: QuantConfig,
+    prefix: str,
+    float_side: tuple[nn.Module, BlockInputs] | None = None,
 ) -> BlockOutcome:
     from qserve.quantize.gptq import GPTQ
 
@@ -166,11 +211,14 @@ def _gptq_block(
         # mode every Linear must run for real (o_proj reads what q/k/v produce).
         later = [n for g in groups[index + 1 :] for n in g]
         unneeded = [*group, *later] if cfg.true_sequential else []
-        _collection_pass(block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first)
+        _collect(
+            block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first, float_side
+        )
         for name in group:
-            if name not in collectors:  # quantize() copies H, so sharing the owner's tensor is safe
-                solvers[name].hessian = solvers[owners[name]].hessian
-                solvers[name].n_samples = solvers[owners[name]].n_samples
+            if name not in collectors:  # quantize() copies H, so sharing the owner's tensors is safe
+                owner = solvers[owners[name]]
+                solvers[name].hessian, solvers[name].cross = owner.hessian, owner.cross
+                solvers[name].n_samples = owner.n_samples
         for name in group:
             res = solvers[name].quantize(
                 bits=cfg.bits,
@@ -263,6 +311,10 @@ def quantize_blocks(
         inputs = _block0_inputs(model, ckpt, spec, calib_ids, device)
         if start > 0:  # the saved activations entering block `start`, bit-identical to the killed run's
             inputs = BlockInputs(hidden=state.load_inputs(device), kwargs=inputs.kwargs)
+    # Asymmetric calibration follows the float model's activations too: same start, float blocks.
+    float_hidden = None
+    if inputs is not None and cfg.method == "gptq" and cfg.gptaq:
+        float_hidden = inputs.hidden if start == 0 else state.load_inputs(device, FLOAT_INPUTS)
     bar = tqdm(
         range(start, n_blocks), initial=start, total=n_blocks, desc=f"{cfg.method} blocks", disable=cfg.quiet
     )
@@ -275,7 +327,10 @@ def quantize_blocks(
         if inputs is not None:
             diag = BlockInputs(inputs.hidden[:DIAG_SAMPLES], inputs.kwargs)
             ref = run_block(block, diag, samples_per_chunk(cfg.seqlen))
-        outcome = quantize_block(block, inputs, spec, cfg, prefix)
+        float_side = None
+        if float_hidden is not None:
+            float_side = (copy.deepcopy(block), BlockInputs(float_hidden, inputs.kwargs))
+        outcome = quantize_block(block, inputs, spec, cfg, prefix, float_side)
         record: dict[str, Any] = {"block": i, "layers": outcome.log}
         if outcome.search is not None:
             record["search"] = outcome.search
@@ -287,7 +342,14 @@ def quantize_blocks(
             record["out_rel_err"] = _rel_err(next_hidden[:DIAG_SAMPLES], ref)
         record["seconds"] = time.perf_counter() - t0
         tensors = block_tensors(block, prefix, outcome.qweights, cfg.format, model_dtype)
-        state.commit_block(i, tensors, record, outcome.extra, None if last else next_hidden)
+        next_inputs = {}
+        if not last and next_hidden is not None:
+            next_inputs["hidden"] = next_hidden
+            if float_side is not None:
+                float_hidden = run_block(float_side[0], float_side[1], samples_per_chunk(cfg.seqlen))
+                next_inputs[FLOAT_INPUTS] = float_hidden
+        float_side = None
+        state.commit_block(i, tensors, record, outcome.extra, next_inputs)
         release(block)
         if next_hidden is not None:
             inputs = BlockInputs(hidden=next_hidden, kwargs=inputs.kwargs)

@@ -68,12 +68,20 @@ class GPTQ:
         self.weight = weight.detach().float().clone()  # [out, in]
         in_f = weight.shape[1]
         self.hessian = torch.zeros(in_f, in_f, dtype=torch.float32, device=weight.device)
+        # 2/n sum (x_float - x) x^T, when add_batch is given the float model's inputs (GPTAQ).
+        self.cross: torch.Tensor | None = None
         self.n_samples = 0
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """Fold the rows of `inp` [..., in] into the running mean of 2 x x^T."""
-        x = inp.detach().reshape(-1, inp.shape[-1]).to(self.hessian.device, torch.float32)  # [rows, in]
+    def add_batch(self, inp: torch.Tensor, float_inp: torch.Tensor | None = None) -> None:
+        """Fold the rows of `inp` [..., in] into the running mean of 2 x x^T.
+
+        `float_inp`: the same rows as the float model computes them (asymmetric calibration). The solve
+        then targets the float layer's output on those, W x_float, instead of W x. Either every batch
+        has it or none does."""
+        x = _rows(inp, self.hessian.device)  # [rows, in]
         rows = x.shape[0]
+        if (float_inp is None) != (self.cross is None) and self.n_samples > 0:
+            raise ValueError(f"{self.name}: float inputs must be given with every batch or with none")
         if rows == 0:
             return
         total = self.n_samples + rows
@@ -81,6 +89,16 @@ class GPTQ:
         # batches (which loses fp32 precision and can overflow with many long sequences).
         self.hessian.mul_(self.n_samples / total)
         self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
+        if float_inp is not None:
+            dx = _rows(float_inp, self.hessian.device)
+            if dx.shape != x.shape:
+                raise ValueError(
+                    f"{self.name}: float inputs {tuple(dx.shape)} do not match the inputs {tuple(x.shape)}"
+                )
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.hessian)
+            self.cross.mul_(self.n_samples / total)
+            self.cross.addmm_(dx.sub_(x).t(), x, alpha=2.0 / total)
         self.n_samples = total
 
     def take_hessian(self, other: GPTQ) -> None:
@@ -92,6 +110,7 @@ class GPTQ:
                 f"{other.hessian.shape[0]} != {self.hessian.shape[0]}"
             )
         self.hessian = other.hessian.clone()
+        self.cross = None if other.cross is None else other.cross.clone()
         self.n_samples = other.n_samples
 
     def quantize(
@@ -130,6 +149,8 @@ class GPTQ:
         # stays regular, and zero its weight so it quantizes to exactly 0.
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
+        if self.cross is not None:
+            w = asymmetric_target(w, h, self.cross, damp)
         w[:, dead] = 0.0
 
         # Static groups: qparams fixed up front on the (un-updated) weights, in original column order.
@@ -193,6 +214,26 @@ class GPTQ:
                 )
             # Rank-deficient H (few samples, duplicated channels) fails in fp32 with small damping.
             frac = min(max(frac * 2.0, 1e-4), _MAX_DAMP)
+
+
+def _rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().reshape(-1, t.shape[-1]).to(device, torch.float32)
+
+
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight whose output on the quantized inputs X best matches W on the float inputs X_f.
+
+    min_Q |Q X - W X_f|^2 = |Q X - W' X|^2 + const with W' = W X_f X^T (X X^T)^-1 = W + W (dX X^T) H^-1
+    (the cross term vanishes), so running the ordinary GPTQ solve on W' with the same H minimises the
+    asymmetric objective. H gets the solve's damping, which also keeps W' from over-fitting directions
+    the calibration inputs barely span. `cross` = 2/n sum dX X^T, scaled like `h`.
+    """
+    damped = h + (damp * torch.diag(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if info.item() != 0:  # not positive definite even damped: leave the target as it is
+        return w
+    # (W C) H^-1 = (H^-1 (W C)^T)^T for symmetric H.
+    return w + torch.cholesky_solve((w @ cross).t(), chol).t()
 
 
 def _solve(

@@ -68,6 +68,15 @@ def estimate(
     if cfg.method == "gptq":
         linears = [ckpt.shape(f"{spec.blocks}.0.{n}.weight") for n in spec.linears]
         parts["hessians"] = sum(2 * shape[1] ** 2 * 4 for shape in linears)  # H and its inverse, fp32
+        if cfg.gptaq:
+            # The float model's activations (in and out), a float copy of the block, one chunk of
+            # float Linear inputs held for pairing, and the cross terms beside the Hessians.
+            parts["float_stream"] = (
+                2 * tokens * hidden * elt
+                + block_params * max(elt, 4)
+                + chunk_tokens * 2 * widest * 4
+                + sum(shape[1] ** 2 * 4 for shape in linears)
+            )
     if cfg.method == "awq":
         # The search keeps a token subset (a few thousand rows, plus whole sequences for attention)
         # of each scale group's input in fp32: bounded by the 16k-token chunk it works in.

@@ -129,10 +129,11 @@ class PartialState:
         with safe_open(self.block_file(index), framework="pt") as f:
             return f.get_tensor(name)
 
-    def load_inputs(self, device: torch.device) -> torch.Tensor:
-        """The activations entering block `done` [n, seqlen, hidden], exactly as the last run left them."""
+    def load_inputs(self, device: torch.device, name: str = "hidden") -> torch.Tensor:
+        """The activations entering block `done` [n, seqlen, hidden], exactly as the last run left them
+        ("hidden": the quantized model's; other names: what the run saved beside them)."""
         with safe_open(self._inputs_file(self.done), framework="pt", device=str(device)) as f:
-            return f.get_tensor("hidden")
+            return f.get_tensor(name)
 
     def _inputs_file(self, index: int) -> Path:
         return self.root / f"inputs_{index:04d}.safetensors"
@@ -145,18 +146,19 @@ class PartialState:
         tensors: dict[str, torch.Tensor],
         record: dict[str, Any],
         extra: dict[str, torch.Tensor],
-        next_inputs: torch.Tensor | None,
+        next_inputs: dict[str, torch.Tensor],
     ) -> None:
-        """Durably save block `index` and the inputs of block `index + 1`, then mark it done."""
+        """Durably save block `index` and the inputs of block `index + 1` (none after the last block),
+        then mark it done."""
         if index != self.done:
             raise RuntimeError(f"block {index} committed out of order; {self.done} blocks are done")
         self._atomic_tensors(self.block_file(index), tensors)
         if extra:
             self._atomic_tensors(self.root / f"block_{index:04d}.extra.safetensors", extra)
         self._atomic_json(self.root / f"block_{index:04d}.json", record)
-        if next_inputs is not None:
+        if next_inputs:
             # Named by block: until progress.json moves on, the inputs of block `index` must survive.
-            self._atomic_tensors(self._inputs_file(index + 1), {"hidden": next_inputs})
+            self._atomic_tensors(self._inputs_file(index + 1), next_inputs)
         self._atomic_json(self.root / "progress.json", {"done": index + 1})
         self._inputs_file(index).unlink(missing_ok=True)
 

@@ -117,6 +117,13 @@ def _opt(*decls: str, field: str, **kwargs):
     "not min/max.",
 )
 @_opt(
+    "--gptaq",
+    field="gptaq",
+    is_flag=True,
+    help="GPTQ: asymmetric calibration (GPTAQ): fit each layer on the quantized model's inputs to the "
+    "float model's outputs, correcting the error carried in from earlier layers.",
+)
+@_opt(
     "--duo-scaling/--no-duo-scaling",
     field="duo_scaling",
     help="AWQ: scales from activations and weights (s = x^r / w^(1-r)).",

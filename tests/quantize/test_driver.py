@@ -446,3 +446,46 @@ def test_peak_rss_is_this_processs_own_not_its_parents():
     )
     del ballast
     assert 0 < child < 1024 * 2**20, child
+
+
+def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib, monkeypatch):
+    """--gptaq: next to the quantized model's inputs, every solver gets the same tokens' inputs as the
+    float model computes them. Checked on block 1's q/k/v (input_layernorm of the float block 0's
+    output) and on block 1's o_proj (the float attention), against a plain float forward."""
+    from transformers import AutoModelForCausalLM
+
+    from qserve.quantize.gptq import GPTQ
+
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    real_add = GPTQ.add_batch
+
+    def record(self, inp, float_inp=None):
+        assert float_inp is not None, f"{self.name} got no float inputs"
+        seen.setdefault(self.name, []).append((inp.clone(), float_inp.clone()))
+        return real_add(self, inp, float_inp)
+
+    block0 = []
+    real_block0 = driver._block0_inputs
+    monkeypatch.setattr(driver, "_block0_inputs", lambda *a: block0.append(real_block0(*a)) or block0[0])
+    monkeypatch.setattr(GPTQ, "add_batch", record)
+    src = models["llama"]
+    quantize_tiny(src, tmp_path / "gptaq", calib, "gptq", gptaq=True)
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    layers = model.model.layers
+    float_out0 = run_block(layers[0], block0[0], samples_per_chunk=4)
+    captured = {}
+    hook = layers[1].self_attn.o_proj.register_forward_hook(lambda _m, a, _o: captured.setdefault("o", a[0]))
+    with torch.no_grad():
+        want_qkv = layers[1].input_layernorm(float_out0)
+        run_block(layers[1], driver.BlockInputs(float_out0, block0[0].kwargs), samples_per_chunk=4)
+    hook.remove()
+    for name, want in (("q_proj", want_qkv), ("o_proj", captured["o"])):
+        pairs = seen[f"model.layers.1.self_attn.{name}"]
+        got_q = torch.cat([q for q, _ in pairs])
+        got_f = torch.cat([f for _, f in pairs])
+        torch.testing.assert_close(got_f, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got_q, got_f, atol=1e-4), "the quantized stream should differ by now"
+    # Block 0's first group reads the embeddings in both streams.
+    q0, f0 = seen["model.layers.0.self_attn.q_proj"][0]
+    torch.testing.assert_close(q0, f0, rtol=0, atol=0)

@@ -282,3 +282,64 @@ def test_mse_is_a_gptq_option():
     with pytest.raises(ConfigError, match="mse is a GPTQ option"):
         QuantConfig(model="m", output="o", method="awq", group_size=64, mse=True)
     assert QuantConfig(model="m", output="o", method="gptq", mse=True).fingerprint_dict()["mse"] is True
+
+
+# --- asymmetric calibration (GPTAQ) ----------------------------------------------------------------
+
+
+def _asymmetric_case(n: int = 2048, dim: int = 128):
+    """Float inputs x_f and the inputs a quantized model hands the layer: x_f plus an error that is
+    correlated with x (what earlier quantized layers leave), not independent noise."""
+    x_f = correlated_inputs(n, dim, seed=3)
+    g = torch.Generator().manual_seed(4)
+    mix = torch.randn(dim, dim, generator=g) * 0.08
+    x_q = x_f + x_f @ mix
+    return x_f, x_q, make_layer(96, dim, seed=5)
+
+
+def _asym_solve(w, x_q, x_f, float_inputs: bool, **kw):
+    gptq = GPTQ(w)
+    for q, f in zip(x_q.chunk(4), x_f.chunk(4), strict=True):
+        gptq.add_batch(q, f if float_inputs else None)
+    return gptq.quantize(**kw).qweight.dequantize()
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_float_inputs_make_the_solve_target_the_float_output(desc_act):
+    """min |Q x_q - W x_f|: with the float inputs the result must be much closer to the float layer's
+    output than the plain solve, which targets W x_q."""
+    x_f, x_q, w = _asymmetric_case()
+    target = x_f @ w.t()
+    plain = _asym_solve(w, x_q, x_f, False, group_size=32, desc_act=desc_act)
+    asym = _asym_solve(w, x_q, x_f, True, group_size=32, desc_act=desc_act)
+    err_plain = float((x_q @ plain.t() - target).norm())
+    err_asym = float((x_q @ asym.t() - target).norm())
+    # The plain solve inherits the whole input error (x_q - x_f) W^T; the asymmetric one removes the
+    # part a linear map of x_q can explain, which with a linear error is almost all of it.
+    assert err_asym < 0.6 * err_plain, (err_asym, err_plain)
+
+
+def test_identical_float_inputs_change_nothing():
+    x = correlated_inputs(1024, 128)
+    w = make_layer(64, 128)
+    plain = _asym_solve(w, x, x, False, group_size=32, desc_act=True)
+    same = _asym_solve(w, x, x, True, group_size=32, desc_act=True)
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+
+
+def test_float_inputs_must_come_with_every_batch_and_match():
+    x_f, x_q, w = _asymmetric_case(256)
+    gptq = GPTQ(w, name="l")
+    gptq.add_batch(x_q[:128], x_f[:128])
+    with pytest.raises(ValueError, match="every batch or with none"):
+        gptq.add_batch(x_q[128:])
+    with pytest.raises(ValueError, match="do not match"):
+        gptq.add_batch(x_q[128:], x_f[128:200])
+
+
+def test_gptaq_is_a_gptq_option():
+    from qserve.quantize.config import QuantConfig
+
+    with pytest.raises(ConfigError, match="gptaq is a GPTQ option"):
+        QuantConfig(model="m", output="o", method="awq", group_size=64, gptaq=True)
+    assert QuantConfig(model="m", output="o", method="gptq", gptaq=True).fingerprint_dict()["gptaq"] is True

@@ -55,9 +55,11 @@ def _assert_same_tensors(a, b):
     assert not different, different
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib):
+@pytest.mark.parametrize("gptaq", [False, True])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq):
+    """With --gptaq the float model's activations are saved and restored beside the quantized ones."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    quantize_tiny(model4, whole, calib, "gptq", desc_act=True)
+    quantize_tiny(model4, whole, calib, "gptq", desc_act=True, gptaq=gptaq)
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -74,6 +76,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib):
         str(calib),
     ]
     args += ["--n-samples", "4", "--seqlen", "32", "--device", "cpu", "--no-eval", "--quiet"]
+    args += ["--gptaq"] if gptaq else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
         [sys.executable, str(script), "1", str(torch.get_num_threads()), *args],
@@ -86,7 +89,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib):
     assert not killed.exists(), "a killed run must not leave a checkpoint that looks complete"
     assert json.loads((tmp_path / "killed.partial" / "progress.json").read_text()) == {"done": 2}
 
-    report = quantize_tiny(model4, killed, calib, "gptq", desc_act=True, resume=True)
+    report = quantize_tiny(model4, killed, calib, "gptq", desc_act=True, gptaq=gptaq, resume=True)
     assert report.resumed_from_block == 2
     assert [b["block"] for b in report.blocks] == [0, 1, 2, 3]
     _assert_same_tensors(whole, killed)
