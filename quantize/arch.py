@@ -19,8 +19,7 @@ class ScaleGroup:
     `inspect` is the submodule (relative to the block; "" = the whole block) whose output measures
     the loss of a candidate scale; `input_of` is the linear whose input activations drive the search.
     `requires_same_shape` names a (prev, next) pair whose weights must have equal shapes for the
-    group to apply as it is; v_proj -> o_proj under GQA (fewer v rows than o inputs) applies through the
-    key/value head map instead (`awq.kv_channel_map`), which the references skip.
+    group to apply (v_proj -> o_proj only works without GQA).
     """
 
     prev_op: str

@@ -89,66 +89,18 @@ class AwqActivations:
     n_samples: int
 
 
-# Fold v_proj -> o_proj scales under grouped-query attention too (see `kv_channel_map`). The references
-# (llm-awq, AutoAWQ) skip the group whenever the two weights differ in shape; False does the same.
-GQA_VO_SCALING = True
-
-
-def kv_channel_map(block: nn.Module, prev: str, linear: str) -> torch.Tensor | None:
-    """Which output channel of `prev` (v_proj) feeds each input channel of `linear` (o_proj), when
-    grouped-query attention repeats each key/value head for several query heads: o_proj's input
-    channel h * head_dim + d reads v_proj's channel (h // n_rep) * head_dim + d (transformers'
-    `repeat_kv`). None when the shapes do not have that structure (or the attention module does not
-    say its head_dim). Folding s into o_proj's columns then needs one s per v channel, shared by its
-    n_rep copies, and v_proj's rows are divided by it."""
-    n_prev = block.get_submodule(prev).weight.shape[0]
-    n_next = block.get_submodule(linear).weight.shape[1]
-    head_dim = getattr(block.get_submodule(linear.rsplit(".", 1)[0]), "head_dim", None)
-    if not isinstance(head_dim, int) or head_dim < 1 or n_prev % head_dim or n_next % head_dim:
-        return None
-    kv_heads, q_heads = n_prev // head_dim, n_next // head_dim
-    if q_heads % kv_heads or q_heads == kv_heads:
-        return None
-    idx = torch.arange(n_next)
-    return (idx // head_dim) // (q_heads // kv_heads) * head_dim + idx % head_dim
-
-
 def applicable_groups(block: nn.Module, spec: ArchSpec) -> tuple[list[ScaleGroup], list[ScaleGroup]]:
     """(groups to search, groups skipped): a group whose `requires_same_shape` pair differs in
-    shape folds only through a key/value head map (v_proj -> o_proj under GQA, `kv_channel_map`)."""
+    shape cannot fold (v_proj -> o_proj under GQA: v has fewer output rows than o has inputs)."""
     keep, skip = [], []
     for g in spec.scale_groups:
         pair = g.requires_same_shape
         same = (
             pair is None
             or block.get_submodule(pair[0]).weight.shape == block.get_submodule(pair[1]).weight.shape
-            or (GQA_VO_SCALING and kv_channel_map(block, *pair) is not None)
         )
         (keep if same else skip).append(g)
     return keep, skip
-
-
-def prev_op_scales(block: nn.Module, sc: AwqScale) -> torch.Tensor:
-    """The scale for `sc.prev_op`'s output channels: `sc.scales` (per input channel of the linears)
-    itself, or under GQA its value per v_proj channel (equal across that channel's copies)."""
-    prev = block.get_submodule(sc.prev_op)
-    n_prev = prev.weight.shape[0] if isinstance(prev, nn.Linear) else sc.scales.numel()
-    if n_prev == sc.scales.numel():
-        return sc.scales
-    mapping = kv_channel_map(block, sc.prev_op, sc.linears[0])
-    if mapping is None or mapping.numel() != sc.scales.numel():
-        raise ValueError(
-            f"AWQ scales for {sc.prev_op} -> {', '.join(sc.linears)} have {sc.scales.numel()} channels; "
-            f"{sc.prev_op} has {n_prev} outputs and no key/value head map links them"
-        )
-    out = torch.empty(n_prev, dtype=sc.scales.dtype)
-    out[mapping] = sc.scales.cpu()
-    if not torch.equal(out[mapping], sc.scales.cpu()):
-        raise ValueError(
-            f"AWQ scales for {sc.prev_op} differ between query heads that share a key/value head; "
-            "they cannot be folded into it"
-        )
-    return out
 
 
 def input_sources(groups: list[ScaleGroup], spec: ArchSpec) -> dict[str, str]:
@@ -240,13 +192,6 @@ def awq_search_block(
             block, g.inspect, g.linears, x, kwargs if acts.seqs is not None else {}, max_chunk_tokens
         )
         weights = [block.get_submodule(name).weight for name in g.linears]
-        pair = g.requires_same_shape
-        shared = None
-        if (
-            pair is not None
-            and block.get_submodule(pair[0]).weight.shape != block.get_submodule(pair[1]).weight.shape
-        ):
-            shared = kv_channel_map(block, *pair)
         s, entry = search_scale(
             weights,
             acts.abs_mean,
@@ -256,7 +201,6 @@ def awq_search_block(
             sym=sym,
             n_grid=n_grid,
             duo_scaling=duo_scaling,
-            shared=shared,
         )
         scales.append(AwqScale(g.prev_op, g.linears, s))
         log.append({"prev_op": g.prev_op, "linears": list(g.linears), **entry})
@@ -273,7 +217,7 @@ def awq_apply_block(block: nn.Module, result: AwqBlockResult, spec: ArchSpec) ->
     """
     for sc in result.scales:
         prev = block.get_submodule(sc.prev_op)
-        s = prev_op_scales(block, sc)
+        s = sc.scales
         if isinstance(prev, nn.Linear):
             _scale_param(prev.weight, 1.0 / s[:, None])  # output rows
         elif getattr(prev, "weight", None) is not None and prev.weight.dim() == 1:
@@ -286,17 +230,18 @@ def awq_apply_block(block: nn.Module, result: AwqBlockResult, spec: ArchSpec) ->
         if getattr(prev, "bias", None) is not None:
             _scale_param(prev.bias, 1.0 / s)
         for name in sc.linears:
-            _scale_param(block.get_submodule(name).weight, sc.scales[None, :])
+            _scale_param(block.get_submodule(name).weight, s[None, :])
 
 
 def folded_weight(block: nn.Module, name: str, scales: list[AwqScale]) -> torch.Tensor:
     """fp32 weight of linear `name` as `awq_apply_block` with `scales` would leave it."""
     w = block.get_submodule(name).weight.detach().float()
     for sc in scales:
+        s = sc.scales.to(w.device)
         if name in sc.linears:
-            w = w * sc.scales.to(w.device)[None, :]
+            w = w * s[None, :]
         if name == sc.prev_op:
-            w = w / prev_op_scales(block, sc).to(w.device)[:, None]
+            w = w / s[:, None]
     return w
 
 

@@ -112,30 +112,20 @@ def search_scale(
     sym: bool,
     n_grid: int,
     duo_scaling: bool,
-    shared: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Grid search of one group's scale. Returns (best s [in] fp32 on CPU, log entry).
-
-    `shared` [in]: input channels with equal values share one scale (channel i uses scale
-    shared[i]; GQA's o_proj columns fed by one v_proj channel). The statistics are averaged over each
-    set and the returned s is per input channel, equal within a set."""
+    """Grid search of one group's scale. Returns (best s [in] fp32 on CPU, log entry)."""
     tick = time.perf_counter()
     weights = [w.float() for w in weights]
     x_mean = x_mean.float()
     w_mean = weight_mean(weights, group_size)
-    if shared is not None:
-        shared = shared.to(x_mean.device)
-        x_mean, w_mean = _set_mean(x_mean, shared), _set_mean(w_mean, shared)
     best = (float("inf"), -1.0, None)
     for i in range(n_grid):
         ratio = i / n_grid
         s = scale_candidate(x_mean, w_mean, ratio, duo_scaling)
-        if shared is not None:
-            s = s[shared]
         loss = loss_fn([fake_quantize_scaled(w, s, bits, group_size, sym) for w in weights])
         if loss < best[0]:
             best = (loss, ratio, s)
-    ones = torch.ones(weights[0].shape[1], dtype=x_mean.dtype, device=x_mean.device)
+    ones = torch.ones_like(x_mean)
     rtn_loss = loss_fn([fake_quantize_scaled(w, ones, bits, group_size, sym) for w in weights])
     loss, ratio, s = best
     if s is None:
@@ -144,14 +134,6 @@ def search_scale(
         )
     log = {"best_ratio": ratio, "loss": loss, "rtn_loss": rtn_loss, "seconds": time.perf_counter() - tick}
     return s.cpu(), log
-
-
-def _set_mean(v: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
-    """Mean of v over the channels of each set: [n_sets]."""
-    n = int(sets.max()) + 1
-    total = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, sets, v)
-    count = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, sets, torch.ones_like(v))
-    return total / count.clamp(min=1)
 
 
 def batch_index(obj, index, n: int):

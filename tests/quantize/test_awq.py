@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qserve.kernels.packing import rtn_quantize
-from qserve.quantize import awq
 from qserve.quantize.arch import arch_for_config
 from qserve.quantize.awq import (
     AwqBlockResult,
@@ -205,54 +204,14 @@ def test_state_dict_round_trips_through_safetensors_and_json(searched, tmp_path)
     assert back.log == result.log
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_gqa_folds_v_to_o_through_the_kv_head_map(family):
-    """Under GQA (v_proj [32, 64], o_proj [64, 64]: 4 query heads of 16 share 2 kv heads) the v -> o
-    group is searched with one scale per v channel, shared by the o_proj columns that read it, and
-    folding it is an identity on the float block (qwen2: v_proj's bias is divided too)."""
-    block, x, kwargs, spec = tiny_block(family, kv_heads=2, seed=2)
-    result = awq_search_block(block, x, kwargs, spec, group_size=GS, clip=False, n_grid=6)
-    vo = [s for s in result.scales if s.prev_op == "self_attn.v_proj"]
-    assert len(vo) == 1 and vo[0].scales.shape == (64,)
-    s = vo[0].scales.reshape(4, 16)  # o_proj's input = 4 query heads x head_dim
-    torch.testing.assert_close(s[0], s[1], rtol=0, atol=0)  # heads 0, 1 read kv head 0
-    torch.testing.assert_close(s[2], s[3], rtol=0, atol=0)  # heads 2, 3 read kv head 1
-    assert not torch.equal(s[0], s[2]) and not torch.allclose(s, torch.ones_like(s))
-    ref = run(block, x, kwargs)
-    awq_apply_block(block, result, spec)
-    torch.testing.assert_close(run(block, x, kwargs), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_kv_channel_map_follows_repeat_kv():
-    block, *_ = tiny_block(kv_heads=2)
-    mapping = awq.kv_channel_map(block, "self_attn.v_proj", "self_attn.o_proj")
-    # query head h reads kv head h // 2; channel d of a head stays channel d
-    want = torch.cat([torch.arange(16), torch.arange(16), torch.arange(16, 32), torch.arange(16, 32)])
-    assert torch.equal(mapping, want)
-    block4, *_ = tiny_block(kv_heads=4)  # no GQA: shapes equal, nothing to map
-    assert awq.kv_channel_map(block4, "self_attn.v_proj", "self_attn.o_proj") is None
-
-
-def test_gqa_v_to_o_group_is_skipped_when_turned_off(monkeypatch):
-    """The references' behaviour (AutoAWQ skips v -> o whenever the shapes differ)."""
-    monkeypatch.setattr(awq, "GQA_VO_SCALING", False)
-    block, x, kwargs, spec = tiny_block(kv_heads=2)
+def test_gqa_skips_the_v_to_o_group():
+    block, x, kwargs, spec = tiny_block(kv_heads=2)  # v_proj [32, 64] vs o_proj [64, 64]
     result = awq_search_block(block, x, kwargs, spec, group_size=GS, clip=False, n_grid=2)
     assert [s.prev_op for s in result.scales] == [
         "input_layernorm",
         "post_attention_layernorm",
         "mlp.up_proj",
     ]
-
-
-def test_unfoldable_saved_scales_are_refused():
-    block, *_ = tiny_block(kv_heads=2)
-    bad = awq.AwqScale("self_attn.v_proj", ("self_attn.o_proj",), torch.rand(64) + 0.5)  # not shared
-    with pytest.raises(ValueError, match="share a key/value head"):
-        awq.prev_op_scales(block, bad)
-    wrong = awq.AwqScale("self_attn.v_proj", ("self_attn.o_proj",), torch.ones(48))
-    with pytest.raises(ValueError, match="no key/value head map"):
-        awq.prev_op_scales(block, wrong)
 
 
 def test_collect_outputs_and_subsampling():
