@@ -16,9 +16,12 @@ The `autoawq` row is the reference issue 3 compares qserve's AWQ with: AutoAWQ 0
 autoawq==0.2.9`) on the same model, the same calibration tokens (qserve's AWQ rows, checked identical)
 and the same settings (4 bits, the group size, zero point, GEMM), in fp16 (`--autoawq-dtype`). Its
 checkpoint is scored by the same reader and windows as the other rows. With both rows the table ends
-with AutoAWQ's quantize time over qserve AWQ's (issue 3 asks for at least 5x). AutoAWQ in fp16 takes
-about 320 s per decoder block on a 2-core CPU (measured on SmolLM2, bench/RESULTS.md), so run it once
-and reuse its output directory (checkpoint + autoawq_report.json) with `--autoawq-result DIR`:
+with AutoAWQ's quantize time over qserve AWQ's (issue 3 asks for at least 5x). AutoAWQ takes about
+320 s (fp16) or 122 s (fp32) per decoder block on a 2-core CPU (measured on SmolLM2, bench/RESULTS.md),
+so run it once, preferably in its own environment (transformers 4.51, its last tested version; the
+script adapts a transformers-5 model directory), and reuse its output directory (checkpoint +
+autoawq_report.json) with `--autoawq-result DIR`. The script fixes one CPU-only AutoAWQ bug that
+otherwise ruins every checkpoint it makes on a CPU (see its docstring).
 
     python bench/autoawq_run.py smollm2-135m --output ~/autoawq-smollm2-g64 --group-size 64 \
         --calib c4 --n-samples 128 --seqlen 512 --seed 0        # ~2.7 h for SmolLM2, once
