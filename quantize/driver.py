@@ -39,6 +39,9 @@ class BlockOutcome:
     log: list[dict[str, Any]]
     extra: dict[str, torch.Tensor]  # search tensors (AWQ scales/clips), saved beside the block
     search: dict[str, Any] | None = None  # what names those tensors (JSON), so the search can be re-applied
+    # The float block's outputs (the float model's activations entering the next block), when the method
+    # computed them anyway (GPTQ's asymmetric calibration)
+    float_next: torch.Tensor | None = None
 
 
 def samples_per_chunk(seqlen: int) -> int:
@@ -122,8 +125,9 @@ def _collection_pass(
     chunk: int,
     feeds: dict[str, Any],
     unneeded: list[str],
-) -> None:
-    """One block forward that hands each Linear named in `feeds` its input.
+) -> torch.Tensor:
+    """One block forward that hands each Linear named in `feeds` its input; returns the block output
+    (meaningful only when nothing was stubbed).
 
     The Linears in `unneeded` (this group and every later one) produce nothing this pass needs:
     their inputs are final once the earlier groups are quantized, so they are stubbed out, and a
@@ -139,7 +143,7 @@ def _collection_pass(
     ]
     try:
         with swapped(block, stubs):
-            run_block(block, inputs, chunk)
+            return run_block(block, inputs, chunk)
     finally:
         for h in handles:
             h.remove()
@@ -153,29 +157,35 @@ def _collect(
     unneeded: list[str],
     skip_first: int,
     float_side: tuple[nn.Module, BlockInputs] | None,
-) -> None:
+    float_output: bool = False,
+) -> torch.Tensor | None:
     """Feed `solvers` their Linears' inputs over every calibration sample.
 
     With `float_side` = (the float block, the float model's activations entering it), each chunk also
     runs through the float block first, and every solver gets its Linear's float inputs for the same
     tokens next to the quantized model's (asymmetric calibration); only one chunk's float inputs are
-    held at a time.
+    held at a time. `float_output`: run the float block whole (no stubs) and return its outputs, the
+    float activations entering the next block, instead of computing them in a forward of their own.
     """
     if float_side is None:
         feeds = {n: (lambda x, s=s: s.add_batch(_cut(x, skip_first))) for n, s in solvers.items()}
         _collection_pass(block, inputs, chunk, feeds, unneeded)
-        return
+        return None
     float_block, float_inputs = float_side
     held: dict[str, torch.Tensor] = {}  # one chunk's float inputs, by Linear, until its pair arrives
     record = {n: (lambda x, n=n: held.__setitem__(n, _cut(x, skip_first))) for n in solvers}
     feeds = {
         n: (lambda x, n=n, s=s: s.add_batch(_cut(x, skip_first), held.pop(n))) for n, s in solvers.items()
     }
+    outs = []
     for start in range(0, inputs.hidden.shape[0], chunk):
         piece = BlockInputs(float_inputs.hidden[start : start + chunk], float_inputs.kwargs)
-        _collection_pass(float_block, piece, chunk, record, unneeded)
+        out = _collection_pass(float_block, piece, chunk, record, [] if float_output else unneeded)
+        if float_output:
+            outs.append(out)
         piece = BlockInputs(inputs.hidden[start : start + chunk], inputs.kwargs)
         _collection_pass(block, piece, chunk, feeds, unneeded)
+    return torch.cat(outs) if float_output else None
 
 
 def _input_owners(spec: ArchSpec) -> dict[str, str]:
@@ -200,6 +210,7 @@ def _gptq_block(
     owners = _input_owners(spec)
     qweights, log = {}, []
     chunk = samples_per_chunk(inputs.hidden.shape[1])
+    float_next = None
     for index, group in enumerate(groups):
         linears = {name: block.get_submodule(name) for name in group}
         solvers = {
@@ -211,9 +222,20 @@ def _gptq_block(
         # mode every Linear must run for real (o_proj reads what q/k/v produce).
         later = [n for g in groups[index + 1 :] for n in g]
         unneeded = [*group, *later] if cfg.true_sequential else []
-        _collect(
-            block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first, float_side
+        # The last group's float pass runs the whole float block: its output is the float model's
+        # next-block input, which would otherwise cost a forward of its own.
+        last = index == len(groups) - 1
+        out = _collect(
+            block,
+            inputs,
+            chunk,
+            {n: solvers[n] for n in collectors},
+            unneeded,
+            cfg.skip_first,
+            float_side,
+            float_output=last and float_side is not None,
         )
+        float_next = out if out is not None else float_next
         for name in group:
             if name not in collectors:  # quantize() copies H, so sharing the owner's tensors is safe
                 owner = solvers[owners[name]]
@@ -241,7 +263,7 @@ def _gptq_block(
                 }
             )
         del solvers
-    return BlockOutcome(qweights, log, {})
+    return BlockOutcome(qweights, log, {}, float_next=float_next)
 
 
 def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig) -> BlockOutcome:
@@ -346,7 +368,9 @@ def quantize_blocks(
         if not last and next_hidden is not None:
             next_inputs["hidden"] = next_hidden
             if float_side is not None:
-                float_hidden = run_block(float_side[0], float_side[1], samples_per_chunk(cfg.seqlen))
+                float_hidden = outcome.float_next
+                if float_hidden is None:
+                    float_hidden = run_block(float_side[0], float_side[1], samples_per_chunk(cfg.seqlen))
                 next_inputs[FLOAT_INPUTS] = float_hidden
         float_side = None
         state.commit_block(i, tensors, record, outcome.extra, next_inputs)

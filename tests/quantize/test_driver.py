@@ -489,3 +489,19 @@ def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib
     # Block 0's first group reads the embeddings in both streams.
     q0, f0 = seen["model.layers.0.self_attn.q_proj"][0]
     torch.testing.assert_close(q0, f0, rtol=0, atol=0)
+
+
+def test_gptaq_float_stream_from_the_last_pass_equals_a_separate_forward(
+    tmp_path, models, calib, monkeypatch
+):
+    """The float model's next-block inputs come out of the last group's (unstubbed) float pass; computing
+    them with a forward of their own must give the identical checkpoint."""
+    quantize_tiny(models["llama"], tmp_path / "fused", calib, "gptq", gptaq=True)
+    real = driver._collect
+    monkeypatch.setattr(driver, "_collect", lambda *a, float_output=False: real(*a, float_output=False))
+    quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq", gptaq=True)
+    a, b = read_tensors(tmp_path / "fused"), read_tensors(tmp_path / "separate")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq")
+    plain = read_tensors(tmp_path / "plain")
+    assert any(not torch.equal(a[k], plain[k]) for k in a if k.endswith("qweight"))
