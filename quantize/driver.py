@@ -235,12 +235,11 @@ def _gptq_block(
             float_side,
             float_output=last and float_side is not None,
         )
-        float_next = out if out is not None else float_next
+        if out is not None:
+            float_next = out
         for name in group:
-            if name not in collectors:  # quantize() copies H, so sharing the owner's tensors is safe
-                owner = solvers[owners[name]]
-                solvers[name].hessian, solvers[name].cross = owner.hessian, owner.cross
-                solvers[name].n_samples = owner.n_samples
+            if name not in collectors:
+                solvers[name].take_hessian(solvers[owners[name]])
         for name in group:
             res = solvers[name].quantize(
                 bits=cfg.bits,

@@ -102,16 +102,16 @@ class GPTQ:
         self.n_samples = total
 
     def take_hessian(self, other: GPTQ) -> None:
-        """Adopt `other`'s accumulated Hessian: for a Linear that reads the same inputs (k/v next to
-        q, up next to gate), which saves a second in x in^2 accumulation over every token."""
+        """Adopt `other`'s accumulated Hessian (and cross term): for a Linear that reads the same inputs
+        (k/v next to q, up next to gate), which saves a second in x in^2 accumulation over every token.
+        The tensors are shared, not copied (quantize() never modifies them): add no batches to either
+        solver afterwards."""
         if other.hessian.shape != self.hessian.shape:
             raise ValueError(
                 f"{self.name}: cannot take the Hessian of {other.name}: in_features "
                 f"{other.hessian.shape[0]} != {self.hessian.shape[0]}"
             )
-        self.hessian = other.hessian.clone()
-        self.cross = None if other.cross is None else other.cross.clone()
-        self.n_samples = other.n_samples
+        self.hessian, self.cross, self.n_samples = other.hessian, other.cross, other.n_samples
 
     def quantize(
         self,
