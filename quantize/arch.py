@@ -49,6 +49,21 @@ class ArchSpec:
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential for name in group)
 
+    @property
+    def input_owners(self) -> dict[str, str]:
+        """Linear -> the Linear whose inputs it shares: the Linears of one scale group read the same
+        input (their shared previous op's output), so GPTQ accumulates H = 2/n sum x x^T once for them."""
+        return {name: group.linears[0] for group in self.scale_groups for name in group.linears}
+
+    def solve_groups(self, true_sequential: bool) -> tuple[tuple[str, ...], ...]:
+        """GPTQ's groups: true-sequential ones, or every Linear at once."""
+        return self.sequential if true_sequential else (self.linears,)
+
+    def collected(self, group: tuple[str, ...]) -> list[str]:
+        """The Linears of `group` whose inputs are collected; the others share their owner's."""
+        owners = self.input_owners
+        return [n for n in group if owners.get(n, n) == n or owners[n] not in group]
+
 
 _LLAMA_SEQUENTIAL = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

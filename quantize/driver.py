@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +66,11 @@ def quantize_block(
     spec: ArchSpec,
     cfg: QuantConfig,
     prefix: str = "block",
-    float_side: tuple[nn.Module, BlockInputs] | None = None,
+    float_side: FloatSide | None = None,
 ) -> BlockOutcome:
     """Quantize every Linear of `block` in place (weights become their dequantized values).
 
-    `float_side`: (an unquantized copy of the block, the float model's activations entering it), for
-    GPTQ's asymmetric calibration (`cfg.gptaq`)."""
+    `float_side`: the float model beside it, for GPTQ's asymmetric calibration (`cfg.gptaq`)."""
     if cfg.method == "rtn":
         return _rtn_block(block, spec, cfg)
     if inputs is None:
@@ -149,6 +149,55 @@ def _collection_pass(
             h.remove()
 
 
+@dataclass(frozen=True)
+class FloatSide:
+    """The float model beside the quantized one, for GPTQ's asymmetric calibration (`cfg.gptaq`)."""
+
+    block: nn.Module  # an unquantized copy of the block
+    inputs: BlockInputs  # the float model's activations entering it
+    # True: one whole float forward per block, holding every true-sequential group's float Linear
+    # inputs until that group is collected (about n_tokens x sum of in_features; the caller checks it
+    # fits). False: one float pass per group, each stubbed like the quantized one, holding a chunk.
+    hold_all: bool = True
+
+
+def _float_pass(
+    side: FloatSide, start: int, chunk: int, names: list[str], skip_first: int, unneeded: list[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The float block on samples [start, start + chunk): the inputs of the Linears `names`, and the
+    block output (meaningful only when `unneeded` is empty)."""
+    held: dict[str, torch.Tensor] = {}
+    record = {n: (lambda x, n=n: held.__setitem__(n, _cut(x, skip_first))) for n in names}
+    piece = BlockInputs(side.inputs.hidden[start : start + chunk], side.inputs.kwargs)
+    return held, _collection_pass(side.block, piece, chunk, record, unneeded)
+
+
+def _handed_over(
+    held_all: dict[str, dict[int, torch.Tensor]], names: list[str]
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Float inputs from one whole pass, each chunk released as it is handed over."""
+    return lambda start: {n: held_all[n].pop(start) for n in names}
+
+
+def _float_passes(
+    side: FloatSide,
+    chunk: int,
+    names: list[str],
+    skip_first: int,
+    unneeded: list[str],
+    outs: list | None,
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Float inputs from a float pass per chunk (block outputs appended to `outs`, if given)."""
+
+    def float_inputs(start: int) -> dict[str, torch.Tensor]:
+        held, out = _float_pass(side, start, chunk, names, skip_first, unneeded)
+        if outs is not None:
+            outs.append(out)
+        return held
+
+    return float_inputs
+
+
 def _collect(
     block: nn.Module,
     inputs: BlockInputs,
@@ -156,42 +205,26 @@ def _collect(
     solvers: dict[str, Any],
     unneeded: list[str],
     skip_first: int,
-    float_side: tuple[nn.Module, BlockInputs] | None,
-    float_output: bool = False,
-) -> torch.Tensor | None:
+    float_inputs: Callable[[int], dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Feed `solvers` their Linears' inputs over every calibration sample.
 
-    With `float_side` = (the float block, the float model's activations entering it), each chunk also
-    runs through the float block first, and every solver gets its Linear's float inputs for the same
-    tokens next to the quantized model's (asymmetric calibration); only one chunk's float inputs are
-    held at a time. `float_output`: run the float block whole (no stubs) and return its outputs, the
-    float activations entering the next block, instead of computing them in a forward of their own.
+    `float_inputs(start)`: the float model's inputs of those Linears for the chunk of samples starting
+    at `start`; each solver then gets them next to the quantized model's inputs of the same tokens
+    (asymmetric calibration).
     """
-    if float_side is None:
+    if float_inputs is None:
         feeds = {n: (lambda x, s=s: s.add_batch(_cut(x, skip_first))) for n, s in solvers.items()}
         _collection_pass(block, inputs, chunk, feeds, unneeded)
-        return None
-    float_block, float_inputs = float_side
+        return
     held: dict[str, torch.Tensor] = {}  # one chunk's float inputs, by Linear, until its pair arrives
-    record = {n: (lambda x, n=n: held.__setitem__(n, _cut(x, skip_first))) for n in solvers}
     feeds = {
         n: (lambda x, n=n, s=s: s.add_batch(_cut(x, skip_first), held.pop(n))) for n, s in solvers.items()
     }
-    outs = []
     for start in range(0, inputs.hidden.shape[0], chunk):
-        piece = BlockInputs(float_inputs.hidden[start : start + chunk], float_inputs.kwargs)
-        out = _collection_pass(float_block, piece, chunk, record, [] if float_output else unneeded)
-        if float_output:
-            outs.append(out)
+        held.update(float_inputs(start))
         piece = BlockInputs(inputs.hidden[start : start + chunk], inputs.kwargs)
         _collection_pass(block, piece, chunk, feeds, unneeded)
-    return torch.cat(outs) if float_output else None
-
-
-def _input_owners(spec: ArchSpec) -> dict[str, str]:
-    """Linear -> the linear whose Hessian it can reuse. Linears of one AWQ scale group read the same
-    input (the output of their shared previous op), so H = 2/n sum x x^T is accumulated once for them."""
-    return {name: group.linears[0] for group in spec.scale_groups for name in group.linears}
 
 
 def _gptq_block(
@@ -200,43 +233,56 @@ def _gptq_block(
     spec: ArchSpec,
     cfg: QuantConfig,
     prefix: str,
-    float_side: tuple[nn.Module, BlockInputs] | None = None,
+    float_side: FloatSide | None = None,
 ) -> BlockOutcome:
     from qserve.quantize.gptq import GPTQ
 
     # True-sequential: each group is calibrated on inputs produced with the earlier groups already
     # quantized (q/k/v, then o, then gate/up, then down), one block forward per group.
-    groups = spec.sequential if cfg.true_sequential else (spec.linears,)
-    owners = _input_owners(spec)
+    groups = spec.solve_groups(cfg.true_sequential)
+    owners = spec.input_owners
+    collected = [spec.collected(group) for group in groups]  # the others share their owner's Hessian
     qweights, log = {}, []
     chunk = samples_per_chunk(inputs.hidden.shape[1])
+    n_samples = inputs.hidden.shape[0]
     float_next = None
+    held_all: dict[str, dict[int, torch.Tensor]] = {}
+    if float_side is not None and float_side.hold_all:
+        # The float block never changes, so one whole forward gives every group's float inputs and
+        # the float model's next-block inputs; each is handed over (and freed) when its group runs.
+        names = [n for cols in collected for n in cols]
+        outs = []
+        for start in range(0, n_samples, chunk):
+            held, out = _float_pass(float_side, start, chunk, names, cfg.skip_first, [])
+            for name, x in held.items():
+                held_all.setdefault(name, {})[start] = x
+            outs.append(out)
+        float_next = torch.cat(outs)
     for index, group in enumerate(groups):
         linears = {name: block.get_submodule(name) for name in group}
         solvers = {
             name: GPTQ(linear.weight.detach(), name=f"{prefix}.{name}") for name, linear in linears.items()
         }
-        collectors = [n for n in group if owners.get(n, n) == n or owners[n] not in group]
+        collectors = collected[index]
         # True-sequential groups are in data-flow order and read only earlier groups' outputs, so
         # this group and all later ones are not needed to produce this group's inputs. In one-pass
         # mode every Linear must run for real (o_proj reads what q/k/v produce).
         later = [n for g in groups[index + 1 :] for n in g]
         unneeded = [*group, *later] if cfg.true_sequential else []
-        # The last group's float pass runs the whole float block: its output is the float model's
-        # next-block input, which would otherwise cost a forward of its own.
         last = index == len(groups) - 1
-        out = _collect(
-            block,
-            inputs,
-            chunk,
-            {n: solvers[n] for n in collectors},
-            unneeded,
-            cfg.skip_first,
-            float_side,
-            float_output=last and float_side is not None,
+        float_inputs, outs = None, []
+        if float_side is not None and float_side.hold_all:
+            float_inputs = _handed_over(held_all, collectors)
+        elif float_side is not None:
+            # A float pass per chunk, stubbed like the quantized one; the last group's runs the whole
+            # float block, whose output is the float model's next-block input.
+            stubbed, keep = ([], outs) if last else (unneeded, None)
+            float_inputs = _float_passes(float_side, chunk, collectors, cfg.skip_first, stubbed, keep)
+        _collect(
+            block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first, float_inputs
         )
-        if out is not None:
-            float_next = out
+        if outs:
+            float_next = torch.cat(outs)
         for name in group:
             if name not in collectors:
                 solvers[name].take_hessian(solvers[owners[name]])
@@ -322,8 +368,11 @@ def quantize_blocks(
     state: PartialState,
     device: torch.device,
     model_dtype: torch.dtype,
+    hold_float_inputs: bool = True,
 ) -> list[dict[str, Any]]:
-    """Quantize every block not yet committed in `state`; returns every block's record, in order."""
+    """Quantize every block not yet committed in `state`; returns every block's record, in order.
+
+    `hold_float_inputs`: for `cfg.gptaq`, see `FloatSide.hold_all` (the memory estimate decides)."""
     blocks = model.get_submodule(spec.blocks)
     n_blocks = len(blocks)
     start = state.done
@@ -350,7 +399,9 @@ def quantize_blocks(
             ref = run_block(block, diag, samples_per_chunk(cfg.seqlen))
         float_side = None
         if float_hidden is not None:
-            float_side = (copy.deepcopy(block), BlockInputs(float_hidden, inputs.kwargs))
+            float_side = FloatSide(
+                copy.deepcopy(block), BlockInputs(float_hidden, inputs.kwargs), hold_float_inputs
+            )
         outcome = quantize_block(block, inputs, spec, cfg, prefix, float_side)
         record: dict[str, Any] = {"block": i, "layers": outcome.log}
         if outcome.search is not None:
@@ -368,8 +419,6 @@ def quantize_blocks(
             next_inputs["hidden"] = next_hidden
             if float_side is not None:
                 float_hidden = outcome.float_next
-                if float_hidden is None:
-                    float_hidden = run_block(float_side[0], float_side[1], samples_per_chunk(cfg.seqlen))
                 next_inputs[FLOAT_INPUTS] = float_hidden
         float_side = None
         state.commit_block(i, tensors, record, outcome.extra, next_inputs)

@@ -29,6 +29,9 @@ class MemoryEstimate:
     parts: dict[str, int]  # bytes per item
     available: int  # bytes the device has free now
     device: str
+    # --gptaq: one float forward per block, holding every group's float Linear inputs ("float_inputs"
+    # part) when that fits; otherwise a float pass per group and the part is left out.
+    hold_float_inputs: bool = False
 
     @property
     def total(self) -> int:
@@ -40,10 +43,13 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         items = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
-        return (
+        text = (
             f"memory: needs ~{self.total / GIB:.2f} GiB ({items}) of {self.available / GIB:.2f} GiB "
             f"available on {self.device}"
         )
+        if "float_stream" in self.parts and not self.hold_float_inputs:
+            text += "; too little to hold a block's float Linear inputs: one float pass per group instead"
+        return text
 
 
 def estimate(
@@ -83,7 +89,20 @@ def estimate(
         parts["awq_cache"] = min(tokens, 16384) * 2 * (hidden + widest) * 4
     if device == "cpu":
         parts["runtime"] = RUNTIME_OVERHEAD
-    return MemoryEstimate(parts=parts, available=available_bytes(device), device=device)
+    available = available_bytes(device)
+    hold = False
+    if cfg.method == "gptq" and cfg.gptaq:
+        # Every collected Linear's float inputs over all tokens (q, o, gate, down in a Llama block).
+        widths = [
+            ckpt.shape(f"{spec.blocks}.0.{n}.weight")[1]
+            for group in spec.solve_groups(cfg.true_sequential)
+            for n in spec.collected(group)
+        ]
+        held = tokens * sum(widths) * elt
+        hold = sum(parts.values()) + held <= HEADROOM * available
+        if hold:
+            parts["float_inputs"] = held
+    return MemoryEstimate(parts=parts, available=available, device=device, hold_float_inputs=hold)
 
 
 def check_fits(est: MemoryEstimate) -> None:

@@ -120,7 +120,9 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     if resumed_from:
         log(f"resuming: blocks 0..{resumed_from - 1} were saved in {state.root}")
     model = build_skeleton(config, compute_dtype)
-    blocks = quantize_blocks(model, ckpt, spec, cfg, calib_ids, state, torch.device(device), model_dtype)
+    blocks = quantize_blocks(
+        model, ckpt, spec, cfg, calib_ids, state, torch.device(device), model_dtype, est.hold_float_inputs
+    )
     write_checkpoint(output, model_dir, _export_entries(ckpt, spec, state, n_blocks, model_dtype), cfg)
     state.remove()
 

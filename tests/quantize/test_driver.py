@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,7 @@ from quant_helpers import (
 
 from qserve.errors import CheckpointError, ConfigError, DataSourceError, RecipeError, ResourceError
 from qserve.quantize import driver, lazy_model, pipeline
-from qserve.quantize.arch import arch_for_config
+from qserve.quantize.arch import ArchSpec, arch_for_config
 from qserve.quantize.capture import run_block
 from qserve.quantize.config import QuantConfig, check_layer_shapes, suggest_group_sizes
 from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton, materialize
@@ -168,7 +169,7 @@ def test_gptq_and_awq_beat_rtn_on_the_calibration_distribution(tmp_path, models,
 def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, calib, monkeypatch):
     """q/k/v (and gate/up) read one input: accumulating H once must change nothing."""
     quantize_tiny(models["llama"], tmp_path / "shared", calib, "gptq")
-    monkeypatch.setattr(driver, "_input_owners", lambda spec: {})
+    monkeypatch.setattr(ArchSpec, "input_owners", property(lambda self: {}))
     quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq")
     a, b = read_tensors(tmp_path / "shared"), read_tensors(tmp_path / "separate")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -345,6 +346,29 @@ def test_memory_estimate_grows_with_calibration_tokens(models):
     assert a.parts["hessians"] == 2 * 4 * (6 * 64 * 64 + 128 * 128)  # H + inverse per linear, fp32
 
 
+def test_gptaq_holds_the_float_inputs_only_when_they_fit(models, monkeypatch):
+    """--gptaq holds a block's float Linear inputs (q, o, gate, down: one per distinct input) when the
+    memory allows, and says it falls back to a float pass per group when not."""
+    from transformers import AutoConfig
+
+    from qserve.quantize import memory
+
+    src = models["llama"]
+    config = AutoConfig.from_pretrained(src)
+    spec, ckpt = arch_for_config(config), LazyCheckpoint(src)
+    cfg = QuantConfig(model="m", output="o", method="gptq", gptaq=True, n_samples=8, seqlen=64)
+    roomy = memory.estimate(ckpt, spec, config, cfg, torch.float32, "cpu")
+    assert roomy.hold_float_inputs
+    assert roomy.parts["float_inputs"] == 8 * 64 * (64 + 64 + 64 + 128) * 4
+    rest = roomy.total - roomy.parts["float_inputs"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(rest / memory.HEADROOM) + 1)
+    tight = memory.estimate(ckpt, spec, config, cfg, torch.float32, "cpu")
+    assert tight.fits and not tight.hold_float_inputs and "float_inputs" not in tight.parts
+    assert "one float pass per group" in tight.describe()
+    plain = memory.estimate(ckpt, spec, config, dataclasses.replace(cfg, gptaq=False), torch.float32, "cpu")
+    assert not plain.hold_float_inputs and "float_inputs" not in plain.parts
+
+
 def test_checkpoint_missing_a_block_tensor_names_it(tmp_path, calib):
     from safetensors.torch import load_file, save_file
 
@@ -448,10 +472,12 @@ def test_peak_rss_is_this_processs_own_not_its_parents():
     assert 0 < child < 1024 * 2**20, child
 
 
-def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib, monkeypatch):
+@pytest.mark.parametrize("held", [True, False])
+def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib, monkeypatch, held):
     """--gptaq: next to the quantized model's inputs, every solver gets the same tokens' inputs as the
     float model computes them. Checked on block 1's q/k/v (input_layernorm of the float block 0's
-    output) and on block 1's o_proj (the float attention), against a plain float forward."""
+    output) and on block 1's o_proj (the float attention), against a plain float forward; with the
+    float inputs held from one pass per block and with a float pass per group."""
     from transformers import AutoModelForCausalLM
 
     from qserve.quantize.gptq import GPTQ
@@ -468,6 +494,8 @@ def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib
     real_block0 = driver._block0_inputs
     monkeypatch.setattr(driver, "_block0_inputs", lambda *a: block0.append(real_block0(*a)) or block0[0])
     monkeypatch.setattr(GPTQ, "add_batch", record)
+    if not held:
+        _per_group_float_passes(monkeypatch)
     src = models["llama"]
     quantize_tiny(src, tmp_path / "gptaq", calib, "gptq", gptaq=True)
 
@@ -491,16 +519,26 @@ def test_gptaq_feeds_each_solver_the_float_models_inputs(tmp_path, models, calib
     torch.testing.assert_close(q0, f0, rtol=0, atol=0)
 
 
-def test_gptaq_float_stream_from_the_last_pass_equals_a_separate_forward(
-    tmp_path, models, calib, monkeypatch
-):
-    """The float model's next-block inputs come out of the last group's (unstubbed) float pass; computing
-    them with a forward of their own must give the identical checkpoint."""
-    quantize_tiny(models["llama"], tmp_path / "fused", calib, "gptq", gptaq=True)
-    real = driver._collect
-    monkeypatch.setattr(driver, "_collect", lambda *a, float_output=False: real(*a, float_output=False))
-    quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq", gptaq=True)
-    a, b = read_tensors(tmp_path / "fused"), read_tensors(tmp_path / "separate")
+def _per_group_float_passes(monkeypatch) -> None:
+    """Make --gptaq runs take the low-memory path: a float pass per group instead of one per block."""
+    real = pipeline.quantize_blocks
+    monkeypatch.setattr(pipeline, "quantize_blocks", lambda *a: real(*a[:-1], False))
+
+
+def test_gptaq_one_float_pass_equals_a_float_pass_per_group(tmp_path, models, calib, monkeypatch):
+    """--gptaq runs the float block once per block, holding every group's float Linear inputs, when
+    memory allows; otherwise once per group, stubbed like the quantized passes. Same checkpoint."""
+    calls = []
+    real_pass = driver._float_pass
+    monkeypatch.setattr(driver, "_float_pass", lambda *a: calls.append(a[5]) or real_pass(*a))
+    quantize_tiny(models["llama"], tmp_path / "held", calib, "gptq", gptaq=True)
+    held_calls, calls[:] = list(calls), []
+    _per_group_float_passes(monkeypatch)
+    quantize_tiny(models["llama"], tmp_path / "per-group", calib, "gptq", gptaq=True)
+    # 2 blocks x 4 groups, the last group's passes unstubbed; held: whole passes only, 4x fewer
+    assert len(calls) == 4 * len(held_calls) and all(u == [] for u in held_calls)
+    assert sum(u == [] for u in calls) == len(held_calls)
+    a, b = read_tensors(tmp_path / "held"), read_tensors(tmp_path / "per-group")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq")
     plain = read_tensors(tmp_path / "plain")
