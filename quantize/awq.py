@@ -16,9 +16,7 @@ sequences (for attention). `search_tokens` sets that budget; see the module docs
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -169,94 +167,45 @@ def awq_search_block(
     max_chunk_tokens: int = 16384,
     search_tokens: int = 2048,
     activations: AwqActivations | None = None,
-    quantize_stage: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> AwqBlockResult:
     """Search AWQ scales (and clips) for one block; the block is left as it was.
 
-    `activations` from `collect_awq_activations` (same block, inputs and spec) skip the (first) forward.
-
-    `quantize_stage(scaled weight, clip or None)` -> the weight the quantized model will hold: with it,
-    the search runs stage by stage (`search_stages`): each stage's scales and clips are searched on
-    activations computed with the earlier stages already scaled and quantized (on a copy of the block),
-    as GPTQ's true-sequential order does. Without it, every group is searched on one float forward of
-    the block (llm-awq's and AutoAWQ's order).
+    `activations` from `collect_awq_activations` (same block, inputs and spec) skip the forward.
     """
+    if activations is None:
+        activations, _ = collect_awq_activations(
+            block, inputs, block_kwargs, spec, search_tokens=search_tokens, max_chunk_tokens=max_chunk_tokens
+        )
     groups, _ = applicable_groups(block, spec)
-    stages = search_stages(spec, groups) if quantize_stage is not None else [list(spec.linears)]
-    work = copy.deepcopy(block) if len(stages) > 1 else block
-    scales: list[AwqScale] = []
-    clips: list[AwqClip] = []
-    log: list[dict] = []
-    for index, stage in enumerate(stages):
-        if activations is None or index > 0:
-            activations, _ = collect_awq_activations(
-                work,
-                inputs,
-                block_kwargs,
-                spec,
-                search_tokens=search_tokens,
-                max_chunk_tokens=max_chunk_tokens,
-            )
-        stage_groups = [g for g in groups if g.input_of in stage]
-        kwargs = float32_tree(batch_index(block_kwargs, activations.sample_index, activations.n_samples))
-        stage_scales = []
-        for g in stage_groups:
-            s, entry = _search_group(work, g, activations.inputs[g.input_of], kwargs, bits, group_size, sym,
-                                     n_grid, duo_scaling, max_chunk_tokens)  # fmt: skip
-            stage_scales.append(AwqScale(g.prev_op, g.linears, s))
-            log.append({"prev_op": g.prev_op, "linears": list(g.linears), **entry})
-        stage_clips = (
-            _search_clips(work, spec, activations, groups, stage_scales, bits, group_size, sym, stage)
-            if clip
-            else []
-        )
-        scales += stage_scales
-        clips += stage_clips
-        if index < len(stages) - 1:
-            _quantize_stage(work, stage, stage_scales, stage_clips, spec, quantize_stage)
-    return AwqBlockResult(scales=tuple(scales), clips=tuple(clips), log=tuple(log))
-
-
-def search_stages(spec: ArchSpec, groups: list[ScaleGroup]) -> list[list[str]]:
-    """The block's Linears in true-sequential groups, merged where a scale group's previous op is a
-    Linear of an earlier group (up_proj -> down_proj, v_proj -> o_proj): its scales fold into that
-    Linear's output rows, so they must be searched before it is quantized."""
-    stages = [list(group) for group in spec.sequential]
+    kwargs = float32_tree(batch_index(block_kwargs, activations.sample_index, activations.n_samples))
+    scales, log = [], []
     for g in groups:
-        first = next((i for i, st in enumerate(stages) if g.prev_op in st), None)
-        last = max(i for i, st in enumerate(stages) if any(n in st for n in g.linears))
-        if first is not None and first < last:
-            stages[first : last + 1] = [[n for st in stages[first : last + 1] for n in st]]
-    return stages
-
-
-def _search_group(block, g, acts, kwargs, bits, group_size, sym, n_grid, duo_scaling, max_chunk_tokens):
-    inspect_module = block.get_submodule(g.inspect)
-    if isinstance(inspect_module, nn.Linear) and g.linears != (g.inspect,):
-        raise ValueError(f"scale group {g.prev_op}: a Linear inspect module must be the group's only linear")
-    x = acts.seqs if acts.seqs is not None else acts.rows
-    # Token-wise modules (seqs is None) score sampled rows, which match no per-sequence kwargs.
-    loss_fn = InspectLoss(
-        block, g.inspect, g.linears, x, kwargs if acts.seqs is not None else {}, max_chunk_tokens
-    )
-    weights = [block.get_submodule(name).weight for name in g.linears]
-    return search_scale(
-        weights, acts.abs_mean, loss_fn, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid,
-        duo_scaling=duo_scaling,
-    )  # fmt: skip
-
-
-def _quantize_stage(work, stage, scales, clips, spec, quantize_stage) -> None:
-    """Fold a stage's scales into the working copy and replace its Linears by their quantized weights."""
-    awq_apply_block(work, AwqBlockResult(scales=tuple(scales), clips=(), log=()), spec)
-    clip_of = {c.linear: c.max_val for c in clips}
-    for name in stage:
-        linear = work.get_submodule(name)
-        clip = clip_of.get(name)
-        w = quantize_stage(
-            linear.weight.detach().float(), None if clip is None else clip.to(linear.weight.device)
+        acts = activations.inputs[g.input_of]
+        inspect_module = block.get_submodule(g.inspect)
+        if isinstance(inspect_module, nn.Linear) and g.linears != (g.inspect,):
+            raise ValueError(
+                f"scale group {g.prev_op}: a Linear inspect module must be the group's only linear"
+            )
+        x = acts.seqs if acts.seqs is not None else acts.rows
+        # Token-wise modules (seqs is None) score sampled rows, which match no per-sequence kwargs.
+        loss_fn = InspectLoss(
+            block, g.inspect, g.linears, x, kwargs if acts.seqs is not None else {}, max_chunk_tokens
         )
-        linear.weight.copy_(w.to(linear.weight.dtype))
+        weights = [block.get_submodule(name).weight for name in g.linears]
+        s, entry = search_scale(
+            weights,
+            acts.abs_mean,
+            loss_fn,
+            bits=bits,
+            group_size=group_size,
+            sym=sym,
+            n_grid=n_grid,
+            duo_scaling=duo_scaling,
+        )
+        scales.append(AwqScale(g.prev_op, g.linears, s))
+        log.append({"prev_op": g.prev_op, "linears": list(g.linears), **entry})
+    clips = _search_clips(block, spec, activations, groups, scales, bits, group_size, sym) if clip else []
+    return AwqBlockResult(scales=tuple(scales), clips=tuple(clips), log=tuple(log))
 
 
 @torch.no_grad()
@@ -296,12 +245,12 @@ def folded_weight(block: nn.Module, name: str, scales: list[AwqScale]) -> torch.
     return w
 
 
-def _search_clips(block, spec, activations, groups, scales, bits, group_size, sym, names) -> list[AwqClip]:
+def _search_clips(block, spec, activations, groups, scales, bits, group_size, sym) -> list[AwqClip]:
     sources = input_sources(groups, spec)
     scale_of = {name: sc.scales for sc in scales for name in sc.linears}
     grams: dict[tuple[str, bool], torch.Tensor] = {}
     clips = []
-    for name in names:
+    for name in spec.linears:
         if name.rsplit(".", 1)[-1] in NO_CLIP:
             continue
         acts = activations.inputs[sources[name]]

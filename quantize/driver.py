@@ -325,9 +325,6 @@ def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: Quant
         n_grid=cfg.n_grid,
         duo_scaling=cfg.duo_scaling,
         clip=cfg.clip,
-        # True-sequential: later stages (o_proj; the MLP) are searched on the activations of the block
-        # with the earlier ones quantized, exactly as they will be served.
-        quantize_stage=_awq_stage_quantizer(cfg) if cfg.true_sequential else None,
     )
     awq_apply_block(block, result, spec)
     clips = {c.linear: c.max_val for c in result.clips}
@@ -344,13 +341,6 @@ def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: Quant
     # The log lives in the record's "layers"; the rest of the metadata names the saved tensors.
     search = {k: v for k, v in state["meta"].items() if k != "log"}
     return BlockOutcome(qweights, [_plain(entry) for entry in result.log], extra, search)
-
-
-def _awq_stage_quantizer(cfg: QuantConfig) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    def served(w: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
-        return served_weight(rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, clip_max=clip))
-
-    return served
 
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:
