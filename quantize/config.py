@@ -64,7 +64,8 @@ class QuantConfig:
     # Asymmetric calibration (the GPTAQ objective, Li et al. 2025): fit each layer's output on the
     # quantized model's inputs to the float model's output on the float model's inputs, instead of to
     # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
-    # one float-block forward per true-sequential group and a second copy of the block activations.
+    # a float-block forward per block (per true-sequential group when memory is short) and a second
+    # copy of the block activations.
     gptaq: bool = False
     # AWQ
     duo_scaling: bool = True

@@ -244,19 +244,18 @@ def _gptq_block(
     collected = [spec.collected(group) for group in groups]  # the others share their owner's Hessian
     qweights, log = {}, []
     chunk = samples_per_chunk(inputs.hidden.shape[1])
-    n_samples = inputs.hidden.shape[0]
     float_next = None
     held_all: dict[str, dict[int, torch.Tensor]] = {}
     if float_side is not None and float_side.hold_all:
         # The float block never changes, so one whole forward gives every group's float inputs and
         # the float model's next-block inputs; each is handed over (and freed) when its group runs.
-        names = [n for cols in collected for n in cols]
-        outs = []
-        for start in range(0, n_samples, chunk):
-            held, out = _float_pass(float_side, start, chunk, names, cfg.skip_first, [])
-            for name, x in held.items():
+        outs: list[torch.Tensor] = []
+        whole = _float_passes(
+            float_side, chunk, [n for cols in collected for n in cols], cfg.skip_first, [], outs
+        )
+        for start in range(0, inputs.hidden.shape[0], chunk):
+            for name, x in whole(start).items():
                 held_all.setdefault(name, {})[start] = x
-            outs.append(out)
         float_next = torch.cat(outs)
     for index, group in enumerate(groups):
         linears = {name: block.get_submodule(name) for name in group}
