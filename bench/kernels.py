@@ -1,4 +1,4 @@
-"""GPU benchmark of qserve's kernels (../shared/docs/BENCHMARKS.md, "Kernels").
+"""GPU benchmark of qserve's kernels (docs/benchmarks.md, "Kernels").
 
 Dequant-GEMM: for Llama-class layer shapes (K x N = in x out) and M rows, the fused Triton kernel and
 the dequantize + torch.matmul path against torch.matmul on the already-dequantized fp16/bf16 weight

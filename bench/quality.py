@@ -5,7 +5,7 @@ For each method (RTN, AWQ, GPTQ with act-order) at the same bits and group size,
 the original on the SAME WikiText-2 windows. Prints a table last and writes JSON.
 
     python bench/quality.py --model smollm2-135m --group-size 64 --n-samples 128 --seqlen 512 \
-        --windows 16 --out bench/quality.json
+        --windows 16 --out bench/results/quality.json
 
 Recovered = (ppl_RTN - ppl_method) / (ppl_RTN - ppl_original): the fraction of RTN's loss a
 calibrated method wins back (issue 3 asks for at least 0.5), against the RTN row with the same
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--workdir", default=None, help="Keep checkpoints here (default: a temporary directory).")
-    ap.add_argument("--out", default="bench/quality.json")
+    ap.add_argument("--out", default="bench/results/quality.json")
     ap.add_argument(
         "--autoawq-dtype", choices=("float16", "float32"), default="float16", help="AutoAWQ's compute dtype"
     )

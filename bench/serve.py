@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--ignore-eos", action="store_true", help="Generate exactly the target length.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--result-file", default=None, help="JSON output (default: bench/serve_<rate>.json).")
+    p.add_argument("--result-file", default=None, help="JSON output (default: bench/results/serve_rate<rate>.json).")
     args = p.parse_args(argv)
     if args.request_rate <= 0 or (args.max_concurrency is not None and args.max_concurrency < 1):
         p.error("--request-rate must be > 0 and --max-concurrency >= 1")
@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary, results = asyncio.run(run(args))
-    path = Path(args.result_file or Path(__file__).with_name(f"serve_rate{args.request_rate:g}.json"))
+    path = Path(args.result_file or Path(__file__).with_name("results") / f"serve_rate{args.request_rate:g}.json")
     path.write_text(json.dumps({"summary": summary, "requests": [asdict(r) for r in results]}, indent=1))
     print(f"wrote {path}")
     print_table(summary)

@@ -1,6 +1,6 @@
 """Offline serving throughput: the qserve engine vs Hugging Face `generate`, same prompts, one run.
 
-BENCHMARKS.md "Serving": N ShareGPT prompts (first human turn; 4..1024 tokens, as vLLM's benchmark
+docs/benchmarks.md "Offline throughput": N ShareGPT prompts (first human turn; 4..1024 tokens, as vLLM's benchmark
 filters them), greedy, `max_tokens` output tokens each with EOS ignored, so every system produces
 exactly the same number of tokens. Systems, interleaved per repetition:
   qserve      all prompts submitted at once to the continuous-batching engine
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument(
         "--skip-hf-single", action="store_true", help="the slowest baseline; its ratio is then omitted"
     )
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "throughput.json")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "throughput.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -173,7 +173,7 @@ def main() -> None:
         runs["hf-batch8"].append(run_hf(hf, hf_tok, prompts, args.max_tokens, 8))
         if not args.skip_hf_single:
             runs["hf-single"].append(run_hf(hf, hf_tok, prompts, args.max_tokens, 1))
-    # This machine's bandwidth drifts with its neighbours (48-81 GB/s seen within one session), so it is
+    # This machine's bandwidth drifts with its neighbours (48-81 GB/s seen within one day, 2026-12-01), so it is
     # sampled around every batch-1 run and the ceiling takes the highest sample: the fraction reported
     # is then a lower bound, never flattered by a slow moment of the measurement.
     bandwidths, b1_runs = [measure_bandwidth()], []
