@@ -51,7 +51,7 @@ def default_model_dir(name: str) -> Path:
 
 
 def _embedded_gguf_path(model: EmbeddedModel) -> Path:
-    # find_spec locates the package without running its __init__ (which imports the `llm` CLI we don't need).
+    # find_spec locates the package without running its __init__ (which imports the `llm` CLI, not needed here).
     spec = importlib.util.find_spec(model.module)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for loc in locations:

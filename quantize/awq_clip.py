@@ -5,8 +5,8 @@ As in llm-awq's `auto_clip`: candidates shrink the group's max |w| by 0, 1/n_gri
 squared error of that group's partial dot products over the calibration tokens.
 
 The error of one row-group e = Q(w) - w [gs] over tokens x_g is mean_t (x_g . e)^2 = e^T G_g e / n with
-G_g = sum_t x_g x_g^T, so we keep only the per-group Gram blocks and never materialize the
-[out, tokens, groups] products the reference builds (which is why it samples just 512 tokens).
+G_g = sum_t x_g x_g^T, so only the per-group Gram blocks are kept, never the [out, tokens, groups]
+products the reference builds (which is why it samples just 512 tokens).
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def _solve(
             elif col % gs == 0:
                 # A group's qparams come from its columns as they stand now, after every update
                 # from earlier columns. The reference reads the global W here, which misses this
-                # block's pending updates when a group starts mid-block; we read current values.
+                # block's pending updates when a group starts mid-block; this reads current values.
                 cur = _current_columns(w, w1, err1, hinv, i1, i2, i, min(col + gs, in_f))
                 scale, zero = qparams(cur, bits, sym)
                 scales[col // gs], zeros[col // gs] = scale, zero

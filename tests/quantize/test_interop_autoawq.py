@@ -1,7 +1,7 @@
 """AutoAWQ 0.2.9, the reader the AWQ-GEMM layout comes from, loads qserve's AWQ checkpoints unchanged.
 
 Its code shares nothing with `qserve.kernels.packing`, so agreement here catches a packing, naming or
-metadata bug that a round trip through our own unpack would hide. The checkpoint goes through AutoAWQ's
+metadata bug that a round trip through qserve's own unpack would hide. The checkpoint goes through AutoAWQ's
 own `from_quantized` (its config reader, its WQLinear_GEMM layers and its accelerate-based weight load),
 then every layer is dequantized with AutoAWQ's `dequantize_gemm` and run through WQLinear_GEMM's forward.
 
