@@ -10,7 +10,7 @@ dispatcher should pick; qserve.kernels.FUSED_MAX_TOKENS should sit at the measur
 Paged attention: the decode kernel against the same attention over a contiguous cache (SDPA), and the
 prefill kernel against the torch gather path, at equal context lengths.
 
-    python bench/kernels.py --out bench/kernels.json          # needs CUDA; exits 2 on a CPU machine
+    python bench/kernels.py --out bench/results/kernels.json          # needs CUDA; exits 2 on a CPU machine
     python bench/kernels.py --cpu-attention                   # CPU: the torch paged-attention path
 """
 
