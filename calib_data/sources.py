@@ -73,6 +73,16 @@ class ResolvedSource:
     hub_files: str | None = None
     kind: str = "documents"  # "documents" (one text per record) or "rows" (wikitext lines)
 
+    def describe(self) -> str:
+        """Where the text is read from, for log lines: the file, the directory's file count, or the hub."""
+        if self.hub is not None:
+            name, config, split = self.hub
+            extra = f", {self.hub_files}" if self.hub_files else ""
+            return f"Hugging Face dataset {name} ({config or 'default'}, {split}{extra})"
+        if len(self.paths) == 1:
+            return str(self.paths[0])
+        return f"{len(self.paths)} files under {os.path.commonpath([str(p) for p in self.paths])}"
+
 
 def _is_hub_id(spec: str) -> bool:
     head = spec.split(":")[0]

@@ -11,9 +11,13 @@ the shared packed-format code (kernels/packing.py), so `eval ppl` runs unchanged
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from qserve.errors import CheckpointError, ConfigError
@@ -214,3 +218,116 @@ def evaluate_ppl(
     tokens = eval_tokens(tokenizer, dataset)
     model = load_causal_lm(model_path, dtype=dtype or "auto", device=device)
     return perplexity(model, tokens, seqlen, max_windows, batch_size, progress, dataset)
+
+
+# Bumped whenever the protocol or the numbers it produces change, so older cache entries stop matching.
+PPL_CACHE_VERSION = 1
+
+
+def ppl_cache_dir() -> Path:
+    """Where original-model perplexities are cached: $QSERVE_HOME/ppl (default ~/.cache/qserve/ppl)."""
+    from qserve.hub import qserve_home
+
+    return qserve_home() / "ppl"
+
+
+def _safetensors_header_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's header (names, dtypes, shapes, offsets); reads only the header."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return hashlib.sha256(fh.read(min(n, 100 * 1024 * 1024))).hexdigest()
+
+
+def _file_key(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def ppl_cache_key(
+    model_dir: str | Path,
+    dataset: str,
+    seqlen: int,
+    max_windows: int | None,
+    batch_size: int,
+    device: str,
+    dtype,
+) -> dict:
+    """Everything the original model's perplexity depends on: its weight files (path, size, mtime and the
+    safetensors header), its config and tokenizer files, the evaluation text file, and the settings."""
+    from qserve.calib_data import resolve_source
+
+    model_dir = Path(model_dir)
+    device = _resolve_device(device)
+    weights = []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        weights.append({**_file_key(f), "header_sha256": _safetensors_header_sha256(f)})
+    others = [
+        _file_key(model_dir / name)
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json")
+        if (model_dir / name).is_file()
+    ]
+    src = resolve_source(dataset)
+    text = [_file_key(p) for p in src.paths] if src.paths else [list(src.hub or ())]
+    return {
+        "version": PPL_CACHE_VERSION,
+        "weights": weights,
+        "files": others,
+        "dataset": dataset,
+        "text": text,
+        "seqlen": seqlen,
+        "max_windows": max_windows,
+        "batch_size": batch_size,
+        "device": device.split(":")[0],
+        "dtype": str(_resolve_dtype(dtype, device)).removeprefix("torch."),
+    }
+
+
+def original_ppl(
+    model_dir: str | Path,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    cache: bool = True,
+) -> PplResult:
+    """`evaluate_ppl` for an unquantized model, cached: the same weight files and evaluation settings give
+    the same number, so it is computed once (`ppl_cache_dir()`, one JSON file per key) and reused."""
+    kwargs = dict(
+        dataset=dataset,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    if not cache:
+        return evaluate_ppl(model_dir, progress=progress, **kwargs)
+    key = ppl_cache_key(model_dir, dataset, seqlen, max_windows, batch_size, device, dtype)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    entry = ppl_cache_dir() / f"{digest}.json"
+    if entry.is_file():
+        try:
+            saved = json.loads(entry.read_text())
+            if saved.get("key") == key:
+                result = PplResult(**{f.name: saved["result"][f.name] for f in fields(PplResult)})
+                log(
+                    f"original perplexity from cache ({entry}): {result.ppl:.4f} on {result.windows} windows x "
+                    f"{result.seqlen} (computed once in {result.seconds:.0f} s)"
+                )
+                return result
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log(f"ignoring unreadable perplexity cache entry {entry} ({type(exc).__name__}); recomputing")
+    result = evaluate_ppl(model_dir, progress=progress, **kwargs)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "result": result.to_dict()}, indent=1) + "\n")
+        tmp.replace(entry)
+        log(f"original perplexity {result.ppl:.4f} computed in {result.seconds:.0f} s; cached in {entry}")
+    except OSError as exc:
+        log(f"original perplexity {result.ppl:.4f}; could not cache it in {entry} ({exc.strerror})")
+    return result

@@ -76,17 +76,25 @@ def _finished_checkpoint_matches(output: Path, cfg) -> bool:
 
 def _stage_quantize(recipe: Recipe, progress: bool, log) -> dict:
     from qserve.quantize.config import QuantConfig
-    from qserve.quantize.pipeline import quantize_model
+    from qserve.quantize.pipeline import quantize_model, resolve_config
     from qserve.quantize.resume import partial_dir
 
     output = Path(recipe.output).expanduser()
     probe = recipe.quant_config()
-    if output.exists() and _finished_checkpoint_matches(output, probe):
-        return {"reused": True, "checkpoint": str(output)}
+    # An automatic group size is compared as the size it resolves to for this model.
+    if output.exists():
+        resolved = resolve_config(probe)
+        if _finished_checkpoint_matches(output, resolved):
+            return {"reused": True, "checkpoint": str(output), "group_size": resolved.group_size}
     resume = partial_dir(output).exists()
     cfg: QuantConfig = recipe.quant_config(eval=False, resume=resume, quiet=not progress)
     report = quantize_model(cfg, log=log)
-    return {"reused": False, "resumed_from_block": report.resumed_from_block, "checkpoint": str(output)}
+    return {
+        "reused": False,
+        "resumed_from_block": report.resumed_from_block,
+        "checkpoint": str(output),
+        "group_size": report.config["group_size"],
+    }
 
 
 def _stage_validate(recipe: Recipe, log) -> dict:
@@ -101,7 +109,7 @@ def _stage_validate(recipe: Recipe, log) -> dict:
 
 
 def _stage_eval(recipe: Recipe, progress: bool, log) -> dict:
-    from qserve.evaluate import evaluate_ppl
+    from qserve.evaluate import evaluate_ppl, original_ppl
     from qserve.hub import resolve_model
 
     original_dir = resolve_model(recipe.model, progress=progress)
@@ -111,7 +119,7 @@ def _stage_eval(recipe: Recipe, progress: bool, log) -> dict:
         kw = dict(
             dataset=ds, seqlen=st.seqlen, max_windows=st.windows, batch_size=st.batch_size, progress=progress
         )
-        orig = evaluate_ppl(original_dir, **kw)
+        orig = original_ppl(original_dir, log=log, **kw)  # cached: same files and settings, same number
         quant = evaluate_ppl(recipe.output, **kw)
         table[ds] = {
             "original": orig.to_dict(),
@@ -171,9 +179,15 @@ def _gates(recipe: Recipe, eval_detail: dict) -> list[dict[str, Any]]:
     return gates
 
 
-def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> RunReport:
-    from tqdm.auto import tqdm
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
+
+def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> RunReport:
+    """Runs the stages in order. With `progress`, a line before and after each stage says which one runs
+    and how long it took; no overall ETA, since the stages differ in cost by orders of magnitude (quantize
+    takes minutes, validate seconds) and a per-stage average would extrapolate the first one's time."""
     start = time.perf_counter()
     report = RunReport(
         str(recipe.path),
@@ -188,7 +202,6 @@ def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None]
         "eval": recipe.eval.enabled,
         "serve_smoke": recipe.serve_smoke.enabled,
     }
-    bar = tqdm(total=len(STAGES), desc="run", unit="stage", disable=not progress, position=0)
     actions = {
         "quantize": lambda: _stage_quantize(recipe, progress, log),
         "validate": lambda: _stage_validate(recipe, log),
@@ -196,11 +209,13 @@ def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None]
         "serve_smoke": lambda: _stage_smoke(recipe, log),
     }
     failed = False
-    for stage in report.stages:
-        bar.set_description(f"run: {stage.name}")
+    for number, stage in enumerate(report.stages, 1):
         if failed or not enabled[stage.name]:
-            bar.update(1)
             continue
+        if progress:
+            log(
+                f"[run {number}/{len(STAGES)}] {stage.name} (run elapsed {_duration(time.perf_counter() - start)})"
+            )
         t0 = time.perf_counter()
         try:
             stage.detail = actions[stage.name]()
@@ -210,9 +225,11 @@ def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None]
             log(f"{stage.name}: {exc}")
         stage.seconds = time.perf_counter() - t0
         stage.peak_rss_bytes = _peak_rss()
+        if progress:
+            log(f"[run {number}/{len(STAGES)}] {stage.name} {stage.status} in {_duration(stage.seconds)}")
+        if stage.name == "quantize" and stage.detail.get("group_size") is not None:
+            report.quant_config["group_size"] = stage.detail["group_size"]  # an automatic size, resolved
         if stage.name == "eval" and stage.status == "ok":
             report.gates = _gates(recipe, stage.detail)
-        bar.update(1)
-    bar.close()
     report.wall_seconds = time.perf_counter() - start
     return report

@@ -22,6 +22,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The GPTQ layout packs 2, 4 and 8 bits per word; 4 is the one every kernel reads, 8 is the plus.
 GPTQ_BITS = (4, 8)
 AWQ_BITS = (4,)  # AWQ GEMM exists only at 4 bits
+# The group sizes an automatic choice picks from, largest first: 128 is the GPTQ/AWQ convention (what
+# published checkpoints and the kernels are tuned for); 64 and 32 are the standard fallbacks when a
+# layer's input size is not a multiple of 128 (SmolLM2's 576).
+AUTO_GROUP_SIZES = (128, 64, 32)
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,9 @@ class QuantConfig:
     output: str
     method: str
     bits: int = 4
-    group_size: int = 128
+    # None = automatic: the largest of AUTO_GROUP_SIZES that divides every quantized layer's in_features,
+    # chosen once the checkpoint header is read (`resolve_group_size`). An explicit size is never changed.
+    group_size: int | None = None
     # GPTQ checkpoints in the wild are symmetric (vLLM's CPU GPTQ path refuses sym=false); AWQ's are
     # asymmetric ("zero_point": true). None resolves to that per-method default.
     sym: bool | None = None
@@ -96,7 +102,7 @@ class QuantConfig:
                 f"bits={self.bits} is not available in the {self.format} layout; use one of {allowed_bits}"
                 + (" (AWQ GEMM is 4-bit only; use --method gptq for 8-bit)" if self.format == "awq" else "")
             )
-        if self.group_size != -1 and self.group_size < 1:
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size={self.group_size}: expected a positive size or -1 (per channel)")
         if self.method != "gptq" and (self.desc_act or self.static_groups):
             raise ConfigError(
@@ -174,7 +180,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "output": (str,),
     "method": (str,),
     "bits": (int,),
-    "group_size": (int,),
+    "group_size": (int, type(None)),
     "sym": (bool, type(None)),
     "format": (str, type(None)),
     "calib": (str,),
@@ -221,6 +227,8 @@ def check_layer_shapes(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> 
 
     `shapes` maps each Linear to be quantized to its weight shape (out, in).
     """
+    if cfg.group_size is None:
+        raise ValueError("check_layer_shapes needs a resolved group size; call resolve_group_size first")
     per_word = 32 // cfg.bits
     bad_group: dict[str, int] = {}
     bad_pack: dict[str, tuple[int, int]] = {}
@@ -243,6 +251,92 @@ def check_layer_shapes(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> 
             f"{len(bad_pack)} layer(s) have (out, in) not divisible by {per_word} and cannot be packed "
             f"at {cfg.bits} bits: {listed}"
         )
+
+
+# GPTQ's update solves with H = 2 X X^T over the calibration tokens: an in x in matrix estimated from
+# n tokens. n < in makes H singular (only the damping keeps it invertible); for n a few times in, the
+# smallest eigenvalues of a sample covariance are shrunk by about (1 - sqrt(in / n))^2 (Marchenko-Pastur),
+# and H^-1, which steers every GPTQ update, is led by exactly those directions. At n = 16 x in that
+# factor is 0.56; at 4 x in it is 0.25. Measured on SmolLM2-135M (widest in_features 1536, bench/RESULTS.md):
+# 16 x 512 tokens (5.3 x 1536) +48.9% WikiText-2 perplexity, 32 x 512 (10.7x) +34.4%, while 128 x 512
+# (42.7x) all GPTQ variants answer the smoke question. Hence a warning below 16 tokens per input channel.
+GPTQ_MIN_TOKENS_PER_IN_FEATURE = 16
+# AWQ reduces its calibration to per-channel mean |x| (a first moment, stable with far fewer tokens) and
+# searches scales and clips on a strided subset of 2048 token rows (quantize/awq.py `search_tokens`):
+# fewer calibration tokens than that budget means the search sees fewer rows than it was designed for.
+AWQ_MIN_TOKENS = 2048
+
+
+def calibration_warning(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """A warning when the calibration token count is below what `cfg.method` needs for these layers."""
+    if cfg.method == "rtn" or not shapes:
+        return None
+    tokens = cfg.n_samples * (cfg.seqlen - cfg.skip_first)
+    size = f"{cfg.n_samples} x {cfg.seqlen} = {tokens} calibration tokens"
+    if cfg.method == "gptq":
+        widest_name, (_, widest) = max(shapes.items(), key=lambda kv: kv[1][1])
+        need = GPTQ_MIN_TOKENS_PER_IN_FEATURE * widest
+        if tokens >= need:
+            return None
+        worse = (
+            f"fewer than its {widest} input channels, so its Hessian is singular and only the damping keeps "
+            "it invertible"
+            if tokens < widest
+            else f"{tokens / widest:.1f} per input channel"
+        )
+        return (
+            f"warning: {size} is too few for GPTQ on this model: the widest quantized layer "
+            f"({_suffix(widest_name)}, in_features {widest}) gets {worse}. GPTQ needs about "
+            f"{GPTQ_MIN_TOKENS_PER_IN_FEATURE} tokens per input channel ({need} here) for a well-conditioned "
+            f"Hessian; expect a large perplexity loss. Raise --n-samples to at least "
+            f"{-(-need // (cfg.seqlen - cfg.skip_first))} (or --seqlen), or use --method awq."
+        )
+    if tokens >= AWQ_MIN_TOKENS:
+        return None
+    return (
+        f"warning: {size} is fewer than AWQ's scale/clip search budget of {AWQ_MIN_TOKENS} tokens; the "
+        f"search sees fewer token rows than it is designed for. Raise --n-samples to at least "
+        f"{-(-AWQ_MIN_TOKENS // cfg.seqlen)} (or --seqlen)."
+    )
+
+
+def _suffix(name: str) -> str:
+    return ".".join(p if not p.isdigit() else "*" for p in name.split("."))
+
+
+def resolve_group_size(
+    cfg: QuantConfig, shapes: dict[str, tuple[int, int]]
+) -> tuple[QuantConfig, str | None]:
+    """`cfg` with a concrete group size, and a log line saying which was chosen and why (None when the
+    user set one).
+
+    Automatic choice: the largest of AUTO_GROUP_SIZES dividing every quantized layer's in_features. A
+    model none of them fits is a ConfigError listing what would (per channel, -1, always does).
+    """
+    if cfg.group_size is not None:
+        return cfg, None
+    in_features = sorted({in_f for _, in_f in shapes.values()})
+    fits = [g for g in AUTO_GROUP_SIZES if all(f % g == 0 for f in in_features)]
+    if not fits:
+        fit = suggest_group_sizes(in_features)
+        raise ConfigError(
+            f"no standard group size ({', '.join(map(str, AUTO_GROUP_SIZES))}) divides every quantized layer's "
+            f"input size (in_features {', '.join(map(str, in_features))}); pass --group-size "
+            f"{' or '.join(map(str, fit))}"
+        )
+    chosen = fits[0]
+    skipped = [g for g in AUTO_GROUP_SIZES if g > chosen]
+    why = (
+        f"the largest standard size dividing every quantized layer's in_features "
+        f"({', '.join(map(str, in_features))})"
+    )
+    if skipped:
+        misfit = {g: [f for f in in_features if f % g] for g in skipped}
+        why += "; " + "; ".join(
+            f"{g} does not divide {', '.join(map(str, bad))}" for g, bad in misfit.items()
+        )
+    msg = f"group size: {chosen} (automatic: {why}; set --group-size to choose)"
+    return dataclasses.replace(cfg, group_size=chosen), msg
 
 
 def suggest_group_sizes(in_features: list[int]) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import ArchSpec, arch_for_config
-from qserve.quantize.config import QuantConfig, check_layer_shapes
+from qserve.quantize.config import QuantConfig, calibration_warning, check_layer_shapes, resolve_group_size
 from qserve.quantize.driver import quantize_blocks
 from qserve.quantize.export import TensorEntry, write_checkpoint
 from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton
@@ -90,9 +90,10 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     spec = arch_for_config(config)
     ckpt = LazyCheckpoint(model_dir)
     n_blocks = config.num_hidden_layers
-    check_layer_shapes(cfg, _layer_shapes(ckpt, spec, n_blocks))
-    if cfg.method != "rtn":
-        check_source(cfg.calib)
+    shapes = _layer_shapes(ckpt, spec, n_blocks)
+    cfg, chosen = resolve_group_size(cfg, shapes)
+    check_layer_shapes(cfg, shapes)
+    calib_source = check_source(cfg.calib) if cfg.method != "rtn" else None
     if cfg.eval:
         check_source(EVAL_DATASET)
     device = resolve_device(cfg.device)
@@ -101,6 +102,11 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     est = estimate(ckpt, spec, config, cfg, compute_dtype, device)
     log(f"model: {model_dir} ({spec.family}, {n_blocks} blocks, {str(model_dtype).removeprefix('torch.')})")
     log(est.describe())
+    if chosen:
+        log(chosen)
+    warning = calibration_warning(cfg, shapes)
+    if warning:
+        log(warning)
     check_fits(est)
 
     calib_ids = None
@@ -113,7 +119,10 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
         calib_ids = get_calib_samples(
             cfg.calib, tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed, mode=cfg.calib_mode
         )
-        log(f"calibration: {cfg.n_samples} x {cfg.seqlen} tokens from {cfg.calib} ({cfg.calib_mode})")
+        log(
+            f"calibration: {cfg.n_samples} x {cfg.seqlen} tokens from {cfg.calib} ({cfg.calib_mode}), "
+            f"read from {calib_source.describe()}"
+        )
 
     state = PartialState.open(output, fingerprint(model_dir, ckpt, calib_ids, cfg), cfg.resume)
     resumed_from = state.done
@@ -142,7 +151,7 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     report.save(output)
     _validate(output, log)
     if cfg.eval:
-        report.ppl = _evaluate(model_dir, output, cfg, device)
+        report.ppl = _evaluate(model_dir, output, cfg, device, log)
     report.wall_seconds = time.perf_counter() - t_start
     report.save(output)
     return report
@@ -190,17 +199,41 @@ def _validate(output: Path, log: Callable[[str], None]) -> None:
     log(f"validate: {output} passes")
 
 
-def _evaluate(model_dir: Path, output: Path, cfg: QuantConfig, device: str) -> dict:
-    from qserve.evaluate import evaluate_ppl
+def resolve_config(cfg: QuantConfig) -> QuantConfig:
+    """`cfg` with its automatic group size resolved against the model's layers (reads only headers)."""
+    if cfg.group_size is not None:
+        return cfg
+    from transformers import AutoConfig
+
+    from qserve.hub import resolve_model
+
+    model_dir = resolve_model(cfg.model, progress=not cfg.quiet)
+    config = AutoConfig.from_pretrained(model_dir)
+    spec = arch_for_config(config)
+    shapes = _layer_shapes(LazyCheckpoint(model_dir), spec, config.num_hidden_layers)
+    return resolve_group_size(cfg, shapes)[0]
+
+
+def _evaluate(
+    model_dir: Path, output: Path, cfg: QuantConfig, device: str, log: Callable[[str], None]
+) -> dict:
+    from qserve.evaluate import evaluate_ppl, original_ppl
 
     kwargs = dict(
         dataset=EVAL_DATASET,
         seqlen=cfg.eval_seqlen,
         max_windows=cfg.eval_windows,
+        batch_size=1,
         device=device,
+        dtype=None,
         progress=not cfg.quiet,
     )
-    # Same dataset, seqlen and windows for both, so the two numbers are comparable.
-    original = evaluate_ppl(model_dir, **kwargs)
+    # Same dataset, seqlen and windows for both, so the two numbers are comparable. The original model's
+    # perplexity never changes for the same files and settings: it comes from the cache after the first run.
+    original = original_ppl(model_dir, log=log, **kwargs)
     quantized = evaluate_ppl(output, **kwargs)
+    log(
+        f"eval {EVAL_DATASET}: {original.ppl:.3f} -> {quantized.ppl:.3f} ({quantized.ppl / original.ppl - 1:+.1%}) "
+        f"on {quantized.windows} windows x {quantized.seqlen}; quantized scored in {quantized.seconds:.0f} s"
+    )
     return {"original": original.to_dict(), "quantized": quantized.to_dict()}

@@ -43,7 +43,8 @@ def _opt(*decls: str, field: str, **kwargs):
     "--group-size",
     field="group_size",
     type=int,
-    help="Input channels per scale/zero group; -1 = one per output channel.",
+    help="Input channels per scale/zero group; -1 = one per output channel. Default: automatic, the largest "
+    "of 128, 64, 32 that divides every quantized layer's input size (the log says which).",
 )
 @click.option(
     "--sym/--asym",
@@ -155,7 +156,12 @@ def quantize(ctx: click.Context, recipe: str | None, **options) -> None:
     if options["eval_windows"] == 0:
         options["eval_windows"] = None
     cfg = _build_config(ctx, recipe, options)
-    log = (lambda _msg: None) if cfg.quiet else (lambda msg: click.echo(msg, err=True))
+
+    def log(msg: str) -> None:
+        # --quiet silences info lines, not warnings.
+        if not cfg.quiet or msg.startswith("warning:"):
+            click.echo(msg, err=True)
+
     report = quantize_model(cfg, log=log)
     click.echo(report.output if cfg.quiet else report.format_table())
 

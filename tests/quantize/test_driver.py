@@ -285,7 +285,7 @@ def test_group_size_that_does_not_divide_is_refused_before_loading(tmp_path, mod
 
 def test_suggested_group_sizes_for_smollm2_shapes():
     assert suggest_group_sizes([576, 1536]) == [64, 32, -1]
-    cfg = QuantConfig(model="m", output="o", method="awq")
+    cfg = QuantConfig(model="m", output="o", method="awq", group_size=128)
     with pytest.raises(ConfigError, match=r"in_features 576.*--group-size 64 or 32 or -1"):
         check_layer_shapes(
             cfg, {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.mlp.down_proj": (576, 1536)}

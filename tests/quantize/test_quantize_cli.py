@@ -52,7 +52,7 @@ def test_help_lists_an_option_for_every_config_field():
     for f in dataclasses.fields(QuantConfig):
         flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         assert flag in result.output, flag
-    assert "--recipe" in result.output and "[default: 128" in result.output  # group size default shown
+    assert "--recipe" in result.output and "Default: automatic" in result.output  # group size default shown
 
 
 def test_misspelt_flag_gets_a_suggestion(capsys):
