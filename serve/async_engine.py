@@ -5,11 +5,17 @@ commands (add, abort), applied between steps, so an abort can never overtake the
 and a request is admitted within one step however busy the engine is (a shared lock would let the
 stepping thread starve admissions). Outputs and admission results cross back with
 `loop.call_soon_threadsafe`.
+
+When the engine loop dies (a step raises), the thread logs the cause once and fails every request it
+knows of, running or still in the inbox, with `EngineDeadError`; a request that registers after the
+failure sees it through `is_healthy` (checked again after registering, so none can slip between).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -22,6 +28,8 @@ from qserve.serve.outputs import SchedulerStats
 from qserve.serve.request_output import RequestOutput
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.sequence import QueueFullError
+
+log = logging.getLogger("qserve.serve.engine")
 
 __all__ = ["AsyncLLMEngine", "EngineArgs", "EngineClosedError", "EngineDeadError", "QueueFullError"]
 
@@ -38,6 +46,7 @@ class EngineClosedError(ResourceError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    admitted: asyncio.Future  # resolved once the engine took (or refused) the request
 
 
 class AsyncLLMEngine:
@@ -68,6 +77,11 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self._error is None and self._thread.is_alive()
 
+    def _dead_error(self) -> EngineDeadError:
+        dead = EngineDeadError(f"the engine loop has stopped: {self._error!r}; restart the server")
+        dead.__cause__ = self._error
+        return dead
+
     def stats(self) -> EngineStats:
         """Snapshot as of the engine thread's last iteration; never waits for a running step."""
         return self.engine.metrics.snapshot(*self._sched_snapshot)
@@ -78,20 +92,23 @@ class AsyncLLMEngine:
         """Yield cumulative outputs as tokens arrive; the last has finished=True. Raises QueueFullError
         when the waiting queue is full. Closing or cancelling the iterator (a client disconnect)
         aborts the request and frees its KV blocks."""
-        if not self.is_healthy:
-            raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
-        if self._closing:
+        if self._error is not None:
+            raise self._dead_error()
+        if self._closing or not self._thread.is_alive():
             raise EngineClosedError("the engine is shutting down and accepts no new requests")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        admitted = loop.create_future()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
         self._streams[request_id] = stream
         finished = False
         try:
-            self._send(("add", request_id, prompt, params, admitted))
-            await admitted  # raises the engine's QueueFullError / ValueError
+            # Registered first, checked second: the engine thread records its error before it fails the
+            # registered streams, so a death either finds this stream or is seen here.
+            if self._error is not None:
+                raise self._dead_error()
+            self._send(("add", request_id, prompt, params, stream.admitted))
+            await stream.admitted  # raises the engine's QueueFullError / ValueError / EngineDeadError
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -144,10 +161,12 @@ class AsyncLLMEngine:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # every consumer must learn that the engine died
             self._error = exc
-            dead = EngineDeadError(f"the engine loop failed: {exc!r}")
-            dead.__cause__ = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, dead)
+            # The one place the cause is logged; each request then gets a short EngineDeadError.
+            log.error("the engine loop failed; failing every open request", exc_info=exc)
+            for stream in list(self._streams.values()):
+                # Running requests read the queue; those still in the inbox wait on `admitted`.
+                with contextlib.suppress(RuntimeError):  # that consumer's event loop is closed
+                    stream.loop.call_soon_threadsafe(_fail, stream, self._dead_error())
 
     def _apply_commands(self) -> list[RequestOutput]:
         outputs = []
@@ -176,6 +195,13 @@ class AsyncLLMEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody will read this request
             self._send(("abort", request_id))
+
+
+def _fail(stream: _Stream, error: BaseException) -> None:
+    if not stream.admitted.done():
+        stream.admitted.set_exception(error)
+        stream.admitted.exception()  # marks it retrieved: a consumer that left must not log it again
+    stream.queue.put_nowait(error)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

@@ -16,11 +16,29 @@ from typing import Any
 
 from starlette.types import Receive
 
+from qserve.errors import QserveError
+from qserve.serve.api.errors import APIError
 from qserve.serve.api.metrics import RequestTrack
 
 
 class ClientDisconnected(Exception):
     """The HTTP client went away; its engine requests have been aborted."""
+
+
+def engine_dead() -> APIError:
+    return APIError(
+        503,
+        "The engine has stopped after an internal error (the server log has the cause); restart the server.",
+        code="engine_dead",
+    )
+
+
+def engine_failure(engine, exc: QserveError) -> APIError:
+    """The 503 for an engine error under a request: a dead engine (its thread logged the cause, once,
+    so nothing is logged here) or one shutting down."""
+    if not engine.is_healthy:
+        return engine_dead()
+    return APIError(503, f"The engine cannot take requests: {exc}", code="engine_unavailable")
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,10 @@ class Generation:
         self._latest: list[Any] = [None] * len(prompts)
         self._pending = [False] * len(prompts)
         self._closed = False
+
+    @property
+    def engine(self):
+        return self._engine
 
     async def _drain(self, index: int) -> None:
         stream = self._engine.generate(self._prompts[index], self._params, self.request_ids[index])

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from qserve.errors import QserveError
 from qserve.serve.api.errors import APIError, bad_request, from_validation_error
-from qserve.serve.api.generation import ClientDisconnected, Generation
+from qserve.serve.api.generation import ClientDisconnected, Generation, engine_dead, engine_failure
 from qserve.serve.api.metrics import ServerMetrics
 from qserve.serve.api.prompts import COMPLETION_DEFAULT_MAX_TOKENS, PromptBuilder, PromptInput
 from qserve.serve.api.protocol import (
@@ -74,7 +74,7 @@ class OpenAIServing:
 
     def _require_healthy(self) -> None:
         if not self.engine.is_healthy:
-            raise APIError(503, "The engine has stopped; the server must be restarted.", code="engine_dead")
+            raise engine_dead()
 
     async def _start(self, request: Request, prompts: list[PromptInput], params, request_id: str, param: str):
         tracks = [self.metrics.track(len(p.token_ids)) for p in prompts]
@@ -91,12 +91,21 @@ class OpenAIServing:
                 headers={"Retry-After": "1"},
             ) from None
         except QserveError as exc:  # the engine is shutting down or its loop died
-            raise APIError(
-                503, f"The engine cannot take requests: {exc}", code="engine_unavailable"
-            ) from None
+            raise engine_failure(self.engine, exc) from None
         except ValueError as exc:  # the engine refuses a prompt that can never fit its KV cache
             raise bad_request(f"The engine refused the prompt: {exc}", param) from None
         return gen
+
+    async def _collect(self, gen: Generation) -> list | None:
+        """Every prompt's final output, or None when the client left (answered with CLIENT_CLOSED)."""
+        try:
+            return await gen.collect()
+        except ClientDisconnected:
+            return None
+        except QserveError as exc:  # the engine died while generating
+            raise engine_failure(self.engine, exc) from None
+        finally:
+            await gen.close()
 
     # ---- /v1 ----------------------------------------------------------------------------------
 
@@ -118,12 +127,9 @@ class OpenAIServing:
         if req.stream:
             body = completion_stream(gen, meta, prompts, n, echo, req.logprobs, req.include_usage, self.fmt)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            finals = await gen.collect()
-        except ClientDisconnected:
+        finals = await self._collect(gen)
+        if finals is None:
             return Response(status_code=CLIENT_CLOSED)
-        finally:
-            await gen.close()
         resp = completion_response(meta, prompts, finals, n, echo, req.logprobs, self.fmt)
         return JSONResponse(resp.model_dump())
 
@@ -144,12 +150,10 @@ class OpenAIServing:
         if req.stream:
             body = chat_stream(gen, meta, prompt, top, req.include_usage, self.fmt)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            (final,) = await gen.collect()
-        except ClientDisconnected:
+        finals = await self._collect(gen)
+        if finals is None:
             return Response(status_code=CLIENT_CLOSED)
-        finally:
-            await gen.close()
+        (final,) = finals
         return JSONResponse(chat_response(meta, prompt, final, top, self.fmt).model_dump())
 
     async def models(self) -> JSONResponse:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from qserve.errors import QserveError
 from qserve.serve.api.errors import APIError
-from qserve.serve.api.generation import ClientDisconnected, Generation
+from qserve.serve.api.generation import ClientDisconnected, Generation, engine_failure
 from qserve.serve.api.prompts import PromptInput
 from qserve.serve.api.protocol import (
     ChatChunkChoice,
@@ -70,6 +71,8 @@ async def _guarded(gen: Generation, chunks: AsyncIterator[bytes]) -> AsyncIterat
             yield chunk
     except ClientDisconnected:
         return  # nobody is listening; gen.close() already aborted the engine requests
+    except QserveError as exc:  # the engine died (or is closing); its cause is logged once, by the engine
+        yield sse(engine_failure(gen.engine, exc).body())
     except Exception:
         # Headers are sent, so the status cannot change: tell the client in the stream, as vLLM does.
         log.exception("engine failure while streaming")
