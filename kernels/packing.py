@@ -2,7 +2,7 @@
 
 Every other part of qserve (the quantizers, the exporter, the validator, the engine's loader, the
 kernels' torch reference and the tests) goes through these functions, so there is exactly one
-definition of each layout. Layouts follow ../shared/docs/FORMATS.md:
+definition of each layout. Layouts (docs/formats.md describes them in full):
 
 GPTQ (v1 `checkpoint_format: "gptq"`):
     qweight int32 [in * bits / 32, out]  packed along the input dim, sequential nibbles

@@ -1,7 +1,7 @@
 """Fused dequant-GEMM for GPTQ and AWQ-GEMM packed weights (Triton).
 
 y [M, N] = x [M, K] @ W'^T, where W' [N, K] is decoded tile by tile in registers from the packed int32
-words (FORMATS.md layouts) and never written to global memory. Scales are fp16 in every checkpoint;
+words (docs/formats.md layouts) and never written to global memory. Scales are fp16 in every checkpoint;
 they are upcast to fp32 in-kernel, so bf16 activations work as well as fp16; accumulation is fp32.
 
 Two launch families share one kernel:

@@ -1,6 +1,6 @@
 """Perplexity in the GPTQ/AWQ-paper protocol, on plain and quantized checkpoints.
 
-Protocol (../shared/docs/BENCHMARKS.md): the WikiText-2 test rows joined with "\\n\\n", tokenized once,
+Protocol (docs/benchmarks.md): the WikiText-2 test rows joined with "\\n\\n", tokenized once,
 cut into non-overlapping `seqlen` windows (remainder dropped); perplexity = exp(mean token NLL over the
 windows). Every comparison uses the same windows, so a report always says how many.
 

@@ -1,4 +1,4 @@
-"""Writing GPTQ v1 and AWQ-GEMM checkpoints exactly as ../shared/docs/FORMATS.md lays them out.
+"""Writing GPTQ v1 and AWQ-GEMM checkpoints exactly as docs/formats.md lays them out.
 
 Packing goes through `kernels.packing` (the one definition of both layouts). A checkpoint is written to
 a hidden sibling directory and renamed into place as the last step, so an interrupted export never
@@ -43,7 +43,7 @@ COPIED_FILES = (
 
 
 def quantization_config(cfg: QuantConfig) -> dict:
-    """The metadata dict, with exactly the key set FORMATS.md gives for the layout."""
+    """The metadata dict, with exactly the key set docs/formats.md gives for the layout."""
     if cfg.format == "awq":
         return {
             "quant_method": "awq",

@@ -1,6 +1,6 @@
 """Build the engine's model from a checkpoint directory: config, quantization metadata, safetensors.
 
-Quantization metadata is looked up where the ecosystem puts it (FORMATS.md): `quantize_config.json`,
+Quantization metadata is looked up where the ecosystem puts it (docs/formats.md): `quantize_config.json`,
 then `quant_config.json`, then `config.json["quantization_config"]`, with AutoAWQ's legacy aliases.
 Each Linear is taken from the checkpoint by name: `prefix.qweight` (+ qzeros, scales, g_idx) when
 present, else `prefix.weight`, so partially quantized checkpoints (`modules_to_not_convert`) load too.

@@ -36,7 +36,7 @@ def test_max_windows_and_too_short(tiny_llama_dir):
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
 def test_quantized_checkpoint_loads_dequantized(tiny_llama_dir, tmp_path, fmt):
-    """A GPTQ/AWQ directory written by hand per FORMATS.md loads with its dequantized weights."""
+    """A GPTQ/AWQ directory written by hand per docs/formats.md loads with its dequantized weights."""
     import json
     import shutil
 

@@ -1,4 +1,4 @@
-"""Shape arithmetic of the packed formats (FORMATS.md), with no torch import.
+"""Shape arithmetic of the packed formats (docs/formats.md), with no torch import.
 
 For a Linear with `in` inputs and `out` outputs, G = ceil(in / group_size) groups:
 

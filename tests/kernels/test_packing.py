@@ -9,7 +9,7 @@ from qserve.kernels import packing
 
 
 def test_gptq_word_layout_is_sequential_along_input():
-    # input rows 0..7 hold codes 0..7: row k sits in bits [4k, 4k + 4) of word row 0 (FORMATS.md)
+    # input rows 0..7 hold codes 0..7: row k sits in bits [4k, 4k + 4) of word row 0 (docs/formats.md)
     values = torch.arange(8, dtype=torch.int32)[:, None].expand(8, 3)
     assert packing.pack_rows(values, 4).tolist() == [[0x76543210] * 3]
 

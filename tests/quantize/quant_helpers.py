@@ -1,4 +1,4 @@
-"""Shared by the driver/export/resume/CLI tests: tiny runs and readers written from FORMATS.md alone.
+"""Shared by the driver/export/resume/CLI tests: tiny runs and readers written from docs/formats.md alone.
 
 The readers below deliberately do NOT use `qserve.kernels.packing`: they decode the files bit by bit
 as the format document describes, so a packing bug cannot hide behind a matching unpack bug.
@@ -111,7 +111,7 @@ def _nibbles(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gptq_dequant(t: dict[str, torch.Tensor], prefix: str, bits: int) -> torch.Tensor:
-    """W' [out, in] of a GPTQ v1 Linear, read as FORMATS.md says: qweight rows packed along `in`
+    """W' [out, in] of a GPTQ v1 Linear, read as docs/formats.md says: qweight rows packed along `in`
     (word r field k = input row (32/bits)*r + k), qzeros along `out`, stored zero = z - 1, g_idx per row."""
     qweight, qzeros = t[f"{prefix}.qweight"], t[f"{prefix}.qzeros"]
     scales, g_idx = t[f"{prefix}.scales"].float(), t[f"{prefix}.g_idx"].long()

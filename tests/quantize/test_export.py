@@ -1,4 +1,4 @@
-"""The exported checkpoints match FORMATS.md: tensor names, shapes, dtypes, bits, metadata, files."""
+"""The exported checkpoints match docs/formats.md: tensor names, shapes, dtypes, bits, metadata, files."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def quantize_checkpoint(
     act_order: bool = False,
     checkpoint_format: str = "gptq",
 ) -> tuple[Path, Path]:
-    """Write `dst` (a GPTQ or AWQ checkpoint of `src`, packed per FORMATS.md) and `dst`-dequant (the
+    """Write `dst` (a GPTQ or AWQ checkpoint of `src`, packed per docs/formats.md) and `dst`-dequant (the
     same model with the dequantized weights, unquantized, for transformers to run as the reference)."""
     tensors = load_file(src / "model.safetensors")
     packed, dense = dict(tensors), dict(tensors)
