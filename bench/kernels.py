@@ -208,6 +208,9 @@ def print_gemm(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from qserve.provenance import describe_run
+
+    full = None if argv is None else [__file__, *argv]
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
     if args.cpu_attention:
         result = {**meta, "machine": "CPU, 2 threads", "paged_attention_cpu_ms": cpu_attention()}
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     meta |= {"machine": torch.cuda.get_device_name(), "triton": triton.__version__}
+    meta["provenance"] = describe_run(full)
     copy_gbps = copy_bandwidth(do_bench)
     gemm = gemm_rows(args, do_bench, copy_gbps)
     attention = attention_rows(do_bench, torch.float16)

@@ -211,6 +211,7 @@ def main() -> None:
 
     from qserve.evaluate import eval_tokens, load_causal_lm, perplexity
     from qserve.hub import resolve_model
+    from qserve.provenance import describe_run
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model_dir = resolve_model(args.model, progress=False)
@@ -264,6 +265,7 @@ def main() -> None:
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "model": str(model_dir),
         "settings": vars(args),
+        "provenance": describe_run(),
         "rows": rows,
     }
     if "awq" in rows and "autoawq" in rows:

@@ -232,11 +232,26 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def _provenance(argv: list[str] | None) -> dict:
+    """Command, commit and machine (qserve.provenance); only the command when qserve is not installed,
+    e.g. when this script runs from another server's environment."""
+    full = None if argv is None else [__file__, *argv]
+    try:
+        from qserve.provenance import describe_run
+    except ImportError:
+        import shlex
+        import sys
+
+        return {"command": shlex.join(["python", *(full or sys.argv)]), "commit": None}
+    return describe_run(full)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary, results = asyncio.run(run(args))
     path = Path(args.result_file or Path(__file__).with_name("results") / f"serve_rate{args.request_rate:g}.json")
-    path.write_text(json.dumps({"summary": summary, "requests": [asdict(r) for r in results]}, indent=1))
+    record = {"summary": summary, "provenance": _provenance(argv), "requests": [asdict(r) for r in results]}
+    path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
     print_table(summary)
     return summary

@@ -155,6 +155,7 @@ def main() -> None:
 
     from qserve import LLM
     from qserve.hub import resolve_model
+    from qserve.provenance import describe_run
 
     model_dir = resolve_model(args.model)
 
@@ -173,7 +174,7 @@ def main() -> None:
         runs["hf-batch8"].append(run_hf(hf, hf_tok, prompts, args.max_tokens, 8))
         if not args.skip_hf_single:
             runs["hf-single"].append(run_hf(hf, hf_tok, prompts, args.max_tokens, 1))
-    # This machine's bandwidth drifts with its neighbours (48-81 GB/s seen within one day, 2026-12-01), so it is
+    # This machine's bandwidth drifts with its neighbours (48-81 GB/s within 2026-12-01), so it is
     # sampled around every batch-1 run and the ceiling takes the highest sample: the fraction reported
     # is then a lower bound, never flattered by a slow moment of the measurement.
     bandwidths, b1_runs = [measure_bandwidth()], []
@@ -194,6 +195,7 @@ def main() -> None:
     ceiling = bandwidth / bytes_per_token
     result = {
         "date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU", "model": args.model,
+        "provenance": describe_run(),
         "dtype": str(llm.engine.dtype).removeprefix("torch."), "threads": args.threads, "num_prompts": len(prompts),
         "max_tokens": args.max_tokens, "repeats": args.repeats, "tok_s": med,
         "ratio_vs_hf_single": med["qserve"] / med["hf-single"] if "hf-single" in med else None,
