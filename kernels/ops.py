@@ -200,6 +200,7 @@ def paged_attention(
     scale: float,
     *,
     causal: bool = True,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Mixed batch of prefill chunks and decodes: q [T, H, D] -> [T, H, D] in q.dtype.
 
@@ -207,6 +208,8 @@ def paged_attention(
     counts each sequence's context including this step's tokens, already written with
     `write_kv_cache`. Query j of sequence i sits at position seq_lens[i] - q_len_i + j and, if causal,
     sees positions <= its own. block_tables int32 [S, max_blocks] (padding entries ignored).
+    `max_query_len`, the longest chunk, sizes the CUDA kernel's grid; without it the CUDA path reads
+    it back from query_start_loc (a device-to-host sync per call).
     """
     if q.shape[0] == seq_lens.shape[0]:  # T == S with q_len >= 1 each: all decodes, no host sync
         return paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
@@ -218,5 +221,6 @@ def paged_attention(
     from qserve.kernels import triton_attention
 
     return triton_attention.paged_attention_prefill_triton(
-        q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal
-    )
+        q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal,
+        max_query_len=max_query_len,
+    )  # fmt: skip

@@ -8,8 +8,11 @@ decode:  one program per (sequence, kv head, context slice) serves all H / KVH q
          head, so each K/V block is read once per kv head (GQA); the query heads are padded to 16 rows
          for tl.dot. Small batches split long contexts into slices merged by a second kernel
          (flash-decoding), so a single sequence still fills the GPU.
-prefill: one program per (sequence, query head, BLOCK_M query tokens); queries are the last q_len
-         positions of the context, with a bottom-right causal mask. It serves decodes in a mixed batch.
+prefill: one program per (sequence, kv head, BLOCK_M // GROUP query tokens) serves those tokens for
+         all query heads of the kv head (rows are (token, head) pairs), so K/V is read once per kv
+         head; queries are the last q_len positions of the context, with a bottom-right causal mask.
+         It serves decodes in a mixed batch; the engine passes the longest chunk (max_query_len) from
+         the scheduler, so sizing the grid needs no device-to-host copy.
 Softmax is online (running max and sum in fp32), as in FlashAttention.
 
 Importing this module needs triton. On CPU tensors it only runs under TRITON_INTERPRET=1 (tests).
@@ -142,27 +145,35 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out for BLOCK_M query tokens of one sequence and one query head; q/out [T, H, D]."""
+    """out for BLOCK_M // GROUP query tokens of one sequence and all GROUP query heads of one kv head;
+    q/out [T, H, D]. Rows are (token, head) pairs, token-major, so each K/V tile is read once for the
+    whole group: a decode in a mixed batch reads its context once per kv head, not once per query head."""
+    GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per program (BLOCK_M >= GROUP)
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    first = tl.program_id(2) * BLOCK_M
+    first = tl.program_id(2) * TOKENS
     if first < q_len:  # the grid is sized for the longest chunk; shorter ones have idle programs
         ctx = tl.load(seq_lens_ptr + seq)
-        r = first + tl.arange(0, BLOCK_M)
+        r = tl.arange(0, BLOCK_M)
+        tok = first + r // GROUP
+        head = kv_head * GROUP + r % GROUP
         d = tl.arange(0, HEAD_DIM_PAD)
-        offs = ((q_start + r[:, None]).to(tl.int64) * NUM_HEADS + head) * HEAD_DIM + d[None, :]
-        mask = (r[:, None] < q_len) & (d[None, :] < HEAD_DIM)
+        offs = ((q_start + tok[:, None]).to(tl.int64) * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]
+        row_ok = (r < TOKENS * GROUP) & (tok < q_len)
+        mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
         q = (tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale).to(DOT_DTYPE)
-        q_pos = ctx - q_len + r  # absolute position of each query token
+        # absolute position of each row's token; padding rows sit past the chunk and see every key
+        # up to `end`, so their softmax stays finite (they are never stored)
+        q_pos = ctx - q_len + tok
         end = ctx
-        if CAUSAL:  # keys after this tile's last query are invisible to all of its rows
-            end = tl.minimum(ctx, ctx - q_len + first + BLOCK_M)
+        if CAUSAL:  # keys after this program's last query token are invisible to all of its rows
+            end = tl.minimum(ctx, ctx - q_len + first + TOKENS)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), dtype=tl.float32)
-        kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
         for start in range(0, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * max_blocks,
@@ -172,12 +183,58 @@ def _prefill_kernel(
         tl.store(out_ptr + offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Cache block sizes the kernels accept (a key's block is found with a shift and a mask); the engine
+# refuses others at start-up on CUDA (serve/config.py).
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
+def write_kv_meta(num_kv_heads: int, head_dim: int) -> dict:
+    """Constexprs of _write_kv_kernel."""
+    row = num_kv_heads * head_dim
+    return {"ROW": row, "ROW_PAD": triton.next_power_of_2(row)}
+
+
+def decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_splits: int) -> dict:
+    """Constexprs of _decode_kernel (less the dot operand dtype) for one cache and head layout."""
+    group = num_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    return {
+        "NUM_KV_HEADS": num_kv_heads, "GROUP": group, "GROUP_PAD": max(16, triton.next_power_of_2(group)),
+        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad, "BLOCK_SIZE": block_size,
+        "BLOCK_N": 64 if head_dim_pad <= 128 else 32, "NUM_SPLITS": num_splits,
+    }  # fmt: skip
+
+
+def combine_meta(head_dim: int, num_splits: int) -> dict:
+    """Constexprs of _combine_splits_kernel."""
+    return {
+        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": triton.next_power_of_2(head_dim), "NUM_SPLITS": num_splits,
+        "SPLITS_PAD": triton.next_power_of_2(num_splits),
+    }  # fmt: skip
+
+
+def prefill_meta(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int, causal: bool
+) -> dict:
+    """Constexprs of _prefill_kernel (less the dot operand dtype). BLOCK_M rows hold BLOCK_M // GROUP
+    query tokens of one kv head's GROUP query heads: 64 for long chunks, 16 (tl.dot's minimum) when
+    the longest chunk is short, and never fewer than GROUP."""
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    group = num_heads // num_kv_heads
+    block_m = max(64 if max_query_len > 32 else 16, triton.next_power_of_2(group))
+    return {
+        "NUM_HEADS": num_heads, "NUM_KV_HEADS": num_kv_heads, "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": head_dim_pad, "BLOCK_SIZE": block_size, "BLOCK_M": block_m,
+        "BLOCK_N": 64 if head_dim_pad <= 64 else 32, "CAUSAL": causal,
+    }  # fmt: skip
+
+
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("paged KV caches must be contiguous [num_blocks, block_size, KVH, D] tensors")
     block_size = key_cache.shape[1]
-    if block_size & (block_size - 1) or not 8 <= block_size <= 128:
-        raise ValueError(f"cache block_size must be a power of two in 8..128, got {block_size}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"cache block_size must be one of {BLOCK_SIZES} (powers of two in 8..128), got {block_size}")
 
 
 def write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -186,10 +243,9 @@ def write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping) -> N
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    row = key_cache.shape[2] * key_cache.shape[3]
     _write_kv_kernel[(num_tokens,)](
         key.contiguous(), value.contiguous(), key_cache, value_cache, slot_mapping.contiguous(),
-        ROW=row, ROW_PAD=triton.next_power_of_2(row),
+        **write_kv_meta(key_cache.shape[2], key_cache.shape[3]),
     )  # fmt: skip
 
 
@@ -220,7 +276,6 @@ def paged_attention_decode_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
     dot_dtype, precision = dot_operands(q.dtype, q.device)
     head_dim_pad = triton.next_power_of_2(head_dim)
     if num_splits is None:  # the block table width bounds every context: no sync needed
@@ -232,16 +287,13 @@ def paged_attention_decode_triton(
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q.contiguous(), key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(), out, part_acc, part_ml, scale, block_tables.shape[1],
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_N=64 if head_dim_pad <= 128 else 32, NUM_SPLITS=num_splits, DOT_DTYPE=dot_dtype,
+        **decode_meta(num_heads, num_kv_heads, head_dim, block_size, num_splits), DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision,
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs * num_heads,)](
-            part_acc, part_ml, out, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )  # fmt: skip
+            part_acc, part_ml, out, **combine_meta(head_dim, num_splits)
+        )
     return out
 
 
@@ -260,16 +312,13 @@ def paged_attention_prefill_triton(
         return out
     if max_query_len is None:  # one host sync; callers that know it (the scheduler does) pass it
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    head_dim_pad = triton.next_power_of_2(head_dim)
     dot_dtype, precision = dot_operands(q.dtype, q.device)
-    block_m = 64 if max_query_len > 32 else 16
-    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    meta = prefill_meta(num_heads, num_kv_heads, head_dim, block_size, max_query_len, causal)
+    tokens_per_program = meta["BLOCK_M"] // (num_heads // num_kv_heads)
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, tokens_per_program))
     _prefill_kernel[grid](
         q.contiguous(), key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
         query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), out, scale,
-        block_tables.shape[1],
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64 if head_dim_pad <= 64 else 32,
-        CAUSAL=causal, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        block_tables.shape[1], **meta, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
     )  # fmt: skip
     return out

@@ -160,21 +160,45 @@ def _dequant_kernel(
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _autotune_configs(split_k_family: bool) -> list[triton.Config]:
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) candidates of each family; num_warps / num_stages per family.
+SPLIT_K_SHAPES = ((16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 8), (32, 64, 128, 8), (16, 128, 64, 16))
+TILED_SHAPES = ((64, 64, 64, 1), (64, 128, 64, 1), (128, 128, 32, 1), (128, 64, 64, 1), (128, 256, 32, 1))
+# Candidates that do not fit an architecture, found by `python -m qserve.kernels.compile_check` (real
+# compilation with ptxas, no GPU needed): key (capability major * 10 + minor) -> shapes left out there.
+# (16, 64, 256, 8) with 3 stages asks for 144 KiB of shared memory (over sm_86/sm_89's 99 KiB per block)
+# and spills at sm_80's 255 registers; its 16 x 64 tile is covered by (16, 64, 128, 4) with more splits.
+ARCH_EXCLUDED_SHAPES: dict[int, frozenset[tuple[int, int, int, int]]] = {}
+
+
+def autotune_configs(split_k_family: bool, arch: int | None = None) -> list[triton.Config]:
+    """The autotune candidates of one launch family for compute capability `arch` (e.g. 90; None: all).
+
+    The compile check compiles exactly these per architecture; the autotuner uses the local GPU's list."""
     if split_k_family:
-        shapes = [(16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 8), (32, 64, 128, 8), (16, 128, 64, 16)]
-        stages, warps = 3, 4
+        shapes, stages, warps = SPLIT_K_SHAPES, 3, 4
     else:
-        shapes = [(64, 64, 64, 1), (64, 128, 64, 1), (128, 128, 32, 1), (128, 64, 64, 1), (128, 256, 32, 1)]
-        stages, warps = 4, 8
-    configs = [
+        shapes, stages, warps = TILED_SHAPES, 4, 8
+    excluded = ARCH_EXCLUDED_SHAPES.get(arch, frozenset()) if arch is not None else frozenset()
+    return [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s, "GROUP_M": 8},
             num_warps=warps if m * n >= 128 * 128 else 4,
             num_stages=stages,
         )
         for m, n, k, s in shapes
+        if (m, n, k, s) not in excluded
     ]
+
+
+def _local_arch() -> int | None:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return major * 10 + minor
+    return None
+
+
+def _autotune_configs(split_k_family: bool) -> list[triton.Config]:
+    configs = autotune_configs(split_k_family, _local_arch())
     # The interpreter runs every candidate on the CPU: one config keeps interpreted tests fast.
     return configs[:1] if triton.knobs.runtime.interpret else configs
 
@@ -184,6 +208,26 @@ _split_k_tuned = triton.autotune(_autotune_configs(True), key=_AUTOTUNE_KEY, res
     _dequant_gemm_kernel
 )
 _tiled_tuned = triton.autotune(_autotune_configs(False), key=_AUTOTUNE_KEY)(_dequant_gemm_kernel)
+
+
+# One fp32 buffer per device holds the split-K partial sums of every launch (launches on a device run
+# in stream order, each zeroes its view first and copies it out before the next starts). An outgrown
+# buffer is kept alive, not freed: a CUDA graph captured earlier still reads and writes it on replay.
+_split_k_buffers: dict[torch.device, torch.Tensor] = {}
+_outgrown_buffers: list[torch.Tensor] = []
+
+
+def split_k_workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
+    """A zeroed fp32 [m, n] view of the device's reused split-K buffer (grown when too small)."""
+    buf = _split_k_buffers.get(device)
+    if buf is None or buf.numel() < m * n:
+        if buf is not None:
+            _outgrown_buffers.append(buf)
+        buf = torch.empty(m * n, device=device, dtype=torch.float32)
+        _split_k_buffers[device] = buf
+    view = buf[: m * n].view(m, n)
+    view.zero_()
+    return view
 
 
 def _format_constants(fmt: str, bits: int, group_size: int, in_features: int, g_idx, checkpoint_format):
@@ -234,7 +278,7 @@ def dequant_gemm_triton(
     if M == 0:  # an empty batch: a zero-sized grid is not launchable
         return out.reshape(*lead, N)
     # split-K programs add partial sums into a zeroed fp32 buffer; the tiled family writes out directly
-    target = torch.zeros((M, N), device=x.device, dtype=torch.float32) if split else out
+    target = split_k_workspace(M, N, x.device) if split else out
     args = (x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_arg, b_arg, target, M, N, K)
     m_bucket = triton.next_power_of_2(M)
     if config is None:

@@ -68,6 +68,20 @@ class SchedulerConfig:
             )
 
 
+# Cache block sizes the CUDA attention kernels accept (kernels/triton_attention.py BLOCK_SIZES: a
+# key's block is found with a shift and a mask). The CPU paths take any size.
+CUDA_BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
+def check_block_size(block_size: int, device_type: str) -> None:
+    """Refuse, at start-up, a block size the CUDA kernels would reject at the first forward."""
+    if device_type == "cuda" and block_size not in CUDA_BLOCK_SIZES:
+        raise ConfigError(
+            f"block_size={block_size} is not supported on CUDA: the paged-attention kernels accept "
+            f"{', '.join(map(str, CUDA_BLOCK_SIZES))}; pass --block-size with one of them (16 is the default)"
+        )
+
+
 def check_fits(scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
     """Refuse a cache that cannot hold one sequence of `max_model_len` tokens.
 

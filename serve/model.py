@@ -114,6 +114,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: cumulative query lengths
     seq_lens: torch.Tensor  # int32 [num_seqs]: context length including this step's tokens
+    max_query_len: int | None = None  # longest chunk, known on the host: CUDA attention needs no sync
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
@@ -190,7 +191,8 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         q = kernels.rope_and_write_kv(qkv, *rope, key_cache, value_cache, meta.slot_mapping, heads)
         out = kernels.paged_attention(
-            q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale
+            q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale,
+            max_query_len=meta.max_query_len,
         )
         return self.o_proj(out.reshape(n, self.q_size))  # [n, heads * head_dim]
 

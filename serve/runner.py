@@ -14,6 +14,7 @@ import torch
 
 from qserve.errors import ResourceError
 from qserve.kernels import cpu_ext
+from qserve.serve.config import check_block_size
 from qserve.serve.model import AttentionMetadata, CausalLM, ModelConfig
 from qserve.serve.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from qserve.serve.sampler import Sampler, SamplingState
@@ -94,6 +95,7 @@ class ModelRunner:
         dtype: torch.dtype,
         sampler: Sampler,
     ) -> None:
+        check_block_size(block_size, device.type)  # before cuda_num_blocks' profile runs a kernel
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -172,6 +174,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(len(c.token_ids) for c in chunks),
         )
         return StepBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
