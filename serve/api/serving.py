@@ -2,12 +2,19 @@
 
 Routes read the raw body themselves (after the size-limit middleware) and validate it with the strict
 request models, so every malformed request takes the same path to a 400 naming its parameter.
+
+Tokenization, chat templating and detokenization of whole prompts run on one tokenizer thread, never on
+the event loop, so a long prompt cannot stall /health, streaming or other requests. One thread, not a
+pool: a Hugging Face fast tokenizer is not safe to call from several threads at once ("Already
+borrowed"), and requests are tokenized in arrival order as before, only off the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,7 +24,7 @@ from qserve.errors import QserveError
 from qserve.serve.api.errors import APIError, bad_request, from_validation_error
 from qserve.serve.api.generation import ClientDisconnected, Generation, engine_dead, engine_failure
 from qserve.serve.api.metrics import ServerMetrics
-from qserve.serve.api.prompts import COMPLETION_DEFAULT_MAX_TOKENS, PromptBuilder, PromptInput
+from qserve.serve.api.prompts import COMPLETION_DEFAULT_MAX_TOKENS, PromptBuilder, PromptInput, utf8_len
 from qserve.serve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -50,6 +57,11 @@ class OpenAIServing:
         self.fmt = LogprobFormatter(engine.tokenizer)
         self.field_names = request_field_names()
         self.created = int(time.time())  # /v1/models: when this server started serving the model
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qserve-tokenizer")
+
+    async def off_loop(self, fn, *args):
+        """Run `fn(*args)` on the tokenizer thread; its exceptions (APIError included) raise here."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -113,7 +125,7 @@ class OpenAIServing:
         req: CompletionRequest = self.parse(CompletionRequest, await request.body())
         model = self.model_name(req.model)
         self._require_healthy()
-        prompts = self.builder.completion(req)
+        prompts = await self.off_loop(self.builder.completion, req)
         max_tokens = self.builder.max_tokens(
             prompts, req.max_tokens, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS
         )
@@ -137,7 +149,7 @@ class OpenAIServing:
         req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await request.body())
         model = self.model_name(req.model)
         self._require_healthy()
-        prompt = self.builder.chat(req)
+        prompt = await self.off_loop(self.builder.chat, req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.builder.max_tokens([prompt], req.output_limit, param, None)
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -179,12 +191,20 @@ class OpenAIServing:
         chat = isinstance(raw, dict) and "messages" in raw
         req = self.parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
         self.model_name(req.model)
-        if chat:
-            text = self.builder.render_chat(req.messages, req.add_generation_prompt)
-        else:
-            text = req.prompt
-        ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+
+        def tokenize() -> tuple[list[int], list[str] | None]:
+            # Text that cannot fit the context is refused by size here too: it would hold the tokenizer
+            # thread, and with it every request's tokenization, for seconds.
+            if chat:
+                self.builder.check_text_size(sum(utf8_len(m.text) for m in req.messages), "messages")
+                text = self.builder.render_chat(req.messages, req.add_generation_prompt)
+            else:
+                self.builder.check_text_size(utf8_len(req.prompt), "prompt")
+                text = req.prompt
+            ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            return ids, self.engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+
+        ids, strs = await self.off_loop(tokenize)
         return JSONResponse(
             {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids, "token_strs": strs}
         )
@@ -193,4 +213,4 @@ class OpenAIServing:
         req: DetokenizeRequest = self.parse(DetokenizeRequest, await request.body())
         self.model_name(req.model)
         self.builder.check_ids(req.tokens, "tokens")
-        return JSONResponse({"prompt": self.engine.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await self.off_loop(self.engine.tokenizer.decode, req.tokens)})
