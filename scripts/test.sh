@@ -2,7 +2,7 @@
 # README command 2: set up (with test tools), then run the whole test suite, slow end-to-end tests included.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-QSERVE_EXTRAS=gguf,triton,plot,dev . scripts/bootstrap.sh
+QSERVE_EXTRAS=gguf,triton,plot,dev,structured . scripts/bootstrap.sh
 . .venv/bin/activate
 
 ruff check .

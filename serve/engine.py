@@ -27,6 +27,7 @@ from qserve.serve.sampler import Sampler, SamplingState
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.scheduler import Scheduler
 from qserve.serve.sequence import Sequence, StopCriteria
+from qserve.serve.structured import StructuredOutputCompiler
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,10 @@ class LLMEngine:
                                   Sampler(self.device, args.seed))  # fmt: skip
         self.kv_cache_tokens = num_blocks * args.block_size
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
+        # Structured outputs: grammars compile lazily, cached; the server compiles them before add_request.
+        self.structured = StructuredOutputCompiler(
+            self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+        )
         self.metrics = EngineMetrics()
         self._requests: dict[str, _Request] = {}
         self._request_of: dict[int, str] = {}  # seq_id -> request_id
@@ -161,7 +166,8 @@ class LLMEngine:
             )  # fmt: skip
             seq = Sequence(next(self._seq_ids), ids, stop, req.arrival_time)
             gen = None if sib.seed is None else torch.Generator(self.device).manual_seed(sib.seed)
-            state = SamplingState(seq, sib, gen)
+            spec = sib.structured_outputs  # one matcher per sibling: each follows its own tokens
+            state = SamplingState(seq, sib, gen, None if spec is None else self.structured.new_state(spec))
             detok = IncrementalDetokenizer(self.tokenizer, ids, sib.skip_special_tokens)
             req.tracks.append(_SeqTrack(seq, state, detok, logprobs=[] if sib.logprobs is not None else None))
         self.scheduler.add([t.seq for t in req.tracks])  # raises before any bookkeeping below

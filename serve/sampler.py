@@ -1,7 +1,8 @@
 """Turn the step's logits into one token per sampling row, vectorised over the batch.
 
 Order follows vLLM: logprobs are taken from the raw model logits; then the min_tokens mask, the
-repetition / presence / frequency penalties, and for non-greedy rows temperature, min-p, top-k and
+repetition / presence / frequency penalties, the grammar bitmask of structured-output rows (which
+accept their sampled token afterwards), and for non-greedy rows temperature, min-p, top-k and
 top-p. Sampling uses the exponential-race form of the categorical draw, argmax(p / q) with
 q ~ Exp(1), so a seeded request draws exactly one vector from its own `torch.Generator` per token:
 its tokens do not depend on which other requests share the batch.
@@ -16,6 +17,7 @@ import torch
 from qserve.serve.outputs import TokenLogprobs
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.sequence import Sequence
+from qserve.serve.structured import GrammarState, apply_grammar_masks
 
 
 @dataclass
@@ -25,6 +27,7 @@ class SamplingState:
     seq: Sequence
     params: SamplingParams
     generator: torch.Generator | None = None  # set for seeded requests
+    grammar: GrammarState | None = None  # set for structured-output requests
 
 
 class Sampler:
@@ -43,6 +46,8 @@ class Sampler:
         logits = _mask_stop_tokens_before_min(logits, rows)
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, rows)
+        constrained = [(i, r.grammar, r.seq.output_token_ids) for i, r in enumerate(rows) if r.grammar]
+        apply_grammar_masks(logits, constrained)  # disallowed tokens -> -inf, before any filtering
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -52,6 +57,8 @@ class Sampler:
             q = self._exponentials(chosen, probs.shape[1], probs.device)
             tokens[idx] = (probs / q).argmax(dim=-1)
         token_list = tokens.tolist()
+        for i, grammar, _ in constrained:
+            grammar.accept(token_list[i])
         if raw_logprobs is None:
             return token_list, [None] * len(rows)
         return token_list, _gather_logprobs(raw_logprobs, token_list, params)

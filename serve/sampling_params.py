@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from qserve.serve.structured import StructuredOutputsParams
+
 # Below this a temperature means greedy: dividing logits by ~0 would overflow (vLLM uses the same cut).
 GREEDY_EPS = 1e-5
 
@@ -36,6 +38,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Grammar-constrained output (JSON schema, JSON object, regex, choice, EBNF); see serve/structured.py.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs to tuples so the object stays hashable and immutable.
@@ -77,6 +81,15 @@ class SamplingParams:
         )
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
         _require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "ids >= 0", self.stop_token_ids)
+        if self.structured_outputs is not None:
+            _require(
+                isinstance(self.structured_outputs, StructuredOutputsParams),
+                "structured_outputs", "a StructuredOutputsParams", type(self.structured_outputs).__name__,
+            )  # fmt: skip
+            # A finished grammar allows only EOS: forbidding it (min_tokens) or generating past it
+            # (ignore_eos) would leave no token to sample.
+            _require(self.min_tokens == 0, "min_tokens", "0 with structured_outputs", self.min_tokens)
+            _require(not self.ignore_eos, "ignore_eos", "False with structured_outputs", self.ignore_eos)
 
     @property
     def greedy(self) -> bool:
