@@ -64,6 +64,10 @@ class QuantConfig:
     # lowers that layer's held-out error but made SmolLM2 worse end to end (bench/RESULTS.md): a knob
     # for experiments, off by default.
     skip_first: int = 0
+    # Weight of each calibration window's first position (after skip_first) in GPTQ's Hessians. That
+    # attention-sink token occurs once per window, so a short window over-weights it against a served
+    # context; None = the method default (see resolved_first_token_weight).
+    first_token_weight: float | None = None
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
     mse: bool = False
@@ -139,6 +143,17 @@ class QuantConfig:
                 f"gptaq is a GPTQ option (asymmetric calibration of its solve); method={self.method!r} "
                 "does not use it"
             )
+        if self.first_token_weight is not None:
+            if self.method != "gptq":
+                raise ConfigError(
+                    f"first_token_weight={self.first_token_weight} is a GPTQ option (a weight in its "
+                    f"Hessians); method={self.method!r} does not use it"
+                )
+            if not 0.0 <= self.first_token_weight <= 1.0:
+                raise ConfigError(
+                    f"first_token_weight={self.first_token_weight}: expected a weight in [0, 1] "
+                    "(1 = every token counts the same, 0 = like skip_first=1)"
+                )
         if not 0.0 < self.damp < 1.0:
             raise ConfigError(f"damp={self.damp}: expected a fraction of mean(diag(H)) in (0, 1), e.g. 0.01")
         if not self.model or not self.output:
@@ -170,7 +185,15 @@ class QuantConfig:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields that decide the quantized tensors (what a resumed run must share)."""
         skip = {"output", "resume", "eval", "eval_windows", "eval_seqlen", "quiet", "model"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        d["first_token_weight"] = self.resolved_first_token_weight()
+        return d
+
+    def resolved_first_token_weight(self) -> float:
+        """The weight GPTQ gives each calibration window's first token in its Hessians."""
+        if self.first_token_weight is not None:
+            return float(self.first_token_weight)
+        return 1.0
 
 
 # Field types for recipe checking; kept explicit because annotations are strings under
@@ -196,6 +219,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "true_sequential": (bool,),
     "block_size": (int,),
     "skip_first": (int,),
+    "first_token_weight": (float, int, type(None)),
     "mse": (bool,),
     "gptaq": (bool,),
     "duo_scaling": (bool,),

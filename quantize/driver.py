@@ -94,9 +94,27 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
     return BlockOutcome(qweights, log, {})
 
 
-def _cut(x: torch.Tensor, skip_first: int) -> torch.Tensor:
-    """A Linear's input [samples, seqlen, in] less each window's first `skip_first` tokens."""
-    return x.detach()[:, skip_first:] if skip_first else x.detach()
+@dataclass(frozen=True)
+class RowCut:
+    """Which rows of a Linear's input [samples, seqlen, in] reach GPTQ's Hessian, and with what weight.
+
+    `skip_first` leading tokens of each window are left out; the first token kept is weighted by
+    `first_weight` (its rows scaled by sqrt(first_weight), so its x x^T term counts first_weight times:
+    see QuantConfig.first_token_weight)."""
+
+    skip_first: int = 0
+    first_weight: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: QuantConfig) -> RowCut:
+        return cls(cfg.skip_first, cfg.resolved_first_token_weight())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()[:, self.skip_first :] if self.skip_first else x.detach()
+        if self.first_weight != 1.0 and x.shape[1] > 0:
+            x = x.clone()  # never scale the activation the forward pass goes on with
+            x[:, 0] *= self.first_weight**0.5
+        return x
 
 
 class _Collector(nn.Module):
@@ -162,12 +180,12 @@ class FloatSide:
 
 
 def _float_pass(
-    side: FloatSide, start: int, chunk: int, names: list[str], skip_first: int, unneeded: list[str]
+    side: FloatSide, start: int, chunk: int, names: list[str], cut: RowCut, unneeded: list[str]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The float block on samples [start, start + chunk): the inputs of the Linears `names`, and the
     block output (meaningful only when `unneeded` is empty)."""
     held: dict[str, torch.Tensor] = {}
-    record = {n: (lambda x, n=n: held.__setitem__(n, _cut(x, skip_first))) for n in names}
+    record = {n: (lambda x, n=n: held.__setitem__(n, cut(x))) for n in names}
     piece = BlockInputs(side.inputs.hidden[start : start + chunk], side.inputs.kwargs)
     return held, _collection_pass(side.block, piece, chunk, record, unneeded)
 
@@ -183,14 +201,14 @@ def _float_passes(
     side: FloatSide,
     chunk: int,
     names: list[str],
-    skip_first: int,
+    cut: RowCut,
     unneeded: list[str],
     outs: list | None,
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """Float inputs from a float pass per chunk (block outputs appended to `outs`, if given)."""
 
     def float_inputs(start: int) -> dict[str, torch.Tensor]:
-        held, out = _float_pass(side, start, chunk, names, skip_first, unneeded)
+        held, out = _float_pass(side, start, chunk, names, cut, unneeded)
         if outs is not None:
             outs.append(out)
         return held
@@ -204,7 +222,7 @@ def _collect(
     chunk: int,
     solvers: dict[str, Any],
     unneeded: list[str],
-    skip_first: int,
+    cut: RowCut,
     float_inputs: Callable[[int], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Feed `solvers` their Linears' inputs over every calibration sample.
@@ -214,12 +232,12 @@ def _collect(
     (asymmetric calibration).
     """
     if float_inputs is None:
-        feeds = {n: (lambda x, s=s: s.add_batch(_cut(x, skip_first))) for n, s in solvers.items()}
+        feeds = {n: (lambda x, s=s: s.add_batch(cut(x))) for n, s in solvers.items()}
         _collection_pass(block, inputs, chunk, feeds, unneeded)
         return
     held: dict[str, torch.Tensor] = {}  # one chunk's float inputs, by Linear, until its pair arrives
     feeds = {
-        n: (lambda x, n=n, s=s: s.add_batch(_cut(x, skip_first), held.pop(n))) for n, s in solvers.items()
+        n: (lambda x, n=n, s=s: s.add_batch(cut(x), held.pop(n))) for n, s in solvers.items()
     }
     for start in range(0, inputs.hidden.shape[0], chunk):
         held.update(float_inputs(start))
@@ -251,7 +269,7 @@ def _gptq_block(
         # the float model's next-block inputs; each is handed over (and freed) when its group runs.
         outs: list[torch.Tensor] = []
         whole = _float_passes(
-            float_side, chunk, [n for cols in collected for n in cols], cfg.skip_first, [], outs
+            float_side, chunk, [n for cols in collected for n in cols], RowCut.of(cfg), [], outs
         )
         for start in range(0, inputs.hidden.shape[0], chunk):
             for name, x in whole(start).items():
@@ -276,9 +294,9 @@ def _gptq_block(
             # A float pass per chunk, stubbed like the quantized one; the last group's runs the whole
             # float block, whose output is the float model's next-block input.
             stubbed, keep = ([], outs) if last else (unneeded, None)
-            float_inputs = _float_passes(float_side, chunk, collectors, cfg.skip_first, stubbed, keep)
+            float_inputs = _float_passes(float_side, chunk, collectors, RowCut.of(cfg), stubbed, keep)
         _collect(
-            block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, cfg.skip_first, float_inputs
+            block, inputs, chunk, {n: solvers[n] for n in collectors}, unneeded, RowCut.of(cfg), float_inputs
         )
         if outs:
             float_next = torch.cat(outs)

@@ -237,6 +237,51 @@ def test_skip_first_is_checked_and_fingerprinted(tmp_path):
         QuantConfig.from_dict({**base, "skip_first": "1"})
 
 
+def test_first_token_weight_scales_each_windows_first_rows_in_the_hessians(tmp_path, models, calib, monkeypatch):
+    """first_token_weight w: the solvers see the same rows as with w = 1 except each window's first one,
+    scaled by sqrt(w) (so its x x^T counts w times); the activations the block computes on stay exact
+    (block 0's q_proj inputs do not depend on the quantization; later blocks' do, through the weights)."""
+    from qserve.quantize.gptq import GPTQ
+
+    seen: dict[float, list[tuple[str, torch.Tensor]]] = {}
+    real = GPTQ.add_batch
+
+    def record(self, inp, float_inp=None):
+        seen[w].append((self.name, inp.clone()))
+        return real(self, inp, float_inp)
+
+    monkeypatch.setattr(GPTQ, "add_batch", record)
+    for w in (1.0, 0.25):
+        seen[w] = []
+        quantize_tiny(models["llama"], tmp_path / f"w{w}", calib, "gptq", first_token_weight=w)
+    full = [x for n, x in seen[1.0] if n.startswith("model.layers.0.self_attn.q_proj")]
+    weighted = [x for n, x in seen[0.25] if n.startswith("model.layers.0.self_attn.q_proj")]
+    assert full and len(full) == len(weighted)
+    for a, b in zip(full, weighted, strict=True):
+        torch.testing.assert_close(b[:, 1:], a[:, 1:], rtol=0, atol=0)
+        torch.testing.assert_close(b[:, 0], a[:, 0] * 0.5)
+    a, b = read_tensors(tmp_path / "w1.0"), read_tensors(tmp_path / "w0.25")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("qweight"))
+    # w = 1 is the plain Hessian: bit-identical to a run that never heard of the option.
+    quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq")
+    c = read_tensors(tmp_path / "plain")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_first_token_weight_is_checked_and_fingerprinted():
+    base = dict(model="m", output="o", method="gptq", seqlen=16)
+    assert (
+        QuantConfig(**base, first_token_weight=0.5).fingerprint_dict()
+        != QuantConfig(**base, first_token_weight=1.0).fingerprint_dict()
+    )
+    with pytest.raises(ConfigError, match=r"first_token_weight=1\.5"):
+        QuantConfig(**base, first_token_weight=1.5)
+    with pytest.raises(ConfigError, match="GPTQ option"):
+        QuantConfig(**{**base, "method": "awq"}, first_token_weight=0.5)
+    with pytest.raises(RecipeError, match="first_token_weight"):
+        QuantConfig.from_dict({**base, "first_token_weight": "0.5"})
+
+
 def test_written_back_weights_are_what_the_checkpoint_serves(tmp_path, models, calib, monkeypatch):
     """Later blocks must calibrate against the weights a reader of the file reconstructs."""
     served = {}
