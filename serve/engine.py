@@ -47,6 +47,7 @@ class EngineArgs:
     seed: int = 0
     validate: bool = True
     max_waiting: int | None = None  # bound of the waiting queue (the server's --max-queue)
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (serve/cuda_graphs.py)
 
 
 @dataclass
@@ -123,6 +124,10 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, cache_config)
         self.runner = ModelRunner(loaded.model, num_blocks, args.block_size, self.device, self.dtype,
                                   Sampler(self.device, args.seed))  # fmt: skip
+        # CUDA: autotune every GEMM row count now, then capture decode graphs (unless enforce_eager)
+        self.runner.prepare_cuda(
+            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.enforce_eager
+        )
         self.kv_cache_tokens = num_blocks * args.block_size
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         # Structured outputs: grammars compile lazily, cached; the server compiles them before add_request.

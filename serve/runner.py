@@ -109,6 +109,24 @@ class ModelRunner:
         self.kv_cache_bytes = num_blocks * kv_bytes_per_block(cfg, block_size, dtype)
         if device.type == "cpu" and dtype == torch.float32:
             cpu_ext.available()  # build or load the C++ decode kernels now, not inside the first request
+        self.graphs = None  # a cuda_graphs.DecodeGraphRunner once prepare_cuda captured decode graphs
+
+    def prepare_cuda(
+        self, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, enforce_eager: bool
+    ) -> None:
+        """Start-up of the CUDA path: autotune the GEMMs for every row count the engine launches, then
+        capture decode graphs per batch bucket unless `enforce_eager` (serve/cuda_graphs.py)."""
+        if self.device.type != "cuda":
+            return
+        from qserve.kernels import FUSED_MAX_TOKENS
+        from qserve.serve import cuda_graphs
+
+        cuda_graphs.warm_up(self, cuda_graphs.warm_up_token_counts(max_num_batched_tokens, FUSED_MAX_TOKENS))
+        if not enforce_eager:
+            graphs = cuda_graphs.DecodeGraphRunner(
+                self.model, self.kv_caches, self.block_size, max_num_seqs, max_model_len, self.device
+            )
+            self.graphs = graphs if graphs.capture_all() else None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, states: Mapping[int, SamplingState]) -> ModelRunnerOutput:
@@ -116,7 +134,10 @@ class ModelRunner:
             return ModelRunnerOutput(sampled={})
         self._copy_blocks(out.block_copies)
         batch = self._prepare(out.chunks)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if self.graphs is not None and self.graphs.can_run(out.chunks):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)  # [bucket, hidden]
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if not batch.sample_seq_ids:
             return ModelRunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampling, vocab]
