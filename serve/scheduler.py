@@ -73,8 +73,11 @@ class Scheduler:
                 f"max_model_len={self.config.max_model_len}; shorten the prompt or raise max_model_len"
             )
         limit = self.config.max_waiting
-        if limit is not None and len(self._waiting) >= limit:
-            raise QueueFullError(f"the waiting queue is full ({limit} requests, max_waiting); retry later")
+        if limit is not None and self._num_queued() >= limit:
+            raise QueueFullError(
+                f"the waiting queue is full ({limit} requests waiting for a batch slot, max_waiting); "
+                "retry later"
+            )
         for seq in seqs:
             self._seqs[seq.seq_id] = seq
         self._waiting.append(head)
@@ -268,6 +271,22 @@ class Scheduler:
             if self._seqs[head_id].status is SequenceStatus.RUNNING
         )
         return len(self._running) + reserved
+
+    def _num_queued(self) -> int:
+        """Waiting requests that must wait for a batch slot (what max_waiting bounds).
+
+        Those that free seats of max_num_seqs will take, in FCFS order, do not count: a burst at an
+        idle engine fills the batch first, then the queue, so at most max_num_seqs + max_waiting
+        requests are ever in the engine."""
+        free = self.config.max_num_seqs - self._seats_taken()
+        queued = 0
+        for seq in self._waiting:
+            group = 1 + len(self._siblings.get(seq.seq_id, ()))
+            if queued == 0 and group <= free:
+                free -= group
+            else:
+                queued += 1
+        return queued
 
     def _fork_siblings(self, head: Sequence) -> None:
         """Siblings share the head's prompt blocks and each recompute the last prompt token to sample."""

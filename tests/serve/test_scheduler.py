@@ -262,15 +262,35 @@ def test_max_num_seqs_limits_running_sequences():
 
 
 def test_waiting_queue_bound_raises_queue_full():
+    """max_waiting bounds requests waiting for a batch slot: a burst at an idle engine first fills the
+    max_num_seqs free seats, then the queue; the engine never holds more than the two together."""
     sched = make_scheduler(max_num_seqs=2, max_waiting=2)
-    sched.add([make_seq(0, [1])])
-    sched.add([make_seq(1, [2])])
+    for i in range(4):  # two for the free seats, two for the queue
+        sched.add([make_seq(i, [i + 1], max_tokens=4)])
     with pytest.raises(QueueFullError, match="max_waiting") as err:
-        sched.add([make_seq(2, [3])])
-    assert isinstance(err.value, QserveError) and sched.get(2) is None
-    Driver(sched).step()  # both admitted: the queue drains
-    sched.add([make_seq(2, [3])])
-    assert sched.num_waiting == 1
+        sched.add([make_seq(4, [5])])
+    assert isinstance(err.value, QserveError) and sched.get(4) is None
+    drv = Driver(sched)
+    drv.step()  # two seated, two still waiting for a slot: the queue is still full
+    assert sched.num_running == 2 and sched.num_waiting == 2
+    with pytest.raises(QueueFullError):
+        sched.add([make_seq(4, [5])])
+    while sched.num_running == 2:  # the first two finish: their seats free up
+        drv.step()
+    sched.add([make_seq(4, [5])])
+    assert sched.num_running + sched.num_waiting <= 2 + 2
+
+
+def test_waiting_queue_bound_counts_seats_reserved_for_siblings():
+    sched = make_scheduler(max_num_seqs=3, max_waiting=1)
+    sched.add([make_seq(0, [1]), make_seq(1, [1]), make_seq(2, [1])])  # n=3: takes the 3 free seats
+    sched.add([make_seq(3, [2])])  # the one queue place
+    with pytest.raises(QueueFullError):
+        sched.add([make_seq(4, [3])])
+    Driver(sched).step()
+    assert sched.num_running == 3
+    with pytest.raises(QueueFullError):
+        sched.add([make_seq(4, [3])])
 
 
 def test_abort_at_any_time_returns_every_block():
