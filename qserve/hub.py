@@ -161,9 +161,7 @@ def resolve_model(spec: str | Path, progress: bool = True) -> Path:
     path = Path(spec_str).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is a directory but has no config.json: not a Hugging Face checkpoint directory"
-            )
+            raise ModelNotFoundError(_not_a_checkpoint(path))
         return path
     if spec_str in EMBEDDED_MODELS:
         return pull(spec_str, progress=progress).path
@@ -189,6 +187,38 @@ def resolve_model(spec: str | Path, progress: bool = True) -> Path:
         + "; ".join(looked)
         + ". Pass a local checkpoint directory, "
         "`smollm2-135m`, or a hub id while online."
+    )
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """What to pass instead of a directory without config.json, with the likeliest fix first."""
+    msg = f"{path} is a directory but has no config.json: not a model checkpoint directory."
+    name = path.name
+    holds = {
+        ".report": "the reports of a `qserve run`",
+        ".partial": "an interrupted quantization (continue it with `qserve quantize ... --resume`)",
+    }
+    for suffix, what in holds.items():
+        sibling = path.with_name(name[: -len(suffix)]) if name.endswith(suffix) else None
+        if sibling is not None:
+            msg += f" It holds {what}"
+            if (sibling / "config.json").is_file():
+                return msg + f"; the checkpoint is {sibling}: pass that."
+            msg += "."
+    try:
+        inside = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+    except OSError:
+        inside = []
+    if inside:
+        listed = ", ".join(str(p) for p in inside[:5]) + (
+            f" (and {len(inside) - 5} more)" if len(inside) > 5 else ""
+        )
+        return msg + f" Checkpoints inside it: {listed}; pass one of those."
+    return (
+        msg
+        + " Pass a quantized checkpoint directory (the --output of `qserve quantize`, or a recipe's output "
+        "after `qserve run`) or a Hugging Face model directory (config.json + *.safetensors), or the name "
+        "`smollm2-135m`. To make a quantized one: `qserve quantize MODEL --method awq --output DIR`."
     )
 
 

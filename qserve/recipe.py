@@ -168,7 +168,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror}).{_existing_recipes(path)}") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -218,6 +218,22 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             f"{where('quantize.' + key) if key else where('quantize')}: quantize: {exc}"
         ) from None
     return recipe
+
+
+def _existing_recipes(path: Path) -> str:
+    """` Recipes that exist: ...` from the missing file's folder and the repository's recipes/ folder."""
+    folders = [path.parent, Path(__file__).resolve().parents[1] / "recipes"]
+    found: list[str] = []
+    seen: set[Path] = set()
+    for folder in folders:
+        if not folder.is_dir() or folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        found += [
+            os.path.relpath(p) if not os.path.relpath(p).startswith("..") else str(p)
+            for p in sorted(folder.glob("*.y*ml"))
+        ]
+    return f" Recipes that exist: {', '.join(found)}." if found else ""
 
 
 def _key_in_message(msg: str, section: dict) -> str | None:

@@ -70,8 +70,16 @@ def _finished_checkpoint_matches(output: Path, cfg) -> bool:
         saved = json.loads(report.read_text())["config"]
     except (ValueError, KeyError):
         return False
-    keys = cfg.fingerprint_dict().keys()
-    return {k: saved.get(k) for k in keys} == cfg.fingerprint_dict()
+    from qserve.quantize.config import QuantConfig
+
+    if not isinstance(saved, dict) or any(k not in saved for k in cfg.fingerprint_dict()):
+        return False  # written by a qserve with other quantization fields
+    # Compare resolved fingerprints (method defaults such as first_token_weight=None -> 1.0), not raw fields.
+    try:
+        known = {k: v for k, v in saved.items() if k in cfg.to_dict()}
+        return QuantConfig.from_dict(known).fingerprint_dict() == cfg.fingerprint_dict()
+    except QserveError:
+        return False
 
 
 def _stage_quantize(recipe: Recipe, progress: bool, log) -> dict:

@@ -7,7 +7,9 @@ can bucket them however its exporter wants; counters are cumulative since the en
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qserve.serve.outputs import SchedulerStats
@@ -82,3 +84,42 @@ class EngineMetrics:
                 inter_token_latency=tuple(self.itl),
                 e2e_latency=tuple(self.e2e),
             )
+
+
+class StatsLogger:
+    """vLLM's periodic stats line: average throughputs since the previous line, queue and KV-cache state.
+
+    `line(stats)` is called every interval with a fresh `EngineStats`; it returns the line to log, or
+    None when the engine was idle and the previous line already said so (an idle server logs one line,
+    not one per interval).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._t = clock()
+        self._prompt = 0
+        self._generation = 0
+        self._queries = 0
+        self._hits = 0
+        self._idle_logged = False
+
+    def line(self, stats: EngineStats) -> str | None:
+        now = self._clock()
+        dt = max(now - self._t, 1e-9)
+        prompt = stats.prompt_tokens_total - self._prompt
+        generation = stats.generation_tokens_total - self._generation
+        queries = stats.prefix_cache_queries - self._queries
+        hits = stats.prefix_cache_hits - self._hits
+        self._t = now
+        self._prompt, self._generation = stats.prompt_tokens_total, stats.generation_tokens_total
+        self._queries, self._hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        idle = not (prompt or generation or stats.num_running or stats.num_waiting)
+        if idle and self._idle_logged:
+            return None
+        self._idle_logged = idle
+        hit_rate = f"{hits / queries:.1%}" if queries else "n/a"
+        return (
+            f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: "
+            f"{generation / dt:.1f} tokens/s, Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} "
+            f"reqs, KV cache usage: {stats.kv_cache_usage:.1%}, Prefix cache hit rate: {hit_rate}"
+        )

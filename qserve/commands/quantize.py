@@ -34,7 +34,7 @@ def _opt(*decls: str, field: str, **kwargs):
 )
 @click.option(
     "--recipe",
-    type=click.Path(exists=True, dir_okay=False),
+    type=click.Path(dir_okay=False),  # a missing file is reported by load_recipe, with the recipes that exist
     default=None,
     help="YAML recipe; CLI options override it.",
 )
@@ -109,6 +109,12 @@ def _opt(*decls: str, field: str, **kwargs):
     type=click.IntRange(min=0),
     help="GPTQ: leading tokens of each calibration window left out of the Hessians (attention sinks); "
     "an experiment: 1 measured worse on SmolLM2.",
+)
+@_opt(
+    "--first-token-weight",
+    field="first_token_weight",
+    type=click.FloatRange(0.0, 1.0),
+    help="GPTQ: weight of each calibration window's first token (the attention sink) in the Hessians.",
 )
 @_opt(
     "--mse",

@@ -77,6 +77,36 @@ def check_checkpoint(model_dir: Path) -> str:
     return "valid"
 
 
+def stats_interval(default: float) -> float:
+    """Seconds between stats lines: $QSERVE_LOG_STATS_INTERVAL (as vLLM's VLLM_LOG_STATS_INTERVAL), else default."""
+    import os
+
+    raw = os.environ.get("QSERVE_LOG_STATS_INTERVAL", "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"QSERVE_LOG_STATS_INTERVAL={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def max_len_source(cfg, model_dir: Path) -> str:
+    """Where the max model len came from, for the banner: a flag, or which field of the model's config."""
+    if cfg.max_model_len is not None:
+        return "--max-model-len"
+    from qserve.serve.loader import read_json
+
+    hf = read_json(model_dir / "config.json")
+    if hf.get("sliding_window") and hf["sliding_window"] < (hf.get("max_position_embeddings") or 2048):
+        return "the model's sliding_window; lower it with --max-model-len"
+    if hf.get("max_position_embeddings"):
+        return "the model's max_position_embeddings; lower it with --max-model-len"
+    return "config.json has no max_position_embeddings: 2048 assumed; set --max-model-len"
+
+
 def load_chat_template(spec: str | None) -> str | None:
     """--chat-template: a file, or (as vLLM allows) the Jinja template itself."""
     if spec is None:
@@ -92,18 +122,31 @@ def load_chat_template(spec: str | None) -> str | None:
 def run_server(cfg) -> None:
     from qserve.hub import resolve_model
 
-    logging.basicConfig(level=cfg.log_level.upper() if cfg.log_level != "trace" else "DEBUG")
+    logging.basicConfig(
+        level=cfg.log_level.upper() if cfg.log_level != "trace" else "DEBUG",
+        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
     chat_template = load_chat_template(cfg.chat_template)
     model_dir = Path(resolve_model(cfg.model))
     verdict = check_checkpoint(model_dir)  # before the heavy imports: a refusal is quick
 
     import uvicorn
 
-    from qserve.serve.api.app import create_app
+    from qserve.serve.api.app import DEFAULT_STATS_INTERVAL, create_app
     from qserve.serve.async_engine import AsyncLLMEngine
 
+    interval = stats_interval(DEFAULT_STATS_INTERVAL)
     engine = AsyncLLMEngine(dataclasses.replace(cfg.engine_args(), model=str(model_dir)))
-    app = create_app(engine, cfg.model_names, cfg.api_key, cfg.max_body_bytes, chat_template)
+    app = create_app(
+        engine,
+        cfg.model_names,
+        cfg.api_key,
+        cfg.max_body_bytes,
+        chat_template,
+        log_requests=not cfg.disable_log_requests,
+        log_stats_interval=None if cfg.disable_log_stats else interval,
+    )
     if chat_template is None and not getattr(engine.tokenizer, "chat_template", None):
         click.secho("warning: the tokenizer has no chat template; /v1/chat/completions will answer 400 "
                     "until the server is started with --chat-template", fg="yellow", err=True)  # fmt: skip
@@ -111,14 +154,29 @@ def run_server(cfg) -> None:
     click.echo(f"model:         {model_dir} (served as {', '.join(cfg.model_names)})")
     click.echo(f"checkpoint:    {verdict}; quantization: {engine.quantization or 'none'}")
     click.echo(f"KV cache:      {engine.kv_cache_tokens} tokens (block size {cfg.block_size}); "
-               f"max model len {engine.max_model_len}; max num seqs {cfg.max_num_seqs}; max queue {cfg.max_queue}")  # fmt: skip
+               f"max model len {engine.max_model_len} ({max_len_source(cfg, model_dir)}); "
+               f"max num seqs {cfg.max_num_seqs}; max queue {cfg.max_queue}")  # fmt: skip
     click.echo(
         f"auth:          {'API key required' if cfg.api_key else 'none (anyone who can reach the port)'}"
     )
     click.echo(f"serving:       {url}/v1 (OpenAI base URL); {url}/health, {url}/metrics")
-    uvicorn.run(
-        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.log_level == "debug"
+    logs = [
+        "one line per request" if not cfg.disable_log_requests else None,
+        f"stats every {interval:g} s while busy" if not cfg.disable_log_stats else None,
+    ]
+    click.echo(
+        "logging:       "
+        + ("; ".join(x for x in logs if x) or "off")
+        + " (--disable-log-requests, --disable-log-stats); x-request-id on every response"
     )
+    click.echo(
+        f"try:           curl {url}/v1/chat/completions -H 'Content-Type: application/json'"
+        + (' -H "Authorization: Bearer $QSERVE_API_KEY"' if cfg.api_key else "")
+        + f""" -d '{{"model": "{cfg.model_names[0]}", "messages": [{{"role": "user", "content": "Hello"}}], """
+        + """"max_tokens": 32}'"""
+    )
+    # uvicorn's own access log stays off: the app's AccessLog writes one line per request with its id.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
 
 
 @click.command()
@@ -161,6 +219,9 @@ def run_server(cfg) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Engine seed for unseeded sampling.")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--disable-log-requests", is_flag=True, help="No access-log line per request.")
+@click.option("--disable-log-stats", is_flag=True,
+              help="No periodic throughput / queue / KV-cache line (every 10 s while busy).")  # fmt: skip
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML of serve options (keys as the flags, '_' for '-'); flags given here override it.")  # fmt: skip
 @click.pass_context

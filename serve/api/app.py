@@ -6,6 +6,7 @@ max_model_len / model_name / is_healthy / shutdown), so the tests drive it with 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -17,11 +18,14 @@ from qserve import __version__
 from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES
 from qserve.serve.api.errors import APIError, install_error_handlers
 from qserve.serve.api.metrics import ServerMetrics
-from qserve.serve.api.middleware import BearerAuth, BodyLimit
+from qserve.serve.api.middleware import AccessLog, BearerAuth, BodyLimit
 from qserve.serve.api.protocol import request_field_names
 from qserve.serve.api.serving import OpenAIServing
+from qserve.serve.metrics import StatsLogger
 
 log = logging.getLogger("qserve.serve.api")
+stats_log = logging.getLogger("qserve.serve.stats")
+DEFAULT_STATS_INTERVAL = 10.0  # seconds between stats lines, as vLLM's VLLM_LOG_STATS_INTERVAL
 
 
 def create_app(
@@ -30,8 +34,13 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     chat_template: str | None = None,
+    log_requests: bool = True,
+    log_stats_interval: float | None = DEFAULT_STATS_INTERVAL,
 ) -> FastAPI:
-    """An OpenAI-compatible app serving `engine` under `served_model_names` (the first is the default)."""
+    """An OpenAI-compatible app serving `engine` under `served_model_names` (the first is the default).
+
+    `log_requests`: one access-log line per request; `log_stats_interval`: seconds between vLLM-style
+    throughput/queue lines (None: none). Responses carry `x-request-id` either way."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     if max_body_bytes < 1:
@@ -41,7 +50,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        stats_task = (
+            asyncio.create_task(_log_stats(engine, log_stats_interval)) if log_stats_interval else None
+        )
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         # uvicorn calls this after its graceful shutdown has let in-flight responses finish; the
         # engine then completes whatever it still holds before its loop stops.
         await engine.shutdown(drain=True)
@@ -55,6 +69,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(AccessLog, enabled=log_requests)  # outermost: refused requests are logged too
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -93,3 +108,16 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _log_stats(engine, interval: float) -> None:
+    logger = StatsLogger()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            line = logger.line(engine.stats())
+        except Exception:  # a stats failure must not end the server; say so once per interval
+            stats_log.exception("could not read engine stats")
+            continue
+        if line:
+            stats_log.info(line)

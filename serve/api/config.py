@@ -58,6 +58,8 @@ class ServeConfig:
     device: str = "auto"
     seed: int = 0
     enable_prefix_caching: bool = True
+    disable_log_requests: bool = False  # no access-log line per request (vLLM's flag)
+    disable_log_stats: bool = False  # no periodic throughput/queue line (vLLM's flag)
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -71,6 +73,9 @@ class ServeConfig:
             raise ConfigError(
                 f"gpu_memory_utilization: expected a number, found {self.gpu_memory_utilization!r}"
             )
+        for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, found {getattr(self, name)!r}")
         for name in ("model", "host", "log_level", "dtype", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}: expected a string, found {getattr(self, name)!r}")

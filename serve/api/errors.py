@@ -7,6 +7,7 @@ names the parameter, what was expected and what was found. No handler ever retur
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from http import HTTPStatus
@@ -111,9 +112,10 @@ def from_validation_error(
         # The unknown key is by definition not a field name: append it to its parent's path.
         parent = _param_path(loc[:-1], field_names)
         param = f"{parent}.{loc[-1]}" if parent else str(loc[-1])
+        hint = _did_you_mean(str(loc[-1]), field_names)
         return bad_request(
-            f"Unknown parameter '{param}'. qserve rejects fields it does not implement rather than ignore them; "
-            "remove it from the request.",
+            f"Unknown parameter '{param}'.{hint} qserve rejects fields it does not implement rather than ignore "
+            "them; remove it from the request.",
             param,
             "unknown_parameter",
         )
@@ -122,6 +124,18 @@ def from_validation_error(
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     found = _shorten(first.get("input"))
     return bad_request(f"Invalid value for '{param}': {msg} (got {found}).", param)
+
+
+def _did_you_mean(name: str, field_names: frozenset[str]) -> str:
+    """` Did you mean 'max_tokens'?` for a near miss of a known field name, else an empty string."""
+    if name in field_names:  # a field of another request type ('messages' sent to /v1/completions)
+        return " That parameter belongs to another endpoint's request."
+    lowered = {f.lower(): f for f in field_names}
+    if name.lower() in lowered:  # a case slip: MaxTokens, Max_Tokens
+        return f" Did you mean '{lowered[name.lower()]}'?"
+    normalised = name.lower().replace("-", "_")
+    close = difflib.get_close_matches(normalised, sorted(field_names), n=1, cutoff=0.75)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def install_error_handlers(app: FastAPI, field_names: frozenset[str]) -> None:

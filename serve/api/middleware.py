@@ -1,16 +1,26 @@
-"""ASGI middleware that runs before any body is parsed: bearer-token auth and the request-size limit.
+"""ASGI middleware that runs before any body is parsed: request ids and the access log, bearer-token
+auth and the request-size limit.
 
-Both are plain ASGI (not BaseHTTPMiddleware) so a rejected request is answered without reading its
-body, and the size limit holds for chunked uploads that carry no Content-Length.
+All are plain ASGI (not BaseHTTPMiddleware) so a rejected request is answered without reading its
+body, the size limit holds for chunked uploads that carry no Content-Length, and a streamed response
+is timed to its last chunk.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import re
+import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qserve.serve.api.errors import APIError
+
+access_log = logging.getLogger("qserve.serve.access")
+# A client's own X-Request-Id is echoed when it is a plain token; anything else gets a fresh id.
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # Paths that need the key when one is configured; /health, /metrics, /version stay open for probes.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -100,3 +110,61 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class AccessLog:
+    """Gives every HTTP request an id (the client's `X-Request-Id` when it sends a plain one, else a fresh
+    one), returns it in the `x-request-id` response header, and, when `enabled`, logs one line per
+    request after its last byte: client, method, path, status, latency in ms and the id.
+
+    Outermost, so requests refused by auth (401), the size limit (413) and the router (404) are logged
+    too. A request whose handler raised is logged as 500; one whose client left before any response,
+    as 499 (nginx's "client closed request").
+    """
+
+    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+        self.app = app
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status: int | None = None
+        logged = False
+
+        def log_line(code: int) -> None:
+            nonlocal logged
+            if logged or not self.enabled:
+                return
+            logged = True
+            client = scope.get("client")
+            where = f"{client[0]}:{client[1]}" if client else "-"
+            query = scope.get("query_string", b"")
+            path = scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
+            access_log.info(
+                '%s "%s %s" %d %.1f ms request_id=%s',
+                where, scope["method"], path, code, (time.perf_counter() - start) * 1000, request_id,
+            )  # fmt: skip
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_line(status or 500)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            log_line(500)
+            raise
+        finally:
+            log_line(status if status is not None else 499)

@@ -27,6 +27,8 @@ class FakeStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    prompt_tokens_total: int = 0  # read by the server's periodic stats line
+    generation_tokens_total: int = 0
 
 
 class FakeEngine:
