@@ -1,4 +1,6 @@
-"""Kernel tests: Triton kernels run under TRITON_INTERPRET=1 on CPU tensors, and for real on CUDA.
+"""Kernel tests: Triton kernels run under TRITON_INTERPRET=1 on CPU tensors where there is no CUDA,
+and compiled for real on CUDA tensors where there is (the interpreter is then off unless the caller
+set it, so a GPU run tests the real kernels, not the interpreter).
 
 The variable must be set before the Triton modules are imported (triton.jit reads it at decoration
 time); setdefault keeps a caller's choice. Other test folders are unaffected: `qserve.kernels`
@@ -10,10 +12,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import TRITON_DEVICES
 from test_dequant_gemm import make_packed
 from test_paged_attention import MIXED, attention_tolerances, make_batch
 
@@ -16,7 +17,8 @@ triton_gemm = pytest.importorskip("qserve.kernels.triton_gemm", reason="triton i
 triton_attention = pytest.importorskip("qserve.kernels.triton_attention", reason="triton is not installed")
 
 
-def test_split_k_launches_reuse_one_buffer(gen, monkeypatch):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_split_k_launches_reuse_one_buffer(device, gen, monkeypatch):
     monkeypatch.setattr(triton_gemm, "_split_k_buffers", {})
     monkeypatch.setattr(triton_gemm, "_outgrown_buffers", [])
     p = make_packed("awq", 128, 64, 32, gen)
@@ -24,14 +26,17 @@ def test_split_k_launches_reuse_one_buffer(gen, monkeypatch):
     ptrs = []
     for m in (3, 2, 3):
         x = torch.randn(m, 128, generator=gen)
-        y = triton_gemm.dequant_gemm_triton(x, *p.tensors(), **p.kwargs(), config=config)
+        want = dequant_gemm_reference(x, *p.tensors(), **p.kwargs())
+        t = [None if a is None else a.to(device) for a in p.tensors()]
+        y = triton_gemm.dequant_gemm_triton(x.to(device), *t, **p.kwargs(), config=config)
         # a stale partial sum left in the buffer by the previous launch would show here
-        torch.testing.assert_close(y, dequant_gemm_reference(x, *p.tensors(), **p.kwargs()), rtol=1e-4, atol=1e-4)
-        ptrs.append(triton_gemm._split_k_buffers[x.device].data_ptr())
+        torch.testing.assert_close(y.cpu(), want, rtol=1e-3, atol=1e-3)
+        ptrs.append(triton_gemm._split_k_buffers[y.device].data_ptr())
     assert ptrs[0] == ptrs[1] == ptrs[2]
     assert triton_gemm._outgrown_buffers == []
-    small = triton_gemm._split_k_buffers[torch.device("cpu")]
-    view = triton_gemm.split_k_workspace(8, 64, torch.device("cpu"))  # larger: grows
+    dev = y.device
+    small = triton_gemm._split_k_buffers[dev]
+    view = triton_gemm.split_k_workspace(8, 64, dev)  # larger: grows
     assert view.shape == (8, 64) and bool((view == 0).all())
     assert triton_gemm._outgrown_buffers == [small]  # kept alive for graphs captured against it
 
@@ -55,14 +60,15 @@ def test_block_sizes_agree_and_are_checked_only_on_cuda():
         check_block_size(24, "cuda")
 
 
-def test_prefill_grid_from_the_given_max_query_len(gen):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_prefill_grid_from_the_given_max_query_len(device, gen):
     """The engine passes the longest chunk; the result equals the synced path's (GQA group of 3)."""
-    b = make_batch(MIXED, 6, 2, 32, 16, torch.float16, gen, junk=float("nan"))
+    b = make_batch(MIXED, 6, 2, 32, 16, torch.float16, gen, junk=float("nan"), device=device)
     max_q = max(q for _, q in MIXED)
     given = triton_attention.paged_attention_prefill_triton(*b.args(), max_query_len=max_q)
     synced = triton_attention.paged_attention_prefill_triton(*b.args())
     torch.testing.assert_close(given, synced, rtol=0, atol=0)
-    torch.testing.assert_close(given.float(), b.expected, **attention_tolerances(torch.float16))
+    torch.testing.assert_close(given.float().cpu(), b.expected, **attention_tolerances(torch.float16))
 
 
 def test_prefill_meta_never_packs_fewer_rows_than_the_group():
