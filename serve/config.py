@@ -45,12 +45,14 @@ class SchedulerConfig:
 
     `max_waiting=None` leaves the waiting queue unbounded; a bound makes `Scheduler.add` raise
     `QueueFullError` so a server can shed load instead of queueing without limit.
+    `long_prefill_token_threshold` caps the tokens one sequence computes per step (0 = no cap).
     """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     max_waiting: int | None = None
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs, 1)
@@ -58,6 +60,7 @@ class SchedulerConfig:
         _require_int("SchedulerConfig", "max_model_len", self.max_model_len, 1)
         if self.max_waiting is not None:
             _require_int("SchedulerConfig", "max_waiting", self.max_waiting, 1)
+        _require_int("SchedulerConfig", "long_prefill_token_threshold", self.long_prefill_token_threshold, 0)
         # Every running sequence needs one token of budget to decode; a smaller budget would leave
         # the newest running sequences unscheduled step after step.
         if self.max_num_batched_tokens < self.max_num_seqs:

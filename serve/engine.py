@@ -47,6 +47,7 @@ class EngineArgs:
     seed: int = 0
     validate: bool = True
     max_waiting: int | None = None  # bound of the waiting queue (the server's --max-queue)
+    long_prefill_token_threshold: int = 0  # most tokens one sequence computes per step; 0 = no cap
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (serve/cuda_graphs.py)
 
 
@@ -119,8 +120,9 @@ class LLMEngine:
             )
         cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         sched_config = SchedulerConfig(
-            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.max_waiting
-        )
+            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.max_waiting,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
+        )  # fmt: skip
         self.scheduler = Scheduler(sched_config, cache_config)
         self.runner = ModelRunner(loaded.model, num_blocks, args.block_size, self.device, self.dtype,
                                   Sampler(self.device, args.seed))  # fmt: skip

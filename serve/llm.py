@@ -30,13 +30,14 @@ class LLM:
         seed: int = 0,
         validate: bool = True,
         enforce_eager: bool = False,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         args = EngineArgs(
             model=str(model), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, device=device,
             enable_prefix_caching=enable_prefix_caching, seed=seed, validate=validate,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, long_prefill_token_threshold=long_prefill_token_threshold,
         )  # fmt: skip
         self.engine = LLMEngine(args)
         self._ids = itertools.count()

@@ -4,7 +4,10 @@ Each sequence has `num_tokens` and `num_computed_tokens`; a step hands each sequ
 `num_tokens - num_computed_tokens` tokens out of `max_num_batched_tokens`, so a decode (one token), a
 chunk of a long prompt and a prefix-cache hit (computed tokens found in the cache) need no special case.
 Running sequences are served first, decodes before partial prefills, then waiting ones in FCFS order.
-When blocks run out the newest running sequence is preempted by recompute: its blocks are freed and it
+`long_prefill_token_threshold` (vLLM's knob; 0 = off) caps the tokens any one sequence computes in a
+step, so a long prompt takes several steps and leaves budget for the prompts queued behind it: their
+first tokens need not wait for the whole long prefill. With it on, several prefills can be partial at
+once; decodes still come first in every step. When blocks run out the newest running sequence is preempted by recompute: its blocks are freed and it
 goes back to the front of the waiting queue to recompute its prompt and outputs later.
 """
 
@@ -109,18 +112,22 @@ class Scheduler:
         if self._awaiting_update:
             raise RuntimeError("Scheduler.schedule: the previous step's output was never passed to update()")
         budget = self.config.max_num_batched_tokens
+        cap = self.config.long_prefill_token_threshold or budget  # most tokens of one sequence per step
         chunks: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
         preempted: list[int] = []
         scheduled: set[int] = set()
-        # Admission order is also decode-first order: a sequence is admitted only when the budget
-        # outlasts every running prefill, so at most one prefill is unfinished and it is the newest.
-        for seq in list(self._running):
+        # Decodes first, then partial prefills, each in admission order. Without a cap this is admission
+        # order: a sequence is admitted only when the budget outlasts every running prefill, so at most
+        # one prefill is unfinished and it is the newest.
+        decodes = [s for s in self._running if s.num_tokens - s.num_computed_tokens <= 1]
+        prefills = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted as a victim earlier in this loop
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
             while not self.block_manager.allocate_slots(seq, num_new, copies):
                 victim = next(s for s in reversed(self._running) if s.seq_id not in scheduled)
                 self._preempt(victim)
@@ -137,7 +144,7 @@ class Scheduler:
             group = 1 + len(self._siblings.get(seq.seq_id, ()))
             if self._seats_taken() + group > self.config.max_num_seqs:
                 break
-            num_new = self._admit(seq, budget)
+            num_new = self._admit(seq, min(budget, cap))
             if num_new is None:
                 break
             chunks.append(self._make_chunk(seq, num_new))

@@ -97,6 +97,8 @@ def check_output(sched: Scheduler, out: SchedulerOutput) -> None:
     """Per-step rules: the token budget, one chunk per sequence, block tables that cover the chunk."""
     cfg = sched.config
     assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks) <= cfg.max_num_batched_tokens
+    if cfg.long_prefill_token_threshold:
+        assert all(c.num_tokens <= cfg.long_prefill_token_threshold for c in out.chunks), out.chunks
     ids = [c.seq_id for c in out.chunks]
     assert len(ids) == len(set(ids)), f"a sequence got two chunks: {ids}"
     assert sched.num_running <= cfg.max_num_seqs
@@ -146,12 +148,25 @@ def check_invariants(sched: Scheduler) -> None:
         len(held) * sched.block_size,
     )
     assert sched.num_running <= sched.config.max_num_seqs
-    # Decode-first: only the newest running sequence may still have prompt left to prefill.
+    # Decode-first: without a per-sequence cap, only the newest running sequence may still have prompt
+    # left to prefill (with one, several may; Driver.step checks that decodes are scheduled first).
     running = sched.running_sequences()
     assert {s.seq_id for s in running} == {
         s.seq_id for s in sched.sequences() if s.status is SequenceStatus.RUNNING
     }
-    assert all(s.num_tokens - s.num_computed_tokens <= 1 for s in running[:-1]), running
+    if not sched.config.long_prefill_token_threshold:
+        assert all(s.num_tokens - s.num_computed_tokens <= 1 for s in running[:-1]), running
+
+
+def check_decode_first(before: dict[int, int], out: SchedulerOutput) -> None:
+    """`before`: tokens left to compute of each running sequence as the step was scheduled. Every
+    running decode is scheduled, ahead of every prefill chunk, unless the step was cut short by a
+    preemption (then the cache, not the order, decided)."""
+    kinds = ["decode" if before.get(c.seq_id) == 1 else "prefill" for c in out.chunks]
+    assert kinds == sorted(kinds), f"a prefill chunk was scheduled before a decode: {out.chunks}"
+    if not out.preempted_ids:
+        scheduled = {c.seq_id for c in out.chunks}
+        assert all(seq_id in scheduled for seq_id, left in before.items() if left == 1), out.chunks
 
 
 class Driver:
@@ -163,8 +178,10 @@ class Driver:
         self.outputs: list[SchedulerOutput] = []
 
     def step(self) -> list:
+        before = {s.seq_id: s.num_tokens - s.num_computed_tokens for s in self.sched.running_sequences()}
         out = self.sched.schedule()
         check_output(self.sched, out)
+        check_decode_first(before, out)
         check_invariants(self.sched)
         self.outputs.append(out)
         done = self.sched.update(out, self.runner.run(out))

@@ -19,14 +19,16 @@ from qserve.serve.sequence import Sequence, SequenceStatus, StopCriteria
 
 
 def make_scheduler(
-    block_size=4, num_blocks=32, max_num_seqs=8, budget=64, max_model_len=None, max_waiting=None, prefix=True
-) -> Scheduler:
+    block_size=4, num_blocks=32, max_num_seqs=8, budget=64, max_model_len=None, max_waiting=None, prefix=True,
+    threshold=0,
+) -> Scheduler:  # fmt: skip
     return Scheduler(
         SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             max_model_len=max_model_len or block_size * num_blocks,
             max_waiting=max_waiting,
+            long_prefill_token_threshold=threshold,
         ),
         CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix),
     )
@@ -158,6 +160,54 @@ def test_long_prompts_queue_behind_a_running_prefill():
     drv.step()
     assert [(c.seq_id, c.num_tokens) for c in drv.outputs[-1].chunks] == [(0, 4), (1, 2)]
     drv.run_to_completion()
+
+
+def _first_token_steps(threshold: int) -> tuple[int, int, list]:
+    """Steps until the first token of a long prompt and of a short one queued right behind it."""
+    sched = make_scheduler(block_size=4, num_blocks=32, max_num_seqs=4, budget=16, threshold=threshold)
+    drv = Driver(sched)
+    long, short = make_seq(0, range(1, 41), max_tokens=3), make_seq(1, [5, 6, 7], max_tokens=3)
+    sched.add([long])
+    sched.add([short])
+    steps = {}
+    while len(steps) < 2:
+        drv.step()
+        for seq in (long, short):
+            if seq.num_output_tokens and seq.seq_id not in steps:
+                steps[seq.seq_id] = len(drv.outputs)
+    drv.run_to_completion()
+    assert_reference([long, short])
+    return steps[0], steps[1], drv.outputs
+
+
+def test_long_prefill_threshold_lets_a_short_prompt_start_behind_a_long_one():
+    # No cap: the 40-token prompt takes the whole 16-token budget for two steps; the short one waits.
+    long_first, short_first, outs = _first_token_steps(threshold=0)
+    assert (long_first, short_first) == (3, 3)
+    assert [(c.seq_id, c.num_tokens) for c in outs[0].chunks] == [(0, 16)]
+    # Cap 4: the long prompt is computed 4 tokens a step, and the short one is prefilled at once.
+    long_first, short_first, outs = _first_token_steps(threshold=4)
+    assert short_first == 1 and long_first == 10
+    assert [(c.seq_id, c.num_tokens) for c in outs[0].chunks] == [(0, 4), (1, 3)]
+    assert [(c.seq_id, c.num_tokens) for c in outs[1].chunks] == [(1, 1), (0, 4)]  # the decode goes first
+
+
+def test_long_prefill_threshold_several_partial_prefills_decodes_first():
+    sched = make_scheduler(block_size=4, num_blocks=32, max_num_seqs=4, budget=8, threshold=3)
+    drv = Driver(sched)
+    a = make_seq(0, [1, 2], max_tokens=12)
+    sched.add([a])
+    drv.step()
+    b, c = make_seq(1, range(1, 11), max_tokens=2), make_seq(2, range(11, 21), max_tokens=2)
+    sched.add([b])
+    sched.add([c])
+    drv.step()
+    drv.step()
+    for out in drv.outputs[1:]:
+        assert [(ch.seq_id, ch.num_tokens) for ch in out.chunks] == [(0, 1), (1, 3), (2, 3)]
+    assert b.num_computed_tokens == c.num_computed_tokens == 6  # two prefills partial at once
+    drv.run_to_completion()
+    assert_reference([a, b, c])
 
 
 def _workload(num_blocks, prefix=True):
@@ -395,6 +445,8 @@ def test_configs_refuse_impossible_settings():
         CacheConfig(block_size=0)
     with pytest.raises(ConfigError, match="max_waiting"):
         SchedulerConfig(max_waiting=0)
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
     with pytest.raises(ValueError, match="min_tokens"):
         StopCriteria(max_tokens=2, min_tokens=3)
     with pytest.raises(ValueError, match="empty"):
@@ -418,11 +470,11 @@ def test_engine_core_imports_no_torch(tmp_path):
 _PREFIXES = [(), (3, 1, 4, 1, 5, 9, 2, 6), (8, 8, 8, 8, 5, 9, 2, 6), (3, 1, 4, 1, 5, 9, 2, 7, 7, 7)]
 
 
-def _execute(block_size, cache_slots, max_num_seqs, budget, prefix, ops) -> None:
+def _execute(block_size, cache_slots, max_num_seqs, budget, prefix, ops, threshold=0) -> None:
     """Apply `ops`, checking every invariant after each, then drain and check every sequence's tokens."""
     num_blocks = -(-cache_slots // block_size)
     max_model_len = min(block_size * num_blocks, 20)
-    sched = make_scheduler(block_size, num_blocks, max_num_seqs, budget, max_model_len, None, prefix)
+    sched = make_scheduler(block_size, num_blocks, max_num_seqs, budget, max_model_len, None, prefix, threshold)
     drv = Driver(sched)
     added: list[Sequence] = []
     ended_by_caller: set[int] = set()
@@ -495,11 +547,12 @@ _op = st.one_of(
     extra_budget=st.integers(0, 20),
     prefix=st.booleans(),
     ops=st.lists(_op, min_size=1, max_size=40),
+    threshold=st.sampled_from([0, 0, 1, 2, 5]),
 )
 def test_random_operations_never_leak_or_corrupt_blocks(
-    block_size, cache_slots, max_num_seqs, extra_budget, prefix, ops
+    block_size, cache_slots, max_num_seqs, extra_budget, prefix, ops, threshold
 ):
-    _execute(block_size, cache_slots, max_num_seqs, max_num_seqs + extra_budget, prefix, ops)
+    _execute(block_size, cache_slots, max_num_seqs, max_num_seqs + extra_budget, prefix, ops, threshold)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -527,5 +580,6 @@ def test_long_random_workloads_never_leak_or_corrupt_blocks(seed):
         elif rng.random() < 0.3:
             ops.append((kind, rng.randint(0, 200)))
     _execute(
-        rng.choice([1, 2, 4]), rng.randint(16, 40), rng.randint(2, 4), rng.randint(4, 24), seed % 2 == 0, ops
+        rng.choice([1, 2, 4]), rng.randint(16, 40), rng.randint(2, 4), rng.randint(4, 24), seed % 2 == 0, ops,
+        threshold=[0, 3][seed // 4],  # the last four seeds cap each sequence at 3 tokens a step
     )
