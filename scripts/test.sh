@@ -5,8 +5,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 QSERVE_EXTRAS=gguf,triton,plot,dev,structured . scripts/bootstrap.sh
 . .venv/bin/activate
 
+echo "[test] ruff check . (a few seconds)"
 ruff check .
 # AutoAWQ 0.2.9 is the independent reader in tests/quantize/test_interop_autoawq.py. --no-deps: its
 # `datasets` requirement would give qserve's calibration presets a Hub fallback and change their errors.
+echo "[test] installing autoawq==0.2.9 --no-deps (the interop test's independent reader; seconds)"
 python -m pip install -q --disable-pip-version-check --no-deps "autoawq==0.2.9"
-pytest -q "$@"
+echo "[test] pytest -q: about 4-5 min on 2 quiet cores, 35-40 min on a busy machine. The slow SmolLM2"
+echo "       end-to-end tests take minutes each with no dot until they finish; pass -v to see each test's"
+echo "       name as it starts. The 10 slowest are listed at the end."
+pytest -q --durations=10 "$@"
