@@ -194,6 +194,9 @@ def run_server(cfg) -> None:
 @click.option(
     "--max-num-batched-tokens", type=int, default=2048, show_default=True, help="Token budget per step."
 )
+@click.option("--long-prefill-token-threshold", type=int, default=0, show_default=True,
+              help="Most tokens of one prompt computed per step, so short prompts start beside long ones; "
+                   "0 = no cap.")  # fmt: skip
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV-cache block.")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
               help="Fraction of GPU memory for weights + KV cache (CUDA).")  # fmt: skip

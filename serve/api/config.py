@@ -20,7 +20,7 @@ DEFAULT_MAX_QUEUE = 256
 # Generous for chat histories (a 32k-token prompt is ~130 kB of text) yet far below memory trouble.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _INT_FIELDS = ("port", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
-               "max_queue", "max_body_bytes", "seed")  # fmt: skip
+               "max_queue", "max_body_bytes", "seed", "long_prefill_token_threshold")  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -47,6 +47,7 @@ class ServeConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0  # most tokens of one prompt per step; 0 = no cap
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes (CPU); default: the engine's
@@ -86,6 +87,11 @@ class ServeConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError(
+                f"long_prefill_token_threshold: expected an integer >= 0 (0 = no cap), "
+                f"found {self.long_prefill_token_threshold}"
+            )
         for name in ("max_model_len", "kv_cache_memory"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
@@ -150,4 +156,5 @@ class ServeConfig:
             seed=self.seed,
             validate=False,  # `qserve serve` validates first, with its own policy for unquantized models
             max_waiting=self.max_queue,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
         )

@@ -47,6 +47,16 @@ def test_flags_use_vllm_names(captured):
     assert (args.max_waiting, args.max_num_seqs, args.block_size, args.validate) == (3, 8, 32, False)
 
 
+def test_long_prefill_token_threshold_flag(captured):
+    result, cfg = captured("/m", "--long-prefill-token-threshold", "64")
+    assert result.exit_code == 0, result.output
+    assert cfg.engine_args().long_prefill_token_threshold == 64
+    _, cfg = captured("/m")
+    assert cfg.long_prefill_token_threshold == 0  # no cap unless asked, as in vLLM
+    result, _ = captured("/m", "--long-prefill-token-threshold", "-1")
+    assert result.exit_code != 0 and "long_prefill_token_threshold" in str(result.exception)
+
+
 def test_defaults_and_served_name(captured):
     _, cfg = captured("./model-awq")
     assert cfg.model_names == ["./model-awq"] and cfg.port == 8000 and cfg.host == "127.0.0.1"
