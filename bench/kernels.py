@@ -10,7 +10,7 @@ dispatcher should pick; qserve.kernels.FUSED_MAX_TOKENS should sit at the measur
 Paged attention: the decode kernel against the same attention over a contiguous cache (SDPA), and the
 prefill kernel against the torch gather path, at equal context lengths.
 
-    python bench/kernels.py --out bench/results/kernels.json          # needs CUDA; exits 2 on a CPU machine
+    python bench/kernels.py --out bench/results/kernels.json  # needs CUDA; exits 2 on a CPU machine
     python bench/kernels.py --cpu-attention                   # CPU: the torch paged-attention path
 """
 
@@ -37,7 +37,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench/kernels.json"), help="JSON results file")
+    p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"), help="JSON results file")
     p.add_argument("--dtypes", default="fp16,bf16", help="activation dtypes, comma separated")
     p.add_argument("--formats", default="awq,gptq", help="packed formats, comma separated")
     p.add_argument("--group-size", type=int, default=128)
@@ -145,7 +145,8 @@ def attention_rows(do_bench, dtype, device: str = "cuda", contexts=((1, 2048), (
         q = torch.randn(num_seqs * chunk, heads, head_dim, device=device, dtype=dtype)
         qsl = torch.arange(0, num_seqs * chunk + 1, chunk, device=device, dtype=torch.int32)
         args = (q, kc, vc, tables, qsl, lens, head_dim**-0.5)
-        t_kernel = do_bench(partial(paged_attention, *args), return_mode="median")
+        # max_query_len as the engine passes it (from the scheduler): the kernel alone, no host sync
+        t_kernel = do_bench(partial(paged_attention, *args, max_query_len=chunk), return_mode="median")
         t_torch = do_bench(partial(paged_attention_torch, *args), return_mode="median")
         rows.append({"kind": "prefill", "seqs": num_seqs, "ctx": chunk, "paged_ms": t_kernel,
                      "torch_gather_ms": t_torch, "ratio": t_kernel / t_torch})  # fmt: skip

@@ -1,0 +1,204 @@
+"""Everything that needs an NVIDIA GPU, in one run (called by scripts/gpu_check.sh after set-up).
+
+Stages, each a subprocess with its exit status and wall time recorded:
+  compile   python -m qserve.kernels.compile_check --arch <this GPU's>   (real ptxas, all variants)
+  tests     pytest -m gpu                                                 (kernels compiled, not interpreted)
+  kernels   bench/kernels.py                                              (fused GEMM vs fp16 matmul, attention)
+  quantize  qserve quantize smollm2-135m --method awq                     (the AWQ checkpoint, once)
+  engine    offline throughput, SmolLM2-135M fp16 and AWQ, CUDA graphs on and off
+
+Prints one table and writes one JSON (default bench/results/gpu_check.json) with the command, commit,
+GPU and every stage's figures. Exit 0 when every stage passed, 1 otherwise, 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gpu_or_exit() -> tuple[str, int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); this "
+              "script only runs on a machine with an NVIDIA GPU and a CUDA build of torch", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), major * 10 + minor
+
+
+def run(stage: str, cmd: list[str], log_dir: Path, timeout: int) -> dict:
+    """Run one stage, its output teed to LOG_DIR/<stage>.log; never raises."""
+    print(f"[gpu_check] {stage}: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    log = log_dir / f"{stage}.log"
+    with log.open("w") as fh:
+        try:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    seconds = round(time.perf_counter() - start, 1)
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    print(f"[gpu_check] {stage}: exit {rc} in {seconds} s; " + " | ".join(tail)[-300:], flush=True)
+    return {"command": " ".join(cmd), "exit": rc, "seconds": seconds, "log": str(log)}
+
+
+def junit_counts(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    keys = ("tests", "failures", "errors", "skipped")
+    return {} if suite is None else {k: int(suite.get(k, 0)) for k in keys}
+
+
+def engine_throughput(model: str, eager: bool, num_prompts: int, max_tokens: int, out: Path) -> int:
+    """One engine configuration: batch throughput over ShareGPT prompts (or synthetic ones) and
+    batch-1 decode speed, where launch overhead, the thing graphs remove, matters most."""
+    from qserve import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=64, enforce_eager=eager)
+    startup = time.perf_counter() - start
+    prompts = _prompts(llm.get_tokenizer(), num_prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:4], params, use_tqdm=False)  # warm
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    batch_s = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    start = time.perf_counter()
+    single = llm.generate(prompts[:1], params, use_tqdm=False)
+    single_s = time.perf_counter() - start
+    graphs = llm.engine.runner.graphs
+    result = {
+        "model": model, "enforce_eager": eager, "graphs_captured": graphs is not None,
+        "graph_buckets": graphs.buckets if graphs is not None else [], "startup_s": round(startup, 1),
+        "num_prompts": len(prompts), "max_tokens": max_tokens, "generated_tokens": generated,
+        "batch_tok_s": round(generated / batch_s, 1),
+        "batch1_decode_tok_s": round(len(single[0].outputs[0].token_ids) / single_s, 1),
+    }  # fmt: skip
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+def _prompts(tokenizer, n: int) -> list[str]:
+    data = Path(os.environ.get("QSERVE_DATA", REPO.parent / "shared" / "data"))
+    path = data / "prompts" / "sharegpt" / "sharegpt_v3_first500.json"
+    prompts = []
+    if path.exists():
+        for conv in json.loads(path.read_text()):
+            turns = conv.get("conversations") or []
+            if turns and turns[0].get("from") == "human" and 4 <= len(tokenizer(turns[0]["value"]).input_ids) <= 512:
+                prompts.append(turns[0]["value"])
+            if len(prompts) == n:
+                return prompts
+    words = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "many", "requests")
+    return [" ".join(words[(i + j) % len(words)] for j in range(16 + i % 64)) for i in range(n)]
+
+
+def _figures(stages: dict, out_dir: Path) -> dict:
+    figs: dict = {}
+    cc = out_dir / "compile_check.json"
+    if cc.exists():
+        s = json.loads(cc.read_text())["summary"]
+        figs["compile"] = f"{s['variants']} variants, {s['failures']} failures"
+    t = stages.get("tests", {}).get("junit")
+    if t:
+        figs["tests"] = f"{t['tests']} run, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
+    kj = out_dir / "kernels.json"
+    if kj.exists():
+        k = json.loads(kj.read_text())
+        m1 = [r for r in k["gemm"] if r["M"] == 1]
+        if m1:
+            figs["kernels"] = (
+                f"M=1 fused vs fp16 matmul: {min(r['fused_speedup'] for r in m1):.2f}-"
+                f"{max(r['fused_speedup'] for r in m1):.2f}x, {100 * min(r['fraction_of_copy'] for r in m1):.0f}-"
+                f"{100 * max(r['fraction_of_copy'] for r in m1):.0f}% of copy bandwidth"
+            )
+    for name, st in stages.items():
+        if name.startswith("engine") and "result" in st:
+            r = st["result"]
+            figs[name] = f"{r['batch_tok_s']} tok/s batch, {r['batch1_decode_tok_s']} tok/s batch-1"
+    return figs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check.json")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check", help="logs, checkpoints")
+    ap.add_argument("--num-prompts", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--skip", default="", help="stages to skip, comma separated")
+    ap.add_argument("--engine-one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.engine_one:  # a child process: one engine configuration, its own GPU memory
+        model, mode = args.engine_one
+        return engine_throughput(model, mode == "eager", args.num_prompts, args.max_tokens, args.out)
+
+    gpu, arch = gpu_or_exit()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    stages: dict[str, dict] = {}
+    from qserve.kernels.compile_check import SMEM_LIMITS
+
+    if "compile" not in skip:
+        if arch in SMEM_LIMITS:
+            stages["compile"] = run("compile", [py, "-m", "qserve.kernels.compile_check", "--arch", str(arch),
+                                                "--jobs", str(min(16, os.cpu_count() or 2)),
+                                                "--json", str(args.work / "compile_check.json")], args.work, 900)  # fmt: skip
+        else:
+            stages["compile"] = {"exit": None, "note": f"sm_{arch} has no shared-memory limit entry in compile_check"}
+    if "tests" not in skip:
+        junit = args.work / "gpu_tests.xml"
+        stages["tests"] = run("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                        f"--junitxml={junit}"], args.work, 900)  # fmt: skip
+        stages["tests"]["junit"] = junit_counts(junit)
+    if "kernels" not in skip:
+        stages["kernels"] = run("kernels", [py, "bench/kernels.py", "--out", str(args.work / "kernels.json"),
+                                            "--ms", "1,16,64,256,2048"], args.work, 900)  # fmt: skip
+    awq = args.work / "smollm2-135m-awq"
+    if "quantize" not in skip and not (awq / "config.json").exists():
+        stages["quantize"] = run("quantize", ["qserve", "quantize", "smollm2-135m", "--method", "awq", "--group-size",
+                                              "64", "--n-samples", "32", "--no-eval", "--output", str(awq)],
+                                 args.work, 900)  # fmt: skip
+    if "engine" not in skip:
+        for label, model in (("fp16", "smollm2-135m"), ("awq", str(awq))):
+            for mode in ("graphs", "eager"):
+                name = f"engine-{label}-{mode}"
+                res = args.work / f"{name}.json"
+                stages[name] = run(name, [py, __file__, "--engine-one", model, mode, "--out", str(res),
+                                          "--num-prompts", str(args.num_prompts), "--max-tokens",
+                                          str(args.max_tokens)], args.work, 600)  # fmt: skip
+                if res.exists():
+                    stages[name]["result"] = json.loads(res.read_text())
+    figures = _figures(stages, args.work)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    report = {
+        "command": "scripts/gpu_check.sh " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "gpu": gpu, "arch": f"sm_{arch}", "stages": stages, "figures": figures,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n{'stage':<22} {'exit':>4} {'seconds':>8}  figures   ({gpu}, sm_{arch})")
+    for name, st in stages.items():
+        print(f"{name:<22} {st.get('exit')!s:>4} {st.get('seconds', '-')!s:>8}  {figures.get(name, st.get('note', ''))}")
+    print(f"wrote {args.out}")
+    return 0 if all(st.get("exit") in (0, None) for st in stages.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
