@@ -130,8 +130,8 @@ class StructuredOutputsParams:
                 except ValueError as exc:
                     raise ValueError(f"StructuredOutputsParams.json is not valid JSON: {exc}") from None
             check_json_schema(schema)
-            # Canonical text: the cache key, whatever the key order or spacing of the request.
-            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+            # Compact text as the cache key. Key order is kept: it is the order properties are generated in.
+            object.__setattr__(self, "json", json.dumps(schema, separators=(",", ":")))
         if self.choice is not None and (
             not self.choice or not all(isinstance(c, str) and c for c in self.choice)
         ):

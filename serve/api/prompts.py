@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from qserve.serve.api.errors import APIError, bad_request
 from qserve.serve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from qserve.serve.api.tools import conversation as tools_conversation
+from qserve.serve.api.tools import template_knows_tools
 from qserve.serve.sampling_params import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -93,8 +95,10 @@ class PromptBuilder:
                 "context_length_exceeded",
             )
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-        conversation = [{"role": m.role, "content": m.text} for m in messages]
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool, tools=None) -> str:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        native = template_knows_tools(template if isinstance(template, str) else None)
+        conversation, tool_dicts = tools_conversation(messages, tools, native)
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 "This model's tokenizer has no chat template; restart the server with --chat-template FILE "
@@ -106,6 +110,7 @@ class PromptBuilder:
             return self.tokenizer.apply_chat_template(
                 conversation,
                 chat_template=self.chat_template,
+                tools=tool_dicts,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
             )
@@ -116,7 +121,7 @@ class PromptBuilder:
         add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
         # The template only adds text around the messages: their size alone can already be too much.
         self.check_text_size(sum(utf8_len(m.text) for m in req.messages), "messages")
-        text = self.render_chat(req.messages, add_gen)
+        text = self.render_chat(req.messages, add_gen, req.tools)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         self._check_prompt_len(len(ids), "messages")
         return PromptInput(ids, text)

@@ -8,7 +8,7 @@ names the parameter to fix.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -49,6 +49,58 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: OpenAI's named schema; `strict` is accepted, and the schema is
+    always enforced (qserve constrains decoding whether or not strict is set)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise InvalidParam("response_format.json_schema", "type 'json_schema' needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise InvalidParam(
+                "response_format.json_schema", "json_schema is only allowed with type 'json_schema'"
+            )
+        return self
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of json (a schema), json_object, regex, choice,
+    grammar (xgrammar EBNF)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            names = [g.rstrip("_") for g in given]
+            raise InvalidParam(
+                "structured_outputs",
+                f"give exactly one of json, json_object, regex, choice, grammar (got {names or 'none'})",
+            )
+        return self
+
+
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -73,6 +125,9 @@ class _SamplingRequest(_Strict):
     min_tokens: int | None = Field(default=None, ge=0)
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # Structured outputs (serve/structured.py): OpenAI's response_format, vLLM's structured_outputs.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +150,11 @@ class _SamplingRequest(_Strict):
     def _cross_field(self):
         if self.stream_options is not None and not self.stream:
             raise InvalidParam("stream_options", "stream_options is only allowed when stream is true")
+        constrained = self.response_format is not None and self.response_format.type != "text"
+        if constrained and self.structured_outputs is not None:
+            raise InvalidParam(
+                "structured_outputs", "send either response_format or structured_outputs, not both"
+            )
         return self
 
     @property
@@ -153,14 +213,62 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = Field(default=None, max_length=256)  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _roles(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(
+                f"a '{self.role}' message needs content (only an assistant message with tool_calls may omit it)"
+            )
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the tool_call_id it answers")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -169,6 +277,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool | None = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_cross_field(self):
@@ -186,7 +297,25 @@ class ChatCompletionRequest(_SamplingRequest):
             raise InvalidParam(
                 "min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_completion_tokens ({limit})"
             )
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidParam("tools", f"function names must be unique, got {names}")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidParam("tool_choice", "tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidParam(
+                "tool_choice",
+                f"tool_choice names function '{self.tool_choice.function.name}', not in tools {names}",
+            )
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and (self.structured_outputs is not None or
+                       (self.response_format is not None and self.response_format.type != "text")):  # fmt: skip
+            raise InvalidParam("tool_choice", "a forced tool call cannot be combined with response_format or "
+                               "structured_outputs")  # fmt: skip
 
     @property
     def output_limit(self) -> int | None:
@@ -216,7 +345,9 @@ class DetokenizeRequest(_Strict):
 def request_field_names() -> frozenset[str]:
     """Every field name of every request model: what an error's `param` path may contain."""
     models = (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,
-              TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest)  # fmt: skip
+              TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest, ResponseFormat, JsonSchemaFormat,
+              StructuredOutputsRequest, ToolCall, FunctionCall, ToolDefinition, FunctionDefinition,
+              NamedToolChoice, NamedFunction)  # fmt: skip
     return frozenset(name for m in models for name in m.model_fields)
 
 
@@ -267,9 +398,24 @@ class ChatLogprobs(_Open):
     content: list[TokenLogprob] | None = None
 
 
+class ToolCallOut(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Open):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tools(self, handler):
+        # OpenAI sends tool_calls only when there are some; content is null next to them.
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
 
 
 class ChatChoice(_Open):
@@ -289,9 +435,30 @@ class ChatCompletionResponse(_Open):
     usage: Usage
 
 
+class FunctionCallDelta(_Open):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(_Open):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class Delta(_Open):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler):
@@ -323,6 +490,7 @@ class ModelCard(_Open):
     owned_by: str = "qserve"
     root: str
     max_model_len: int
+    capabilities: dict[str, Any] | None = None  # qserve extra: structured outputs and tool calling
 
 
 class ModelList(_Open):

@@ -137,19 +137,29 @@ def completion_response(
 
 
 def chat_response(
-    meta: ResponseMeta, prompt: PromptInput, final, top_logprobs: int | None, fmt: LogprobFormatter
+    meta: ResponseMeta,
+    prompt: PromptInput,
+    final,
+    top_logprobs: int | None,
+    fmt: LogprobFormatter,
+    tools=None,
 ) -> ChatCompletionResponse:
+    """`tools`: the request's ToolPlan (serve/api/tools.py) when tool calls are parsed from the output."""
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
         lp = None
         if top_logprobs is not None:
             lp = ChatLogprobs(content=fmt.chat(c.token_ids, c.logprobs or [], top_logprobs))
+        message, finish_reason = AssistantMessage(content=c.text), c.finish_reason
+        if tools is not None:
+            content, calls, finish_reason = tools.result(c.text, c.finish_reason)
+            message = AssistantMessage(content=content, tool_calls=calls or None)
         choices.append(
             ChatChoice(
                 index=c.index,
-                message=AssistantMessage(content=c.text),
+                message=message,
                 logprobs=lp,
-                finish_reason=c.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=c.stop_reason,
             )
         )

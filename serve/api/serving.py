@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,7 +38,9 @@ from qserve.serve.api.protocol import (
 )
 from qserve.serve.api.responses import LogprobFormatter, ResponseMeta, chat_response, completion_response
 from qserve.serve.api.streaming import chat_stream, completion_stream
+from qserve.serve.api.tools import ToolPlan, capabilities, choose_parser, request_constraint
 from qserve.serve.sequence import QueueFullError
+from qserve.serve.structured import available as structured_available
 
 # A client that has gone away is answered with nginx's "client closed request"; nobody reads it.
 CLIENT_CLOSED = 499
@@ -48,7 +51,12 @@ class OpenAIServing:
     """Handlers for /v1/* and the vLLM tokenizer endpoints, bound to one engine."""
 
     def __init__(
-        self, engine, served_model_names: list[str], metrics: ServerMetrics, chat_template: str | None = None
+        self,
+        engine,
+        served_model_names: list[str],
+        metrics: ServerMetrics,
+        chat_template: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.engine = engine
         self.names = list(served_model_names)
@@ -58,6 +66,10 @@ class OpenAIServing:
         self.field_names = request_field_names()
         self.created = int(time.time())  # /v1/models: when this server started serving the model
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qserve-tokenizer")
+        template = chat_template or getattr(engine.tokenizer, "chat_template", None)
+        self.tool_parser = choose_parser(tool_call_parser, template if isinstance(template, str) else None)
+        # The grammar compiler of the engine (serve/structured.py); None for engines without one.
+        self.structured = getattr(getattr(engine, "engine", engine), "structured", None)
 
     async def off_loop(self, fn, *args):
         """Run `fn(*args)` on the tokenizer thread; its exceptions (APIError included) raise here."""
@@ -83,6 +95,26 @@ class OpenAIServing:
                 code="model_not_found",
             )
         return requested
+
+    async def _constrain(self, params, spec, param: str):
+        """`params` with the grammar of `spec` compiled (on the tokenizer thread, never the engine loop)."""
+        if spec is None:
+            return params
+        if self.structured is None:
+            raise bad_request(
+                f"'{param}' needs structured outputs, which this server's engine does not support.",
+                param,
+                "unsupported",
+            )
+        try:
+            prepared = await self.off_loop(self.structured.prepare, spec)
+            return replace(params, structured_outputs=prepared)
+        except QserveError as exc:  # xgrammar is not installed
+            raise bad_request(
+                f"Structured outputs are unavailable on this server: {exc}.", param, "unsupported"
+            ) from None
+        except ValueError as exc:  # a regex / grammar that does not compile, or min_tokens / ignore_eos
+            raise bad_request(f"Invalid value for '{param}': {exc}.", param) from None
 
     def _require_healthy(self) -> None:
         if not self.engine.is_healthy:
@@ -130,6 +162,7 @@ class OpenAIServing:
             prompts, req.max_tokens, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS
         )
         params = self.builder.sampling_params(req, max_tokens, req.logprobs)
+        params = await self._constrain(params, *request_constraint(req))
         meta = ResponseMeta.make("cmpl", model)
         n, echo = params.n, bool(req.echo)
         try:
@@ -149,32 +182,42 @@ class OpenAIServing:
         req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await request.body())
         model = self.model_name(req.model)
         self._require_healthy()
+        plan = ToolPlan.from_request(req, self.tool_parser)
         prompt = await self.off_loop(self.builder.chat, req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.builder.max_tokens([prompt], req.output_limit, param, None)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self.builder.sampling_params(req, max_tokens, top)
+        if plan is not None and plan.constraint is not None:
+            params = await self._constrain(params, plan.constraint, "tool_choice")
+        else:
+            params = await self._constrain(params, *request_constraint(req))
+        plan = plan if plan is not None and plan.parses else None
+        if plan is not None and plan.parser.name == "mistral":  # its [TOOL_CALLS] marker is a special token
+            params = replace(params, skip_special_tokens=False)
         meta = ResponseMeta.make("chatcmpl", model)
         try:
             gen = await self._start(request, [prompt], params, meta.id, "messages")
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
         if req.stream:
-            body = chat_stream(gen, meta, prompt, top, req.include_usage, self.fmt)
+            body = chat_stream(gen, meta, prompt, top, req.include_usage, self.fmt, plan)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
         finals = await self._collect(gen)
         if finals is None:
             return Response(status_code=CLIENT_CLOSED)
         (final,) = finals
-        return JSONResponse(chat_response(meta, prompt, final, top, self.fmt).model_dump())
+        return JSONResponse(chat_response(meta, prompt, final, top, self.fmt, plan).model_dump())
 
     async def models(self) -> JSONResponse:
+        caps = capabilities(self.structured is not None and structured_available(), self.tool_parser)
         cards = [
             ModelCard(
                 id=name,
                 created=self.created,
                 root=str(self.engine.model_name),
                 max_model_len=self.engine.max_model_len,
+                capabilities=caps,
             )
             for name in self.names
         ]

@@ -29,6 +29,7 @@ from qserve.serve.api.protocol import (
     Delta,
 )
 from qserve.serve.api.responses import LogprobFormatter, ResponseMeta, usage
+from qserve.serve.api.tools import ToolStreamer
 
 log = logging.getLogger("qserve.serve.api")
 
@@ -135,6 +136,20 @@ def completion_stream(
     return _guarded(gen, chunks())
 
 
+def _tool_chunks(streamer: ToolStreamer, c, lp: ChatLogprobs | None) -> list[ChatChunkChoice]:
+    """One step of a tool-calling choice: its deltas, the logprobs on the first, the finish on the last."""
+    deltas, reason = streamer.step(c.text, c.finish_reason)
+    if not deltas and (lp is not None or reason is not None):
+        deltas = [Delta()]
+    last = len(deltas) - 1
+    return [
+        ChatChunkChoice(index=c.index, delta=d, logprobs=lp if j == 0 else None,
+                        finish_reason=reason if j == last else None,
+                        stop_reason=c.stop_reason if j == last else None)
+        for j, d in enumerate(deltas)
+    ]  # fmt: skip
+
+
 def chat_stream(
     gen: Generation,
     meta: ResponseMeta,
@@ -142,12 +157,16 @@ def chat_stream(
     top_logprobs: int | None,
     include_usage: bool,
     fmt: LogprobFormatter,
+    tools=None,
 ) -> AsyncIterator[bytes]:
+    """`tools`: the request's ToolPlan (serve/api/tools.py) when tool calls are parsed from the output."""
+
     def chunk(choice: ChatChunkChoice) -> bytes:
         return sse(ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
 
     async def chunks() -> AsyncIterator[bytes]:
         cursors: dict[int, _Cursor] = {}
+        streamers: dict[int, ToolStreamer] = {}
         final = None
         async for event in gen.events():
             final = event.output
@@ -163,6 +182,11 @@ def chat_stream(
                 lp = None
                 if top_logprobs is not None:
                     lp = ChatLogprobs(content=fmt.chat(new_ids, steps, top_logprobs))
+                if tools is not None:
+                    streamer = streamers.setdefault(c.index, ToolStreamer(tools))
+                    for piece in _tool_chunks(streamer, c, lp):
+                        yield chunk(piece)
+                    continue
                 delta = Delta(content=text) if text or c.finish_reason is None else Delta()
                 yield chunk(
                     ChatChunkChoice(
