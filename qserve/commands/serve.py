@@ -222,6 +222,8 @@ def run_server(cfg) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Engine seed for unseeded sampling.")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--enforce-eager", is_flag=True,
+              help="CUDA: no decode CUDA graphs (captured per batch size at start-up otherwise).")  # fmt: skip
 @click.option("--disable-log-requests", is_flag=True, help="No access-log line per request.")
 @click.option("--disable-log-stats", is_flag=True,
               help="No periodic throughput / queue / KV-cache line (every 10 s while busy).")  # fmt: skip

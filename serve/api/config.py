@@ -59,6 +59,7 @@ class ServeConfig:
     device: str = "auto"
     seed: int = 0
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     disable_log_requests: bool = False  # no access-log line per request (vLLM's flag)
     disable_log_stats: bool = False  # no periodic throughput/queue line (vLLM's flag)
 
@@ -74,7 +75,7 @@ class ServeConfig:
             raise ConfigError(
                 f"gpu_memory_utilization: expected a number, found {self.gpu_memory_utilization!r}"
             )
-        for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats"):
+        for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, found {getattr(self, name)!r}")
         for name in ("model", "host", "log_level", "dtype", "device"):
@@ -157,4 +158,5 @@ class ServeConfig:
             validate=False,  # `qserve serve` validates first, with its own policy for unquantized models
             max_waiting=self.max_queue,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
+            enforce_eager=self.enforce_eager,
         )

@@ -158,3 +158,21 @@ def test_enforce_eager_reaches_the_runner(tmp_path, monkeypatch):
     llm = LLM(str(varied_model(tmp_path / "m", "llama")), device="cpu", max_num_seqs=4, enforce_eager=True)
     assert llm.engine.args.enforce_eager is True
     assert seen == [(4, 2048, llm.engine.max_model_len, True)]
+
+
+def test_enforce_eager_flag_and_config_key(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from qserve.commands import serve as serve_cmd
+    from qserve.serve.api.config import ServeConfig
+
+    seen = []
+    monkeypatch.setattr(serve_cmd, "run_server", seen.append)
+    result = CliRunner().invoke(serve_cmd.serve, ["/m", "--enforce-eager"], catch_exceptions=True)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].engine_args().enforce_eager is True
+    CliRunner().invoke(serve_cmd.serve, ["/m"], catch_exceptions=True)
+    assert seen[-1].engine_args().enforce_eager is False  # graphs by default, as in vLLM
+    assert ServeConfig.from_dict({"model": "/m", "enforce_eager": True}).enforce_eager is True
+    with pytest.raises(ConfigError, match="enforce_eager: expected true or false"):
+        ServeConfig.from_dict({"model": "/m", "enforce_eager": "yes"})
