@@ -456,12 +456,17 @@ def summary(results: list[Result]) -> dict:
 
 
 def _commit() -> str | None:
+    """HEAD, with "+dirty" when the Triton kernels or this check have uncommitted changes (the figures
+    are then not HEAD's)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return out.stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
+        files = ["triton_gemm.py", "triton_attention.py", "triton_common.py", "compile_check.py"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True,
+                               check=True, cwd=here)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def markdown(report: dict) -> str:
@@ -493,7 +498,8 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Per variant (registers per thread; stack/local bytes and LDL/STL count are spills; shared memory "
-        "is Triton's dynamic allocation plus static):",
+        "is Triton's dynamic allocation plus static; s is compile + disassembly wall time on a shared CPU, "
+        "Triton's cache may have served the compile):",
         "",
         "| arch | kernel | variant | warps/stages | regs | spill (stack/local/ops) | smem KiB | MMA instructions | s | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
