@@ -225,7 +225,9 @@ def prefill_meta(
     return {
         "NUM_HEADS": num_heads, "NUM_KV_HEADS": num_kv_heads, "HEAD_DIM": head_dim,
         "HEAD_DIM_PAD": head_dim_pad, "BLOCK_SIZE": block_size, "BLOCK_M": block_m,
-        "BLOCK_N": 64 if head_dim_pad <= 64 else 32, "CAUSAL": causal,
+        # 64 keys per tile only for small tiles: BLOCK_M 64 x BLOCK_N 64 at head dim 64 spills on sm_80
+        # (compile check: 168 registers, 8 B stack); 32 keys fit every arch without spills
+        "BLOCK_N": 64 if head_dim_pad <= 64 and block_m <= 16 else 32, "CAUSAL": causal,
     }  # fmt: skip
 
 
