@@ -4,11 +4,16 @@
 ~/.cache/qserve/torch_extensions (about 15 s, once per machine, torch version and source); later
 processes load the cached library. Where that is not possible (no compiler, no ninja, a read-only
 cache, `QSERVE_CPU_EXT=0`) qserve says so once and runs the torch path instead: the same results,
-slower batch-1 decode.
+slower batch-1 decode, and quantized layers dequantized to dense weights at load.
+
+`QSERVE_REQUIRE_CPU_EXT=1` (set by scripts/test.sh wherever a C++ compiler exists, i.e. in CI) turns
+that fallback into an error: a failed build raises `CpuExtensionError`, and the kernel tests fail
+instead of skipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,7 +26,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp")  # one library; cpu_packed adds to its ops
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when unavailable
 
@@ -39,7 +45,7 @@ def _cpu_signature() -> str:
 def _build_dir() -> Path:
     """A directory per (source, torch version, CPU): the home cache, or the temp dir if that is read-only."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode()):
+    for part in (*(src.read_bytes() for src in _SOURCES), torch.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
     name = f"cpu_ops-{key.hexdigest()[:16]}"
     root = Path(os.environ.get("QSERVE_EXT_CACHE", Path.home() / ".cache" / "qserve" / "torch_extensions"))
@@ -52,13 +58,26 @@ def _build_dir() -> Path:
         return fallback
 
 
+class CpuExtensionError(RuntimeError):
+    """The C++ kernels could not be built or loaded while QSERVE_REQUIRE_CPU_EXT=1 demands them."""
+
+
+def required() -> bool:
+    """Whether QSERVE_REQUIRE_CPU_EXT=1 is set: no fallback to the torch path (CI)."""
+    return os.environ.get("QSERVE_REQUIRE_CPU_EXT", "0") == "1"
+
+
 def available() -> bool:
     """Whether the compiled CPU kernels are loaded (building them on the first call)."""
-    if "ok" in _state:
-        return bool(_state["ok"])
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"] = _load()
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                _state["ok"] = _load()
+    if not _state["ok"] and required():
+        raise CpuExtensionError(
+            f"QSERVE_REQUIRE_CPU_EXT=1 but the C++ CPU kernels are unavailable ({_state.get('error')}); "
+            "fix the build (a C++ compiler, ninja and torch's headers are needed) or unset the variable"
+        )
     return bool(_state["ok"])
 
 
@@ -71,7 +90,8 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def unavailable_reason() -> str | None:
-    available()
+    with contextlib.suppress(CpuExtensionError):
+        available()
     return _state.get("error")  # type: ignore[return-value]
 
 
@@ -90,7 +110,7 @@ def _load() -> bool:
             log.warning("qserve: compiling the C++ CPU decode kernels for this machine (once, ~15 s)")
         cpp_extension.load(
             name="qserve_cpu_" + build.name.split("-")[-1],
-            sources=[str(_SOURCE)],
+            sources=[str(src) for src in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
@@ -98,6 +118,7 @@ def _load() -> bool:
             verbose=False,
         )
         torch.ops.qserve_cpu.linear_small_m  # noqa: B018 - raises if the library did not register
+        torch.ops.qserve_cpu.packed_linear  # noqa: B018
     except Exception as exc:  # no compiler / ninja / headers, or a failed build: the torch path stands in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _state["error"] = f"{type(exc).__name__}: {first}"

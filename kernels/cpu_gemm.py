@@ -28,14 +28,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels import cpu_ext
+from qserve.kernels import cpu_ext, cpu_packed
 
 SPLIT_MAX_ROWS = 256
 SPLIT_WAYS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); on CPU with few rows, qserve's C++ kernel or a thread split."""
+    """F.linear(x, weight, bias); on CPU with few rows, qserve's C++ kernel or a thread split.
+
+    A bf16 weight with fp32 activations (the bf16 LM head or tied embedding of a quantized model on
+    the CPU) goes through the C++ bf16-weight kernel: fp32 accumulation, fp32 output."""
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu":
+        if cpu_ext.available() and weight.is_contiguous():
+            y = cpu_packed.linear_bf16_weight(x, weight)
+        else:
+            y = F.linear(x, weight.float())
+        return y if bias is None else y + bias
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     if rows == 0 or rows > SPLIT_MAX_ROWS or x.device.type != "cpu" or not weight.is_contiguous():

@@ -19,7 +19,7 @@ from qserve import kernels
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import arch_for_config
 from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding
-from qserve.serve.quant_linear import PackedLinear, QuantSpec, build_linear
+from qserve.serve.quant_linear import Bf16Linear, HalfEmbedding, PackedLinear, QuantSpec, build_linear
 from qserve.validate.metadata import find_metadata
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -166,8 +166,20 @@ def load_model(
         mlp_names = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
         mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
         layers.append(DecoderLayer(cfg, attn, mlp))
+    # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
+    # reads bf16, accumulating in fp32): holding them in fp32 would double the largest tensors left.
+    keep_bf16 = device.type == "cpu" and quant is not None and dtype != torch.bfloat16
+
+    def bf16_stored(name: str) -> bool:
+        return keep_bf16 and name in weights and weights.get(name).dtype == torch.bfloat16
+
     # HF ties the head whenever the config says so, even if the file also carries lm_head.weight.
-    lm_head = None if cfg.tie_word_embeddings else linear(["lm_head"], False)
+    if cfg.tie_word_embeddings:
+        lm_head = None
+    elif bf16_stored("lm_head.weight") and "lm_head.qweight" not in weights:
+        lm_head = Bf16Linear(weights.get("lm_head.weight"), None)
+    else:
+        lm_head = linear(["lm_head"], False)
     model = CausalLM(cfg, rotary, layers, lm_head)
     # Set tensor by tensor rather than model.to(dtype): that would also cast the packed fp16 scales
     # and the float32 RoPE tables.
@@ -175,6 +187,8 @@ def load_model(
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+    if bf16_stored("model.embed_tokens.weight"):
+        model.embed_tokens = HalfEmbedding(weights.get(params.pop("embed_tokens")), dtype)
     for module_name, tensor_name in params.items():
         weight = weights.get(tensor_name).to(device=device, dtype=dtype)
         model.get_submodule(module_name).weight = torch.nn.Parameter(weight, requires_grad=False)

@@ -4,22 +4,29 @@ The model fuses q/k/v and gate/up into one layer each, so a layer is built from 
 Linears ("parts") whose outputs are concatenated.
 
 On CUDA a quantized layer keeps the packed tensors and calls `qserve.kernels.dequant_gemm` (fused
-dequantize + GEMM: the 4-bit weights are what is read from memory). On CPU the layer is dequantized
-ONCE at load into a dense weight in the compute dtype and runs a plain matmul: dequantizing 4-bit
-weights on every call costs far more than the GEMM itself on a CPU, and CPU GEMMs have no fused
-low-bit path in torch. The CPU engine therefore holds full-size weights (the memory saving of 4-bit
-applies on the GPU path only).
+dequantize + GEMM: the 4-bit weights are what is read from memory). On CPU a 4-bit layer is repacked
+once at load into the CPU kernels' own 4-bit layout (`qserve.kernels.cpu_packed`: still 4-bit, groups
+made contiguous, act-order folded into an input permutation) and runs qserve's C++ kernels: a fused
+dequant-GEMV for decode-sized batches, tile-by-tile dequantization into a GEMM for prefill. Only
+where those kernels cannot run (no C++ compiler, or QSERVE_CPU_EXT=0; `cpu_ext` warns once) or for
+8-/2-bit layers is the layer dequantized at load into a dense weight in the compute dtype.
+
+Embeddings and the LM head of a quantized checkpoint stored in bf16 stay bf16 on the CPU
+(`HalfEmbedding`, `Bf16Linear`): the head's GEMV reads bf16 and accumulates in fp32.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qserve import kernels
-from qserve.kernels import cpu_gemm, packing
+from qserve.kernels import cpu_ext, cpu_gemm, cpu_packed, packing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,99 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class CpuQuantLinear(nn.Module):
+    """4-bit Linear(s) on the CPU in the resident layout of `qserve.kernels.cpu_packed`.
+
+    Fused parts share one packed weight unless act-order gave them different input permutations;
+    then each keeps its own and the outputs are concatenated.
+    """
+
+    def __init__(self, weights: list[cpu_packed.CpuPackedWeight], bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weights = weights  # plain attribute: Module.to(dtype) must not touch the packed tensors
+        self.bias = bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [cpu_packed.linear(x, w) for w in self.weights]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+class Bf16Linear(nn.Module):
+    """A dense Linear whose weight stays bf16 on the CPU (a quantized model's LM head): C++ GEMV with fp32
+    accumulation, output in the activations' dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemm.linear(x, self.weight, self.bias)
+
+
+class HalfEmbedding(nn.Module):
+    """Token embedding kept in its 16-bit checkpoint dtype; looked-up rows come out in `dtype`."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.out_dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.weight).to(self.out_dtype)
+
+
+def _cpu_packed_linear(
+    parts: list[PackedLinear], bias: torch.Tensor | None, spec: QuantSpec
+) -> CpuQuantLinear | None:
+    """The resident 4-bit form of a layer, or None (with the reason logged) where it cannot hold it."""
+    if spec.bits != 4:
+        log.info(
+            "qserve: %d-bit layers run dequantized on the CPU (the packed CPU kernels are 4-bit)", spec.bits
+        )
+        return None
+    if not cpu_ext.available():  # warned once by cpu_ext; raises under QSERVE_REQUIRE_CPU_EXT=1
+        return None
+    logical = [
+        cpu_packed.from_checkpoint(
+            p.qweight,
+            p.qzeros,
+            p.scales,
+            p.g_idx,
+            fmt=spec.method,
+            group_size=spec.group_size,
+            checkpoint_format=spec.checkpoint_format,
+        )
+        for p in parts
+    ]
+    same_order = all(
+        (g is None and logical[0][3] is None)
+        or (g is not None and logical[0][3] is not None and torch.equal(g, logical[0][3]))
+        for _, _, _, g in logical
+    )
+    groups = [logical] if same_order else [[one] for one in logical]
+    try:
+        weights = [
+            cpu_packed.repack(
+                torch.cat([q for q, _, _, _ in group]),
+                torch.cat([s for _, s, _, _ in group], dim=1),
+                torch.cat([z for _, _, z, _ in group], dim=1),
+                group[0][3],
+                spec.group_size,
+            )
+            for group in groups
+        ]
+    except ValueError as exc:
+        log.warning("qserve: a 4-bit layer runs dequantized on the CPU: %s", exc)
+        return None
+    return CpuQuantLinear(weights, bias)
+
+
 def _concat_parts(parts: list[PackedLinear], spec: QuantSpec) -> list[PackedLinear]:
     """Merge parts into one packed Linear when their layouts allow it, so a fused layer is one launch.
 
@@ -161,6 +261,43 @@ def build_linear(
             for p in packed
         ]
         return QuantLinear(moved, bias, spec)
+    if device.type == "cpu" and spec is not None and packed and len(packed) == len(parts):
+        layer = _cpu_packed_linear(packed, bias, spec)
+        if layer is not None:
+            return layer
     dense = [p if isinstance(p, torch.Tensor) else p.dequantize(spec) for p in parts]
     weight = torch.cat([w.float() for w in dense], dim=0) if len(dense) > 1 else dense[0]
     return DenseLinear(weight.to(device=device, dtype=dtype).contiguous(), bias)
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy in memory: its parameters (each storage once) plus the packed
+    tensors and biases that quantized layers hold as plain attributes. RoPE tables and the KV cache
+    are not weights and are not counted."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is None or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            return
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+
+    for t in model.parameters():
+        add(t)
+    for module in model.modules():
+        if isinstance(module, CpuQuantLinear):
+            for w in module.weights:
+                for t in (w.qdata, w.scales, w.zeros, w.perm):
+                    add(t)
+            add(module.bias)
+        elif isinstance(module, QuantLinear):
+            for p in module.parts:
+                for t in (p.qweight, p.qzeros, p.scales, p.g_idx):
+                    add(t)
+            add(module.bias)
+    return total

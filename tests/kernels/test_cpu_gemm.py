@@ -55,8 +55,9 @@ def test_linear_falls_back_for_large_m_and_one_thread(gen, monkeypatch, torch_pa
     assert not calls
 
 
+# Under QSERVE_REQUIRE_CPU_EXT=1 (CI) nothing skips: a machine that cannot build the kernels fails.
 needs_build_tools = pytest.mark.skipif(
-    shutil.which("c++") is None or shutil.which("ninja") is None,
+    not cpu_ext.required() and (shutil.which("c++") is None or shutil.which("ninja") is None),
     reason="no C++ compiler or ninja on PATH: the C++ kernel cannot be built",
 )
 
@@ -112,6 +113,7 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(gen, monkeypatch, cap
     def broken(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
+    monkeypatch.delenv("QSERVE_REQUIRE_CPU_EXT", raising=False)
     monkeypatch.setattr(cpu_ext, "_state", {})
     monkeypatch.setattr(cpp_extension, "load", broken)
     with caplog.at_level("WARNING"):
@@ -122,7 +124,39 @@ def test_a_failed_build_falls_back_to_torch_with_a_warning(gen, monkeypatch, cap
     torch.testing.assert_close(cpu_gemm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_build_is_an_error_when_the_kernels_are_required(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("error: command 'c++' failed")
+
+    monkeypatch.setenv("QSERVE_REQUIRE_CPU_EXT", "1")
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(cpu_ext.CpuExtensionError, match=r"QSERVE_REQUIRE_CPU_EXT=1 .*command 'c\+\+' failed"):
+        cpu_ext.available()
+    with pytest.raises(cpu_ext.CpuExtensionError):  # every later caller too, not only the first
+        cpu_gemm.linear(torch.randn(2, 64), torch.randn(96, 64))
+    assert "command 'c++' failed" in cpu_ext.unavailable_reason()
+
+
+@needs_build_tools
+def test_linear_runs_a_bf16_weight_through_the_cpp_kernel(gen, monkeypatch):
+    from qserve.kernels import cpu_packed
+
+    calls = []
+    real = cpu_packed.linear_bf16_weight
+    monkeypatch.setattr(cpu_packed, "linear_bf16_weight", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(300, 64, generator=gen).bfloat16()
+    b = torch.randn(300, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    y = cpu_gemm.linear(x, w, b)
+    assert calls == [1] and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-4)
+
+
 def test_qserve_cpu_ext_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.delenv("QSERVE_REQUIRE_CPU_EXT", raising=False)
     monkeypatch.setattr(cpu_ext, "_state", {})
     monkeypatch.setenv("QSERVE_CPU_EXT", "0")
     assert not cpu_ext.available()

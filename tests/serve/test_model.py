@@ -19,7 +19,7 @@ from qserve.errors import CheckpointError, ConfigError
 from qserve.kernels import packing
 from qserve.serve.loader import SafetensorsWeights, load_model, read_quant_spec
 from qserve.serve.outputs import ScheduledChunk
-from qserve.serve.quant_linear import DenseLinear, PackedLinear, QuantLinear, QuantSpec, build_linear
+from qserve.serve.quant_linear import CpuQuantLinear, PackedLinear, QuantLinear, QuantSpec, build_linear
 from qserve.serve.runner import ModelRunner
 from qserve.serve.sampler import Sampler
 
@@ -216,7 +216,7 @@ def test_quant_linear_fuses_parts_and_matches_dense(act_order):
     x = torch.randn(5, 64, generator=gen)
     expected = x @ torch.cat(dense).t() + bias
     torch.testing.assert_close(quant(x), expected, atol=1e-4, rtol=1e-4)
-    # On CPU the engine dequantizes once at load into a dense weight instead.
+    # On CPU the engine repacks once at load into the C++ kernels' 4-bit layout (fused unless act-order).
     cpu_layer = build_linear(list(parts), [bias[:32], bias[32:48], bias[48:]], spec, CPU, torch.float32)
-    assert isinstance(cpu_layer, DenseLinear)
+    assert isinstance(cpu_layer, CpuQuantLinear) and len(cpu_layer.weights) == (3 if act_order else 1)
     torch.testing.assert_close(cpu_layer(x), expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,176 @@
+"""4-bit weights resident on the CPU: a load-time repack of GPTQ / AWQ and the C++ kernels over it.
+
+The checkpoint's own layouts (kernels/packing.py) pack along different dims and in different nibble
+orders, and act-order GPTQ scatters each group over the input. At load, each quantized Linear is
+rewritten once into ONE layout the CPU kernels stream (kernels/csrc/cpu_packed.cpp has the byte-level
+definition): blocks of 64 output columns, two input rows per byte, groups contiguous (act-order layers
+have their input rows permuted, and each call permutes the activations to match), fp16 scales kept as
+stored and uint8 zero points. It stays 4-bit: about 0.55 bytes per weight at group size 64, against
+0.54 in the checkpoint and 4 for the dense fp32 weight the CPU engine used to hold.
+
+The kernel path is chosen at run time: AVX-512 when the CPU reports AVX-512F/BW/VL, else a portable
+C++ loop; `QSERVE_CPU_ISA=avx512|scalar` forces one (tests run both), `auto` (the default) detects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from qserve.kernels import cpu_ext, packing
+
+BLOCK = 64  # output columns per block of the resident layout
+ISAS = ("auto", "avx512", "scalar")
+_ISA_CODES = {"scalar": 0, "avx512": 1}
+
+
+def isa_name() -> str:
+    """The kernel body calls take: QSERVE_CPU_ISA if set, else AVX-512 where the CPU has it."""
+    choice = os.environ.get("QSERVE_CPU_ISA", "auto").strip().lower() or "auto"
+    if choice not in ISAS:
+        raise ValueError(f"QSERVE_CPU_ISA={choice!r} is not one of {', '.join(ISAS)}; unset it or pick one")
+    if choice != "auto":
+        return choice
+    return "avx512" if cpu_ext.available() and torch.ops.qserve_cpu.has_avx512() else "scalar"
+
+
+def _isa() -> int:
+    if not cpu_ext.available():
+        raise RuntimeError(
+            f"the C++ CPU kernels are unavailable ({cpu_ext.unavailable_reason()}); 4-bit CPU layers need them"
+        )
+    return _ISA_CODES[isa_name()]
+
+
+@dataclass(frozen=True)
+class CpuPackedWeight:
+    """One Linear (or several fused ones) in the resident 4-bit layout."""
+
+    qdata: torch.Tensor  # uint8 [ceil(N / 64), K / 2, 64]
+    scales: torch.Tensor  # fp16 (as stored) or fp32 [G, blocks * 64]
+    zeros: torch.Tensor  # uint8 [G, blocks * 64], true zero points
+    perm: torch.Tensor | None  # int64 [K]: resident input i is checkpoint input perm[i] (act-order)
+    out_features: int
+    group_size: int  # contiguous inputs per group in the resident order (K for one group)
+
+    @property
+    def in_features(self) -> int:
+        return self.qdata.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.qdata, self.scales, self.zeros) + (() if self.perm is None else (self.perm,))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def repack(
+    intweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    group_size: int,
+) -> CpuPackedWeight:
+    """The resident layout of a 4-bit Linear in logical form.
+
+    intweight [out, in] codes 0..15; scales [G, out]; zeros [G, out] true zero points; g_idx [in] or
+    None (i // group_size). Raises ValueError for what the layout cannot hold (groups that are not
+    runs of one size once sorted, an odd input count).
+    """
+    out_f, in_f = intweight.shape
+    gs = packing.effective_group_size(in_f, group_size)
+    n_groups = packing.num_groups(in_f, group_size)
+    if in_f % gs or gs % 2:
+        raise ValueError(
+            f"the CPU 4-bit layout needs an even group size that divides in_features; got group_size="
+            f"{group_size} for in_features={in_f}"
+        )
+    if tuple(scales.shape) != (n_groups, out_f) or tuple(zeros.shape) != (n_groups, out_f):
+        raise ValueError(
+            f"scales/zeros must be [{n_groups}, {out_f}], got {list(scales.shape)}, {list(zeros.shape)}"
+        )
+    perm = None
+    if g_idx is not None:
+        g = g_idx.to(torch.int64)
+        contiguous = torch.arange(in_f, dtype=torch.int64) // gs
+        if not torch.equal(g, contiguous):
+            perm = torch.argsort(g, stable=True)
+            if not torch.equal(g[perm], contiguous):
+                raise ValueError(
+                    f"g_idx does not assign {gs} inputs to each of the {n_groups} groups; the CPU 4-bit layout "
+                    "cannot hold it"
+                )
+            intweight = intweight[:, perm]
+    blocks = -(-out_f // BLOCK)
+    pad = blocks * BLOCK - out_f
+    codes = intweight.to(torch.uint8)
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, in_f)])
+    pairs = codes[:, 0::2] | (codes[:, 1::2] << 4)  # [Np, K/2]
+    qdata = pairs.reshape(blocks, BLOCK, in_f // 2).transpose(1, 2).contiguous()
+    scale_dtype = torch.float16 if scales.dtype == torch.float16 else torch.float32
+    s = scales.to(scale_dtype)
+    z = zeros.to(torch.uint8)
+    if pad:
+        s = torch.cat([s, s.new_zeros(n_groups, pad)], dim=1)
+        z = torch.cat([z, z.new_zeros(n_groups, pad)], dim=1)
+    return CpuPackedWeight(qdata, s.contiguous(), z.contiguous(), perm, out_f, gs)
+
+
+def from_checkpoint(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    *,
+    fmt: str,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(intweight [out, in], scales [G, out], zeros [G, out], g_idx) of a 4-bit checkpoint Linear, decoded
+    by kernels/packing.py (the reference's own code)."""
+    if fmt == "awq":
+        qw = packing.unpack_awq(qweight, qzeros, scales, group_size)
+        return qw.intweight, qw.scales, qw.zeros, None
+    qw = packing.unpack_gptq(qweight, qzeros, scales, g_idx, 4, group_size, checkpoint_format)
+    return qw.intweight, qw.scales, qw.zeros, None if g_idx is None else qw.g_idx
+
+
+def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
+    """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features; this 4-bit layer takes {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    isa = _isa()  # before torch.ops is touched: it loads the library
+    y = torch.ops.qserve_cpu.packed_linear(
+        x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, isa
+    )
+    return y.view(*x.shape[:-1], w.out_features)
+
+
+def dequantize(w: CpuPackedWeight) -> torch.Tensor:
+    """W' [out, in] float32 in the checkpoint's input order, computed by the C++ tile dequantizer (the one
+    the prefill path multiplies with)."""
+    isa = _isa()
+    t = torch.ops.qserve_cpu.packed_dequantize(w.qdata, w.scales, w.zeros, w.out_features, w.group_size, isa)
+    dense = t.t()  # [out, K] in resident order
+    if w.perm is None:
+        return dense.contiguous()
+    out = torch.empty_like(dense)
+    out[:, w.perm] = dense
+    return out
+
+
+def linear_bf16_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (fp32 or bf16) @ weight^T for a bf16 weight [N, K], fp32 accumulation, in x's dtype."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} input features; this bf16 weight takes {weight.shape[1]}")
+    x2 = x.reshape(-1, weight.shape[1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    isa = _isa()
+    y = torch.ops.qserve_cpu.linear_bf16w(x2, weight, isa)
+    return y.view(*x.shape[:-1], weight.shape[0])

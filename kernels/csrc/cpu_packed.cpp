@@ -1,0 +1,480 @@
+// qserve's C++ CPU kernels over 4-bit weights kept packed in memory, and a bf16-weight GEMM.
+//
+// Resident form (written once at load by qserve/kernels/cpu_packed.py from a GPTQ or AWQ checkpoint):
+//   qdata  uint8 [NB, K/2, 64]  NB = ceil(N / 64) blocks of 64 output columns; byte (b, p, c) holds the
+//                               code of column 64 b + c at input 2 p in its low nibble and at input 2 p + 1
+//                               in its high nibble. One block is one sequential stream of K * 32 bytes.
+//   scales fp16|fp32 [G, NB*64] per group and column, as stored in the checkpoint (fp16 stays fp16)
+//   zeros  uint8 [G, NB*64]     true zero point per group and column (0..15)
+// Groups are contiguous runs of `group_size` inputs: an act-order GPTQ layer has its input rows
+// permuted once at load, and the activations are permuted the same way here (`perm`).
+// Dequantization is w = s * (q - z) in fp32, exactly as qserve/kernels/packing.py computes it.
+//
+// packed_linear, few rows (M <= kFusedMaxM): per block of 64 columns and up to 4 activation rows, the
+// nibbles are widened in registers and multiplied into fp32 accumulators; per group the kernel keeps
+// sum_k x_k q_k and applies y += s * (that - z * sum_k x_k) once, so the inner loop is one FMA per
+// weight and row and no dense weight is ever written to memory.
+// packed_linear, many rows (prefill): each thread dequantizes a tile of columns into its own buffer of
+// about 512 KiB (half of this machine's L2) and multiplies it with at::mm, so the compute is MKL's
+// fp32 GEMM and the 4-bit weights are read once per call.
+//
+// linear_bf16w: y = x @ w^T for a bf16 weight [N, K] (the LM head and embeddings of a quantized model),
+// fp32 accumulation; few rows stream the bf16 rows, many rows go through fp32 tiles and at::mm.
+//
+// Each kernel has an AVX-512 body (compiled with a target attribute and used when the CPU reports
+// AVX-512F/BW/VL at run time) and a portable body; the caller picks one through `isa`
+// (qserve/kernels/cpu_packed.py: auto-detected, or forced with QSERVE_CPU_ISA=avx512|scalar).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QSERVE_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;        // output columns per block
+constexpr int64_t kFusedMaxM = 32;    // rows up to which the fused kernel runs; above, dequantized tiles
+constexpr int64_t kTileBytes = 512 * 1024;  // per-thread dequantized tile
+constexpr int64_t kIsaScalar = 0;
+constexpr int64_t kIsaAvx512 = 1;
+
+bool cpu_has_avx512_impl() {
+#if defined(QSERVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx512_impl();
+  return has;
+}
+
+// Everything one call needs, in plain pointers.
+struct Packed {
+  const uint8_t* q;        // [NB, K/2, 64]
+  const void* scales;      // [G, Np]
+  bool scales_half;        // fp16 (else fp32)
+  const uint8_t* zeros;    // [G, Np]
+  int64_t K, N, Np, G, gs;
+};
+
+inline float scale_at(const Packed& w, int64_t g, int64_t col) {
+  const int64_t i = g * w.Np + col;
+  return w.scales_half ? static_cast<float>(static_cast<const c10::Half*>(w.scales)[i])
+                       : static_cast<const float*>(w.scales)[i];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Portable bodies
+// ---------------------------------------------------------------------------------------------------
+
+// y[m, col0 : col0 + 64] for rows m0..m0+mt of x [M, K] (fp32, groups contiguous); xsum [M, G].
+void block_scalar(const Packed& w, int64_t b, const float* x, const float* xsum, int64_t m0, int64_t mt,
+                  float* y, int64_t ldy) {
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const int64_t col0 = b * kBlock, ncols = std::min<int64_t>(kBlock, w.N - col0);
+  for (int64_t m = m0; m < m0 + mt; ++m) {
+    const float* xr = x + m * w.K;
+    float out[kBlock] = {0.f};
+    for (int64_t g = 0; g < w.G; ++g) {
+      float acc[kBlock] = {0.f};
+      for (int64_t p = g * w.gs / 2; p < (g + 1) * w.gs / 2; ++p) {
+        const uint8_t* row = qb + p * kBlock;
+        const float x0 = xr[2 * p], x1 = xr[2 * p + 1];
+        for (int64_t c = 0; c < kBlock; ++c)
+          acc[c] += x0 * static_cast<float>(row[c] & 15) + x1 * static_cast<float>(row[c] >> 4);
+      }
+      const float xs = xsum[m * w.G + g];
+      const uint8_t* z = w.zeros + g * w.Np + col0;
+      for (int64_t c = 0; c < kBlock; ++c)
+        out[c] += scale_at(w, g, col0 + c) * (acc[c] - static_cast<float>(z[c]) * xs);
+    }
+    std::copy(out, out + ncols, y + m * ldy + col0);
+  }
+}
+
+// Dense fp32 tile of blocks b0..b1: t[k, (b - b0) * 64 + c] = W'[64 b + c, k], row stride ld.
+void dequant_scalar(const Packed& w, int64_t b0, int64_t b1, float* t, int64_t ld) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+    float* tb = t + (b - b0) * kBlock;
+    for (int64_t g = 0; g < w.G; ++g) {
+      float s[kBlock], z[kBlock];
+      for (int64_t c = 0; c < kBlock; ++c) {
+        s[c] = scale_at(w, g, b * kBlock + c);
+        z[c] = static_cast<float>(w.zeros[g * w.Np + b * kBlock + c]);
+      }
+      for (int64_t p = g * w.gs / 2; p < (g + 1) * w.gs / 2; ++p) {
+        const uint8_t* row = qb + p * kBlock;
+        float* lo = tb + (2 * p) * ld;
+        float* hi = lo + ld;
+        for (int64_t c = 0; c < kBlock; ++c) {
+          lo[c] = s[c] * (static_cast<float>(row[c] & 15) - z[c]);
+          hi[c] = s[c] * (static_cast<float>(row[c] >> 4) - z[c]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX-512 bodies
+// ---------------------------------------------------------------------------------------------------
+
+#if defined(QSERVE_X86)
+#define QSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+QSERVE_AVX512 inline __m512 load_scales16(const Packed& w, int64_t g, int64_t col) {
+  const int64_t i = g * w.Np + col;
+  if (w.scales_half)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+        static_cast<const c10::Half*>(w.scales) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(w.scales) + i);
+}
+
+QSERVE_AVX512 inline __m512 load_zeros16(const Packed& w, int64_t g, int64_t col) {
+  const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zeros + g * w.Np + col));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
+}
+
+// MT rows (1..4) of one block. With MT <= 2 the even and odd inputs accumulate separately, so that
+// even one row has eight independent FMA chains; with 3-4 rows the rows themselves provide them.
+template <int MT>
+QSERVE_AVX512 void block_avx512(const Packed& w, int64_t b, const float* x, const float* xsum, int64_t m0,
+                                float* y, int64_t ldy) {
+  constexpr bool kSplit = MT <= 2;
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const int64_t col0 = b * kBlock, ncols = std::min<int64_t>(kBlock, w.N - col0);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  __m512 out[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
+  const float* xr[MT];
+  for (int m = 0; m < MT; ++m) xr[m] = x + (m0 + m) * w.K;
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m512 acc[MT][4], acc2[kSplit ? MT : 1][4];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    if constexpr (kSplit)
+      for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < 4; ++j) acc2[m][j] = _mm512_setzero_ps();
+    const int64_t p1 = (g + 1) * w.gs / 2;
+    for (int64_t p = g * w.gs / 2; p < p1; ++p) {
+      const uint8_t* row = qb + p * kBlock;
+      __m512 lo[4], hi[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m512i e =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+        lo[j] = _mm512_cvtepi32_ps(_mm512_and_si512(e, low4));
+        hi[j] = _mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512 x0 = _mm512_set1_ps(xr[m][2 * p]);
+        const __m512 x1 = _mm512_set1_ps(xr[m][2 * p + 1]);
+        for (int j = 0; j < 4; ++j) {
+          acc[m][j] = _mm512_fmadd_ps(x0, lo[j], acc[m][j]);
+          if constexpr (kSplit)
+            acc2[m][j] = _mm512_fmadd_ps(x1, hi[j], acc2[m][j]);
+          else
+            acc[m][j] = _mm512_fmadd_ps(x1, hi[j], acc[m][j]);
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = load_scales16(w, g, col0 + 16 * j);
+      const __m512 z = load_zeros16(w, g, col0 + 16 * j);
+      for (int m = 0; m < MT; ++m) {
+        __m512 t = acc[m][j];
+        if constexpr (kSplit) t = _mm512_add_ps(t, acc2[m][j]);
+        t = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(m0 + m) * w.G + g]), t);  // t - z * xsum
+        out[m][j] = _mm512_fmadd_ps(s, t, out[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float* yr = y + (m0 + m) * ldy + col0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = ncols - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      _mm512_mask_storeu_ps(yr + 16 * j, mask, out[m][j]);
+    }
+  }
+}
+
+QSERVE_AVX512 void block_rows_avx512(const Packed& w, int64_t b, const float* x, const float* xsum, int64_t M,
+                                     float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block_avx512<4>(w, b, x, xsum, m, y, ldy);
+  switch (M - m) {
+    case 3: block_avx512<3>(w, b, x, xsum, m, y, ldy); break;
+    case 2: block_avx512<2>(w, b, x, xsum, m, y, ldy); break;
+    case 1: block_avx512<1>(w, b, x, xsum, m, y, ldy); break;
+    default: break;
+  }
+}
+
+QSERVE_AVX512 void dequant_avx512(const Packed& w, int64_t b0, int64_t b1, float* t, int64_t ld) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+    float* tb = t + (b - b0) * kBlock;
+    for (int64_t g = 0; g < w.G; ++g) {
+      __m512 s[4], z[4];
+      for (int j = 0; j < 4; ++j) {
+        s[j] = load_scales16(w, g, b * kBlock + 16 * j);
+        z[j] = load_zeros16(w, g, b * kBlock + 16 * j);
+      }
+      for (int64_t p = g * w.gs / 2; p < (g + 1) * w.gs / 2; ++p) {
+        const uint8_t* row = qb + p * kBlock;
+        float* lo = tb + (2 * p) * ld;
+        float* hi = lo + ld;
+        for (int j = 0; j < 4; ++j) {
+          const __m512i e =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)));
+          // s * (q - z), the same two roundings as the reference's scale * (q - zero)
+          _mm512_storeu_ps(lo + 16 * j,
+                           _mm512_mul_ps(s[j], _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(e, low4)), z[j])));
+          _mm512_storeu_ps(hi + 16 * j,
+                           _mm512_mul_ps(s[j], _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(e, 4)), z[j])));
+        }
+      }
+    }
+  }
+}
+
+// bf16 row [K] widened to fp32 and dotted with fp32 x, 4 rows of x... one weight row at a time.
+QSERVE_AVX512 inline __m512 bf16x16(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+QSERVE_AVX512 inline __m512 bf16x16_masked(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+template <int MT>
+QSERVE_AVX512 void bf16_rows_avx512(const float* x, int64_t m0, const c10::BFloat16* wr, int64_t K, float* y,
+                                    int64_t ldy, int64_t n) {
+  __m512 a[MT][2];
+  for (int m = 0; m < MT; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = bf16x16(wr + k), w1 = bf16x16(wr + k + 16);
+    for (int m = 0; m < MT; ++m) {
+      const float* xr = x + (m0 + m) * K + k;
+      a[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, a[m][1]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mk = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 w0 = bf16x16_masked(wr + k, mk);
+    for (int m = 0; m < MT; ++m)
+      a[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + (m0 + m) * K + k), w0, a[m][0]);
+  }
+  for (int m = 0; m < MT; ++m) y[(m0 + m) * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
+}
+
+QSERVE_AVX512 void bf16_row_avx512(const float* x, int64_t M, const c10::BFloat16* wr, int64_t K, float* y,
+                                   int64_t ldy, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) bf16_rows_avx512<4>(x, m, wr, K, y, ldy, n);
+  switch (M - m) {
+    case 3: bf16_rows_avx512<3>(x, m, wr, K, y, ldy, n); break;
+    case 2: bf16_rows_avx512<2>(x, m, wr, K, y, ldy, n); break;
+    case 1: bf16_rows_avx512<1>(x, m, wr, K, y, ldy, n); break;
+    default: break;
+  }
+}
+#endif  // QSERVE_X86
+
+void check_isa(int64_t isa, const char* op) {
+  TORCH_CHECK(isa == kIsaScalar || isa == kIsaAvx512, op, ": isa must be 0 (scalar) or 1 (avx512), got ", isa);
+  TORCH_CHECK(isa == kIsaScalar || cpu_has_avx512(), op,
+              ": the AVX-512 path was requested but this CPU lacks AVX-512F/BW/VL; "
+              "unset QSERVE_CPU_ISA or set QSERVE_CPU_ISA=scalar");
+}
+
+void block_rows(const Packed& w, int64_t b, const float* x, const float* xsum, int64_t M, float* y, int64_t ldy,
+                int64_t isa) {
+#if defined(QSERVE_X86)
+  if (isa == kIsaAvx512) return block_rows_avx512(w, b, x, xsum, M, y, ldy);
+#endif
+  block_scalar(w, b, x, xsum, 0, M, y, ldy);
+}
+
+void dequant_tile(const Packed& w, int64_t b0, int64_t b1, float* t, int64_t ld, int64_t isa) {
+#if defined(QSERVE_X86)
+  if (isa == kIsaAvx512) return dequant_avx512(w, b0, b1, t, ld);
+#endif
+  dequant_scalar(w, b0, b1, t, ld);
+}
+
+Packed check_packed(const at::Tensor& qdata, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                    int64_t group_size, const char* op) {
+  TORCH_CHECK(qdata.device().is_cpu() && scales.device().is_cpu() && zeros.device().is_cpu(), op,
+              ": CPU tensors only");
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 3 && qdata.size(2) == kBlock && qdata.is_contiguous(),
+              op, ": qdata must be contiguous uint8 [blocks, K/2, 64], got ", qdata.scalar_type(), " ", qdata.sizes());
+  const int64_t NB = qdata.size(0), K = qdata.size(1) * 2, Np = NB * kBlock;
+  TORCH_CHECK(n > Np - kBlock && n <= Np, op, ": ", n, " output columns do not fit ", NB, " blocks of 64");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, op,
+              ": scales must be float16 or float32, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == Np && scales.is_contiguous(), op,
+              ": scales must be contiguous [groups, ", Np, "], got ", scales.sizes());
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.sizes() == scales.sizes() && zeros.is_contiguous(), op,
+              ": zeros must be contiguous uint8 of the scales' shape ", scales.sizes(), ", got ", zeros.scalar_type(),
+              " ", zeros.sizes());
+  const int64_t G = scales.size(0);
+  TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && G * group_size == K, op, ": ", G, " groups of ",
+              group_size, " inputs do not cover K = ", K, " (group_size must be even and divide K)");
+  return Packed{qdata.data_ptr<uint8_t>(), scales.data_ptr(), scales.scalar_type() == at::kHalf,
+                zeros.data_ptr<uint8_t>(), K, n, Np, G, group_size};
+}
+
+// x as contiguous fp32 [M, K], its inputs permuted by perm when given (act-order).
+at::Tensor activations_fp32(const at::Tensor& x, const c10::optional<at::Tensor>& perm, int64_t K, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": activations must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, ", K, "], got ", x.sizes());
+  at::Tensor xf = x.to(at::kFloat);
+  if (perm.has_value() && perm->defined()) {
+    TORCH_CHECK(perm->scalar_type() == at::kLong && perm->dim() == 1 && perm->numel() == K, op,
+                ": perm must be int64 [", K, "], got ", perm->scalar_type(), " ", perm->sizes());
+    xf = xf.index_select(1, *perm);
+  }
+  return xf.contiguous();
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                         const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                         int64_t group_size, int64_t isa) {
+  const char* op = "qserve_cpu::packed_linear";
+  check_isa(isa, op);
+  const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
+  const at::Tensor xf = activations_fp32(x, perm, w.K, op);
+  const int64_t M = xf.size(0), NB = qdata.size(0);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  if (M == 0 || n == 0) return y.to(x.scalar_type());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (M <= kFusedMaxM) {
+    std::vector<float> xsum(M * w.G);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < w.G; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * w.gs; k < (g + 1) * w.gs; ++k) s += xp[m * w.K + k];
+        xsum[m * w.G + g] = s;
+      }
+    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) block_rows(w, b, xp, xsum.data(), M, yp, n, isa);
+    });
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  // Prefill: tiles of whole blocks, sized to kTileBytes, each dequantized by one thread into its own
+  // buffer and multiplied by MKL on that thread.
+  const int64_t per_tile = std::max<int64_t>(1, kTileBytes / (w.K * kBlock * 4));
+  const int64_t tiles = (NB + per_tile - 1) / per_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor buf = at::empty({w.K, per_tile * kBlock}, xf.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * per_tile, b1 = std::min(NB, b0 + per_tile);
+      const int64_t c0 = b0 * kBlock, cols = std::min(n, b1 * kBlock) - c0;
+      dequant_tile(w, b0, b1, buf.data_ptr<float>(), per_tile * kBlock, isa);
+      at::Tensor part = at::mm(xf, buf.narrow(1, 0, cols));  // [M, cols]
+      y.narrow(1, c0, cols).copy_(part);
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// W' [K, n] fp32 in the resident (permuted) input order: what the prefill path multiplies with.
+at::Tensor packed_dequantize(const at::Tensor& qdata, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                             int64_t group_size, int64_t isa) {
+  const char* op = "qserve_cpu::packed_dequantize";
+  check_isa(isa, op);
+  const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
+  at::Tensor t = at::empty({w.K, w.Np}, scales.options().dtype(at::kFloat));
+  dequant_tile(w, 0, qdata.size(0), t.data_ptr<float>(), w.Np, isa);
+  return t.narrow(1, 0, n).contiguous();
+}
+
+at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
+  const char* op = "qserve_cpu::linear_bf16w";
+  check_isa(isa, op);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), op,
+              ": weight must be a contiguous bfloat16 [N, K] CPU tensor, got ", w.scalar_type(), " ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor xf = activations_fp32(x, c10::nullopt, K, op);
+  const int64_t M = xf.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const float* xp = xf.data_ptr<float>();
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  if (M <= kFusedMaxM) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t nn = n0; nn < n1; ++nn) {
+#if defined(QSERVE_X86)
+        if (isa == kIsaAvx512) {
+          bf16_row_avx512(xp, M, wp + nn * K, K, yp, N, nn);
+          continue;
+        }
+#endif
+        const c10::BFloat16* wr = wp + nn * K;
+        for (int64_t m = 0; m < M; ++m) {
+          float a = 0.f;
+          for (int64_t k = 0; k < K; ++k) a += xp[m * K + k] * static_cast<float>(wr[k]);
+          yp[m * N + nn] = a;
+        }
+      }
+    });
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  const int64_t rows = std::max<int64_t>(16, kTileBytes / (4 * K));
+  const int64_t tiles = (N + rows - 1) / rows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * rows, r = std::min(N, r0 + rows) - r0;
+      at::Tensor tile = w.narrow(0, r0, r).to(at::kFloat);  // [r, K], one conversion of the tile
+      y.narrow(1, r0, r).copy_(at::mm(xf, tile.t()));
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+bool has_avx512_op() { return cpu_has_avx512(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
+  m.def("packed_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, int group_size, "
+        "int isa) -> Tensor");
+  m.def("packed_dequantize(Tensor qdata, Tensor scales, Tensor zeros, int n, int group_size, int isa) -> Tensor");
+  m.def("linear_bf16w(Tensor x, Tensor w, int isa) -> Tensor");
+  m.def("has_avx512() -> bool", &has_avx512_op);
+}
+
+TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {
+  m.impl("packed_linear", &packed_linear);
+  m.impl("packed_dequantize", &packed_dequantize);
+  m.impl("linear_bf16w", &linear_bf16w);
+}

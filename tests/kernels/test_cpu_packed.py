@@ -1,0 +1,177 @@
+"""The 4-bit CPU kernels (kernels/csrc/cpu_packed.cpp via kernels/cpu_packed.py) against kernels/reference.py.
+
+Every test runs each kernel body, forced through QSERVE_CPU_ISA: the AVX-512 one (where the CPU has
+it) and the portable one. Without the compiled kernels these tests skip, except under
+QSERVE_REQUIRE_CPU_EXT=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qserve.kernels import cpu_ext, cpu_packed, packing, reference
+
+ROWS = (1, 2, 3, 4, 7, 16, 33, 64, 257)
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    if cpu_ext.required():
+        assert cpu_ext.available(), cpu_ext.unavailable_reason()  # raises CpuExtensionError first
+    elif not cpu_ext.available():
+        pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
+
+
+@pytest.fixture(params=["avx512", "scalar"])
+def isa(request, monkeypatch):
+    if request.param == "avx512" and not torch.ops.qserve_cpu.has_avx512():
+        pytest.skip("this CPU has no AVX-512F/BW/VL")
+    monkeypatch.setenv("QSERVE_CPU_ISA", request.param)
+    assert cpu_packed.isa_name() == request.param
+    return request.param
+
+
+def checkpoint_linear(fmt, out_f, in_f, group_size, act_order, gen, checkpoint_format="gptq"):
+    """A packed Linear as a checkpoint stores it: (qweight, qzeros, scales, g_idx)."""
+    w = torch.randn(out_f, in_f, generator=gen)
+    if act_order:
+        perm = torch.randperm(in_f, generator=gen)
+        qw = packing.rtn_quantize(w[:, perm], bits=4, group_size=group_size, sym=False)
+        inverse = torch.argsort(perm)
+        qw = packing.QuantizedWeight(
+            qw.intweight[:, inverse], qw.scales, qw.zeros, qw.g_idx[inverse], 4, group_size
+        )
+    else:
+        qw = packing.rtn_quantize(w, bits=4, group_size=group_size, sym=fmt == "gptq")
+    if fmt == "awq":
+        p = packing.pack_awq(qw)
+        return p.qweight, p.qzeros, p.scales, None
+    p = packing.pack_gptq(qw, checkpoint_format)
+    return p.qweight, p.qzeros, p.scales, p.g_idx
+
+
+def resident(tensors, fmt, group_size, checkpoint_format="gptq"):
+    logical = cpu_packed.from_checkpoint(
+        *tensors, fmt=fmt, group_size=group_size, checkpoint_format=checkpoint_format
+    )
+    return cpu_packed.repack(*logical, group_size)
+
+
+LAYOUTS = [
+    ("awq", 32, False), ("awq", 64, False), ("awq", 128, False), ("awq", -1, False),
+    ("gptq", 32, False), ("gptq", 64, False), ("gptq", 128, False), ("gptq", -1, False),
+    ("gptq", 32, True), ("gptq", 64, True), ("gptq", 128, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "group_size", "act_order"), LAYOUTS)
+def test_repacked_weight_dequantizes_bit_identically(fmt, group_size, act_order, isa, gen):
+    # out 200: ragged against the 64-column blocks; in 256: several groups of each size
+    tensors = checkpoint_linear(fmt, 200, 256, group_size, act_order, gen)
+    w = resident(tensors, fmt, group_size)
+    assert (w.perm is not None) == act_order
+    expected = reference.dequantize_weight(*tensors, fmt=fmt, group_size=group_size)
+    got = cpu_packed.dequantize(w)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_gptq_v2_zeros_and_fp32_scales_repack_exactly(isa, gen):
+    tensors = checkpoint_linear("gptq", 72, 128, 32, False, gen, checkpoint_format="gptq_v2")
+    w = resident(tensors, "gptq", 32, "gptq_v2")
+    expected = reference.dequantize_weight(*tensors, fmt="gptq", group_size=32, checkpoint_format="gptq_v2")
+    assert torch.equal(cpu_packed.dequantize(w), expected)
+    qweight, qzeros, scales, g_idx = tensors
+    w32 = resident((qweight, qzeros, scales.float(), g_idx), "gptq", 32, "gptq_v2")
+    assert w32.scales.dtype == torch.float32
+    assert torch.equal(cpu_packed.dequantize(w32), expected)
+
+
+@pytest.mark.parametrize(("fmt", "group_size", "act_order"), LAYOUTS)
+@pytest.mark.parametrize("out_features", [200, 64])
+def test_packed_linear_matches_the_reference(fmt, group_size, act_order, out_features, isa, gen):
+    in_f = 256
+    tensors = checkpoint_linear(fmt, out_features, in_f, group_size, act_order, gen)
+    w = resident(tensors, fmt, group_size)
+    for rows in ROWS:  # 1..32 rows: the fused kernel; 33 and more: dequantized tiles into at::mm
+        x = torch.randn(rows, in_f, generator=gen)
+        y = cpu_packed.linear(x, w)
+        expected = reference.dequant_gemm_reference(x, *tensors, fmt=fmt, group_size=group_size)
+        assert y.dtype == torch.float32 and y.shape == (rows, out_features)
+        # fp32 sums of 256 products |x| ~ 1, |w| ~ 3 in another order: error ~ sqrt(K) ulps of |y| ~ 50
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=2e-4, msg=lambda m, r=rows: f"M={r}: {m}")
+        xb = x.bfloat16()
+        yb = cpu_packed.linear(xb, w)
+        assert yb.dtype == torch.bfloat16
+        # bf16 activations are read exactly and accumulated in fp32: only the bf16 output rounds
+        exact = reference.dequant_gemm_reference(xb.float(), *tensors, fmt=fmt, group_size=group_size)
+        torch.testing.assert_close(
+            yb.float(), exact, rtol=8e-3, atol=1e-2, msg=lambda m, r=rows: f"M={r}: {m}"
+        )
+
+
+def test_packed_linear_keeps_leading_dims_and_non_contiguous_input(isa, gen):
+    tensors = checkpoint_linear("awq", 128, 128, 32, False, gen)
+    w = resident(tensors, "awq", 32)
+    x = torch.randn(3, 2, 256, generator=gen)[..., ::2]  # [3, 2, 128], strided
+    y = cpu_packed.linear(x, w)
+    assert y.shape == (3, 2, 128)
+    expected = reference.dequant_gemm_reference(x.reshape(6, 128), *tensors, fmt="awq", group_size=32)
+    torch.testing.assert_close(y.reshape(6, 128), expected, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("in_features", [576, 49, 33])  # 49, 33: tails shorter than a vector
+def test_bf16_weight_kernel_matches_fp32_matmul(in_features, isa, gen):
+    w = torch.randn(131, in_features, generator=gen).bfloat16()
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=gen)
+        y = cpu_packed.linear_bf16_weight(x, w)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4 * in_features**0.5)
+
+
+def test_resident_bytes_stay_near_the_checkpoint_bytes(gen):
+    # resident bytes: 0.5 per weight + fp16 scale and uint8 zero per group and column (64-column blocks)
+    tensors = checkpoint_linear("awq", 256, 512, 64, False, gen)
+    w = resident(tensors, "awq", 64)
+    checkpoint_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    assert w.nbytes == 256 * 512 // 2 + 8 * 256 * 3
+    assert w.nbytes <= 1.05 * checkpoint_bytes
+
+
+def test_bad_inputs_get_messages(gen, monkeypatch):
+    tensors = checkpoint_linear("awq", 64, 128, 32, False, gen)
+    w = resident(tensors, "awq", 32)
+    with pytest.raises(ValueError, match="x has 127 input features; this 4-bit layer takes 128"):
+        cpu_packed.linear(torch.randn(2, 127), w)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 128\]"):
+        torch.ops.qserve_cpu.packed_linear(torch.randn(1, 127), w.qdata, w.scales, w.zeros, None, 64, 32, 0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_packed.linear(torch.randn(2, 128).double(), w)
+    with pytest.raises(RuntimeError, match="do not cover K"):
+        torch.ops.qserve_cpu.packed_linear(torch.randn(1, 128), w.qdata, w.scales, w.zeros, None, 64, 48, 0)
+    with pytest.raises(RuntimeError, match="qdata must be contiguous uint8"):
+        torch.ops.qserve_cpu.packed_linear(
+            torch.randn(1, 128), w.qdata.int(), w.scales, w.zeros, None, 64, 32, 0
+        )
+    with pytest.raises(RuntimeError, match="isa must be"):
+        torch.ops.qserve_cpu.packed_linear(torch.randn(1, 128), w.qdata, w.scales, w.zeros, None, 64, 32, 7)
+    monkeypatch.setenv("QSERVE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="QSERVE_CPU_ISA='sse9'"):
+        cpu_packed.linear(torch.randn(1, 128), w)
+
+
+def test_repack_refuses_what_the_layout_cannot_hold(gen):
+    codes = torch.randint(0, 16, (64, 96), generator=gen)
+    with pytest.raises(ValueError, match="divides in_features"):
+        cpu_packed.repack(codes, torch.ones(2, 64), torch.zeros(2, 64), None, 64)
+    uneven = torch.tensor([0] * 40 + [1] * 56)  # 2 groups, but not 48 inputs each
+    with pytest.raises(ValueError, match="does not assign 48 inputs"):
+        cpu_packed.repack(codes, torch.ones(2, 64), torch.zeros(2, 64), uneven, 48)
+
+
+def test_auto_isa_is_avx512_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.delenv("QSERVE_CPU_ISA", raising=False)
+    assert cpu_packed.isa_name() == ("avx512" if torch.ops.qserve_cpu.has_avx512() else "scalar")
