@@ -8,6 +8,7 @@ build outputs). The engine is single-threaded; `AsyncLLMEngine` drives it from a
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from qserve.serve.detokenizer import IncrementalDetokenizer, find_stop_string, s
 from qserve.serve.loader import eos_token_ids, load_model, read_json, resolve_device, resolve_dtype
 from qserve.serve.metrics import EngineMetrics, EngineStats
 from qserve.serve.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from qserve.serve.quant_linear import resident_weight_bytes
 from qserve.serve.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from qserve.serve.runner import ModelRunner, cpu_num_blocks, cuda_num_blocks
 from qserve.serve.sampler import Sampler, SamplingState
@@ -108,6 +110,12 @@ class LLMEngine:
         self.max_model_len = int(args.max_model_len or limit)
         loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate)
         self.model_config, self.quantization = loaded.config, loaded.quant.method if loaded.quant else None
+        self.resident_weight_bytes = resident_weight_bytes(loaded.model)
+        logging.getLogger(__name__).info(
+            "resident weight bytes: %d (%.1f MiB, %s on %s)", self.resident_weight_bytes,
+            self.resident_weight_bytes / 2**20, self.quantization or str(self.dtype).removeprefix("torch."),
+            self.device.type,
+        )  # fmt: skip
         needed = args.max_num_seqs * math.ceil(self.max_model_len / args.block_size)
         if self.device.type == "cuda":
             profile = min(args.max_num_batched_tokens, self.max_model_len)
@@ -137,6 +145,7 @@ class LLMEngine:
             self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
         )
         self.metrics = EngineMetrics()
+        self.metrics.resident_weight_bytes = self.resident_weight_bytes
         self._requests: dict[str, _Request] = {}
         self._request_of: dict[int, str] = {}  # seq_id -> request_id
         self._states: dict[int, SamplingState] = {}  # what the runner's sampler reads

@@ -31,6 +31,7 @@ class EngineStats:
     time_to_first_token: tuple[float, ...] = ()  # seconds, most recent samples
     inter_token_latency: tuple[float, ...] = ()
     e2e_latency: tuple[float, ...] = ()
+    resident_weight_bytes: int = 0  # model weights held in memory (4-bit layers counted packed)
 
     @property
     def kv_slot_use(self) -> float:
@@ -49,6 +50,7 @@ class EngineMetrics:
         self.ttft: deque[float] = deque(maxlen=max_samples)
         self.itl: deque[float] = deque(maxlen=max_samples)
         self.e2e: deque[float] = deque(maxlen=max_samples)
+        self.resident_weight_bytes = 0  # set once by the engine after loading the model
 
     def on_first_token(self, num_prompt_tokens: int, ttft: float) -> None:
         with self._lock:
@@ -83,6 +85,7 @@ class EngineMetrics:
                 time_to_first_token=tuple(self.ttft),
                 inter_token_latency=tuple(self.itl),
                 e2e_latency=tuple(self.e2e),
+                resident_weight_bytes=self.resident_weight_bytes,
             )
 
 

@@ -45,6 +45,14 @@ class _EngineCollector:
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", stats.num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", stats.kv_cache_usage),
         )
+        if hasattr(stats, "resident_weight_bytes"):  # engine-side stats; stand-in engines may lack it
+            gauges += (
+                (
+                    "qserve:resident_weight_bytes",
+                    "Bytes of model weights resident in memory (4-bit layers counted packed).",
+                    stats.resident_weight_bytes,
+                ),
+            )
         for name, doc, value in gauges:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric(label, float(value))
