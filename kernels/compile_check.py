@@ -194,24 +194,32 @@ def gemm_variants(arch: int, subset: str) -> list[Variant]:
                     biases = (False,) if split_family else (False, True) if fmt_label.startswith("awq4-g128") else (False,)
                     if subset == "ci" and not split_family:
                         biases = (True,)
-                    for cfg in configs:
-                        for bias in biases:
-                            kw = cfg.kwargs
-                            t = dict(types)
-                            t["bias_ptr"] = f"*{dname}" if bias else "*fp16"
-                            if split_family:
-                                t["out_ptr"] = "*fp32"  # partial sums go to the fp32 buffer
-                            shape = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-sk{kw['SPLIT_K']}"
-                            variants.append(Variant(
-                                kernel="_dequant_gemm_kernel",
-                                family="gemm-split-k" if split_family else "gemm-tiled",
-                                arch=arch, label=f"{fmt_label}-{shape}{'-bias' if bias else ''}", types=t,
-                                constexprs={**base, "HAS_BIAS": bias, **kw},
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                divisible=("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "g_idx_ptr",
-                                           "bias_ptr", "out_ptr", "N", "K"),
-                                needs_mma=True,
-                            ))  # fmt: skip
+                    # Triton specialises an integer argument equal to 1 as a constant, so a batch-1
+                    # decode (M = M_BUCKET = 1) runs its own compiled kernel: the split-K family
+                    # compiles both that and the general M
+                    rows = ("m1", "m") if split_family and subset == "full" else ("m",)
+                    for cfg, bias, m_kind in ((c, b, r) for c in configs for b in biases for r in rows):
+                        kw = cfg.kwargs
+                        t = dict(types)
+                        t["bias_ptr"] = f"*{dname}" if bias else "*fp16"
+                        m_consts = {}
+                        if m_kind == "m1":
+                            del t["M"], t["M_BUCKET"]
+                            m_consts = {"M": 1, "M_BUCKET": 1}
+                        if split_family:
+                            t["out_ptr"] = "*fp32"  # partial sums go to the fp32 buffer
+                        shape = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-sk{kw['SPLIT_K']}"
+                        variants.append(Variant(
+                            kernel="_dequant_gemm_kernel",
+                            family="gemm-split-k" if split_family else "gemm-tiled",
+                            arch=arch, types=t,
+                            label=f"{fmt_label}-{shape}{'-bias' if bias else ''}{'-M1' if m_consts else ''}",
+                            constexprs={**base, "HAS_BIAS": bias, **kw, **m_consts},
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                            divisible=("x_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "g_idx_ptr",
+                                       "bias_ptr", "out_ptr", "N", "K"),
+                            needs_mma=True,
+                        ))  # fmt: skip
                 # the dequantize + cuBLAS path (> FUSED_MAX_TOKENS rows): no dot, so no MMA expected
                 variants.append(Variant(
                     kernel="_dequant_kernel", family="dequant", arch=arch, label=f"{fmt_label}-64x64",

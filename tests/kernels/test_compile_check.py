@@ -96,6 +96,10 @@ def test_full_matrix_covers_what_the_engine_launches():
         assert {(v.constexprs["AWQ"], v.constexprs["ACT_ORDER"], v.constexprs["HAS_BIAS"]) for v in gemm} >= {
             (True, False, False), (True, False, True), (False, True, False), (False, False, False)}  # fmt: skip
         assert {v.constexprs["BITS"] for v in gemm} == {4, 8}
+        # batch-1 decode: Triton compiles M == 1 as a constant, a kernel of its own
+        m1 = [v for v in gemm if v.constexprs.get("M") == 1]
+        assert m1 and all(v.family == "gemm-split-k" and "M" not in v.types for v in m1)
+        assert len(m1) == len([v for v in gemm if v.family == "gemm-split-k"]) // 2
         decode = [v for v in variants if v.arch == arch and v.kernel == "_decode_kernel"]
         assert {v.constexprs["BLOCK_SIZE"] for v in decode} == set(triton_attention.BLOCK_SIZES)
         assert {v.constexprs["GROUP"] for v in decode} >= {1, 4, 8}
