@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from qserve.errors import CheckpointError, ConfigError, RecipeError
-from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, TOOL_CALL_PARSERS
 
 
 class CheckpointRefused(CheckpointError):
@@ -146,6 +146,7 @@ def run_server(cfg) -> None:
         chat_template,
         log_requests=not cfg.disable_log_requests,
         log_stats_interval=None if cfg.disable_log_stats else interval,
+        tool_call_parser=cfg.tool_call_parser,
     )
     if chat_template is None and not getattr(engine.tokenizer, "chat_template", None):
         click.secho("warning: the tokenizer has no chat template; /v1/chat/completions will answer 400 "
@@ -202,6 +203,9 @@ def run_server(cfg) -> None:
               help="Fraction of GPU memory for weights + KV cache (CUDA).")  # fmt: skip
 @click.option("--kv-cache-memory", default=None, help="KV-cache size on CPU, e.g. 2GiB or bytes.")
 @click.option("--chat-template", default=None, help="Jinja chat template file (or inline template).")
+@click.option("--tool-call-parser", type=click.Choice(TOOL_CALL_PARSERS), default=None,
+              help="How tool calls are read from generated text (Hermes <tool_call>, Llama 3 JSON, Mistral "
+                   "[TOOL_CALLS]); default: chosen from the chat template, else hermes.")  # fmt: skip
 @click.option("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, show_default=True,
               help="Most requests waiting for a batch slot; beyond it 429 with Retry-After.")  # fmt: skip
 @click.option(

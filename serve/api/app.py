@@ -36,17 +36,19 @@ def create_app(
     chat_template: str | None = None,
     log_requests: bool = True,
     log_stats_interval: float | None = DEFAULT_STATS_INTERVAL,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine` under `served_model_names` (the first is the default).
 
     `log_requests`: one access-log line per request; `log_stats_interval`: seconds between vLLM-style
-    throughput/queue lines (None: none). Responses carry `x-request-id` either way."""
+    throughput/queue lines (None: none); `tool_call_parser`: how tool calls are read from the text
+    (serve/api/tools.py; None: chosen from the chat template). Responses carry `x-request-id` either way."""
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     metrics = ServerMetrics(engine, served_model_names[0])
-    serving = OpenAIServing(engine, served_model_names, metrics, chat_template)
+    serving = OpenAIServing(engine, served_model_names, metrics, chat_template, tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

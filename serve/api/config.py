@@ -37,6 +37,10 @@ def parse_bytes(text: str | int) -> int:
     return int(number * 1024 ** "_KMGT".index(unit)) if unit else int(number)
 
 
+# serve/api/tools.py's TOOL_PARSERS (named here so the CLI does not import the API to list them).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: str
@@ -52,6 +56,7 @@ class ServeConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes (CPU); default: the engine's
     chat_template: str | None = None  # a file path, or the template itself
+    tool_call_parser: str | None = None  # one of TOOL_CALL_PARSERS; default: chosen from the chat template
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "info"
@@ -111,6 +116,10 @@ class ServeConfig:
             raise ConfigError("api_key: empty; give a key or unset QSERVE_API_KEY to serve without auth")
         if any(not name for name in self.served_model_name):
             raise ConfigError("served_model_name: names must be non-empty")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(
+                f"tool_call_parser: expected one of {', '.join(TOOL_CALL_PARSERS)}; found {self.tool_call_parser!r}"
+            )
 
     @property
     def model_names(self) -> list[str]:

@@ -421,3 +421,18 @@ def test_conversation_native_templates_get_tools_and_structured_calls():
     conv, tool_dicts = conversation(messages, tools, native=False)
     assert tool_dicts is None and conv[0]["role"] == "system" and "<tools>" in conv[0]["content"]
     assert conv[2]["content"].startswith("<tool_call>") and "<tool_response>" in conv[3]["content"]
+
+
+def test_tool_call_parser_is_configurable(engine):
+    from qserve.errors import ConfigError
+    from qserve.serve.api.config import TOOL_CALL_PARSERS, ServeConfig
+    from qserve.serve.api.tools import TOOL_PARSERS
+
+    assert sorted(TOOL_CALL_PARSERS) == sorted(TOOL_PARSERS)
+    assert ServeConfig(model="m", tool_call_parser="mistral").tool_call_parser == "mistral"
+    with pytest.raises(ConfigError, match="tool_call_parser: expected one of hermes"):
+        ServeConfig(model="m", tool_call_parser="qwen")
+    # No `with`: the app's lifespan would shut down the engine the other tests share.
+    c = TestClient(create_app(engine, [MODEL], log_stats_interval=None, tool_call_parser="llama3_json"))
+    caps = c.get("/v1/models").json()["data"][0]["capabilities"]
+    assert caps["tool_calling"]["tool_call_parser"] == "llama3_json"
