@@ -391,3 +391,13 @@ def test_json_masks_never_allow_raw_control_bytes(compiler):
     assert inside and not inside & set(control)
     regex_state = compiler.new_state(StructuredOutputsParams(regex="[\\x00-\\x1f]+"))
     assert allowed(regex_state) & set(control)
+
+
+def test_prepared_grammar_is_not_compiled_again(compiler):
+    """The server compiles in its worker thread (`prepare`); the engine's `new_state` then only builds
+    a matcher from the attached grammar: no compile, no cache lookup on the engine loop."""
+    spec = compiler.prepare(StructuredOutputsParams(regex="[0-9]{3}x"))
+    hits, misses = compiler.hits, compiler.misses
+    state = compiler.new_state(spec)
+    assert (compiler.hits, compiler.misses) == (hits, misses)
+    assert state.matcher.accept_string("123x") and state.matcher.is_completed()
