@@ -1,4 +1,4 @@
-"""CPU GEMMs at decode sizes: torch's F.linear, the thread split and qserve's C++ kernel, vs bandwidth.
+"""CPU GEMMs at decode sizes: torch's F.linear, the thread split and qserve's C++ kernels, vs bandwidth.
 
 For SmolLM2-135M's linear shapes (fused qkv 960x576, o 576x576, fused gate/up 3072x576, down 576x1536,
 each 30 times, plus the 49152x576 LM head) and M activation rows, the time of one forward's GEMMs with
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels import cpu_ext, cpu_gemm
+from qserve.kernels import cpu_ext, cpu_gemm, cpu_packed, packing
 
 SHAPES = {(960, 576): 30, (576, 576): 30, (3072, 576): 30, (576, 1536): 30, (49152, 576): 1}
 
@@ -45,12 +45,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--packed", action="store_true", help="also time the 4-bit kernels (and bf16 LM head)")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--only-packed", action="store_true", help="skip F.linear and the split")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_ext.available():
         raise SystemExit(f"qserve's C++ CPU kernels are not available: {cpu_ext.unavailable_reason()}")
     weights = {s: [torch.randn(*s) for _ in range(max(4, (256 << 20) // (s[0] * s[1] * 4)))] for s in SHAPES}
     nbytes = sum(o * i * 4 * n for (o, i), n in SHAPES.items())
+    packed, packed_bytes, sum_packed = {}, 0, {}
+    if args.packed:
+        for (o, i), n in SHAPES.items():
+            if o == 49152:  # the LM head: bf16 weight
+                one = torch.randn(o, i).bfloat16()
+                size = one.numel() * 2
+                packed[(o, i)] = [one.clone() for _ in range(max(4, (256 << 20) // size))]
+            else:
+                qw = packing.rtn_quantize(torch.randn(o, i), 4, args.group_size, sym=False)
+                one = cpu_packed.repack(qw.intweight, qw.scales.half(), qw.zeros, None, args.group_size)
+                size = one.nbytes
+                copies = max(4, (256 << 20) // size)
+                packed[(o, i)] = [
+                    cpu_packed.CpuPackedWeight(
+                        one.qdata.clone(), one.scales.clone(), one.zeros.clone(), None, o, one.group_size
+                    )
+                    for _ in range(copies)
+                ]
+            packed_bytes += size * n
+            sum_packed[(o, i)] = [torch.randn(size // 4) for _ in range(max(4, (256 << 20) // size))]
 
     def split(x, w):  # the thread split alone, as cpu_gemm runs it without the C++ kernel
         real = cpu_ext.available
@@ -61,6 +84,14 @@ def main() -> None:
             cpu_ext.available = real
 
     impls = {"F.linear": F.linear, "split": split, "cpp": cpu_ext.linear_small_m, "sum": None}
+    if args.only_packed:
+        impls = {"cpp": cpu_ext.linear_small_m, "sum": None}
+
+    def packed_fn(x, w):
+        if isinstance(w, torch.Tensor):
+            return cpu_packed.linear_bf16_weight(x, w)
+        return cpu_packed.linear(x, w)
+
     results = []
     for m in [int(r) for r in args.rows.split(",")]:
         ms = dict.fromkeys(impls, 0.0)
@@ -74,7 +105,21 @@ def main() -> None:
             for name, fn in impls.items():
                 call = (lambda: nxt().sum()) if fn is None else (lambda fn=fn, x=x: fn(x, nxt()))
                 ms[name] += best_us(call, args.calls) * count / 1e3
-        row = {"rows": m, "ms_per_forward": ms, "gb_s": {k: nbytes / v / 1e6 for k, v in ms.items()}}
+            if args.packed:
+                for name, pool in (("packed", packed[shape]), ("sum_packed", sum_packed[shape])):
+                    k2 = [0]
+
+                    def nxt2(pool=pool, k2=k2):
+                        k2[0] = (k2[0] + 1) % len(pool)
+                        return pool[k2[0]]
+
+                    call = (lambda: nxt2().sum()) if name == "sum_packed" else (lambda x=x: packed_fn(x, nxt2()))
+                    ms[name] = ms.get(name, 0.0) + best_us(call, args.calls) * count / 1e3
+        sizes = {k: (packed_bytes if k in ("packed", "sum_packed") else nbytes) for k in ms}
+        row = {"rows": m, "ms_per_forward": ms, "gb_s": {k: sizes[k] / v / 1e6 for k, v in ms.items()}}
+        if args.packed:
+            row["packed_bw_fraction"] = ms["sum_packed"] / ms["packed"]
+            row["packed_speedup_vs_cpp_fp32"] = ms["cpp"] / ms["packed"]
         results.append(row)
         print(
             f"M={m:<4d} " + "  ".join(f"{k} {v:7.2f} ms ({row['gb_s'][k]:5.1f} GB/s)" for k, v in ms.items()),
@@ -86,7 +131,14 @@ def main() -> None:
                 {
                     "date": date.today().isoformat(),
                     "threads": args.threads,
+                    "command": "python bench/cpu_gemv.py " + " ".join(__import__("sys").argv[1:]),
+                    "commit": __import__("subprocess").run(
+                        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+                    ).stdout.strip(),
+                    "isa": cpu_packed.isa_name() if args.packed else None,
+                    "group_size": args.group_size if args.packed else None,
                     "weight_mb": nbytes / 1e6,
+                    "packed_weight_mb": packed_bytes / 1e6,
                     "rows": results,
                 },
                 indent=2,

@@ -11,6 +11,15 @@ decode tok/s against this machine's memory-bandwidth ceiling (bandwidth measured
 reduction; ceiling = bandwidth / weight bytes read per token).
 
     python bench/throughput.py --num-prompts 64 --threads 2
+
+`--packed-vs-dense` measures a 4-bit checkpoint on the CPU both ways, alternating fresh processes:
+qserve's packed 4-bit kernels and the same checkpoint dequantized to dense fp32 at load
+(QSERVE_CPU_PACKED=0). Per run: engine-resident weight bytes, process RSS growth over the load, and
+batch-1 decode tok/s (LLM.generate, --max-tokens tokens); `--num-prompts` > 0 adds the offline
+throughput of that many ShareGPT prompts.
+
+    python bench/throughput.py --model CKPT --packed-vs-dense --threads 2 --num-prompts 0 \
+        --out bench/results/cpu_packed_smollm2_awq.json
 """
 
 from __future__ import annotations
@@ -123,6 +132,102 @@ def batch1_decode(llm, max_tokens: int) -> float:
     return (len(out.outputs[0].token_ids) - 1) / (m.finished_time - m.first_token_time)
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def packed_worker(args) -> None:
+    """One configuration in this fresh process; prints one JSON line."""
+    import gc
+
+    from qserve import LLM
+    from qserve.hub import resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model)
+    # What every configuration loads anyway, before the baseline: the RSS growth is then the model's.
+    from transformers import AutoTokenizer  # noqa: F401
+
+    from qserve.kernels import cpu_ext
+    from qserve.serve import engine  # noqa: F401
+
+    cpu_ext.available()
+    gc.collect()
+    before = rss_bytes()
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=max(1, args.num_prompts), max_model_len=2048,
+              kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
+    kv = llm.engine.runner.kv_cache_bytes
+    row = {
+        "resident_weight_bytes": llm.engine.resident_weight_bytes,
+        "rss_growth_bytes_minus_kv_cache": rss_bytes() - before - kv,  # the cache is allocated zeroed (lazy)
+        "rss_after_load_bytes": rss_bytes(),
+        "batch1_decode_tok_s": batch1_decode(llm, args.max_tokens),
+    }
+    if args.num_prompts:
+        prompts = load_prompts(args.prompts or data_root() / SHAREGPT, llm.get_tokenizer(), args.num_prompts)
+        run = run_qserve(lambda: llm, prompts, args.max_tokens)
+        row["throughput_tok_s"] = run["tok_s"]
+    print("PACKED_WORKER " + json.dumps(row), flush=True)
+
+
+def packed_vs_dense(args) -> None:
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from qserve.hub import resolve_model
+    from qserve.provenance import describe_run
+
+    model_dir = Path(resolve_model(args.model))
+    ckpt_bytes = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                t = h.get_slice(k)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                ckpt_bytes += n * {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I64": 8}[t.get_dtype()]
+    runs: dict[str, list[dict]] = {"packed": [], "dense": []}
+    for _ in range(args.repeats):
+        for name in ("packed", "dense"):  # alternating, so load changes on a shared machine hit both
+            env = {**os.environ, "QSERVE_CPU_PACKED": "1" if name == "packed" else "0"}
+            cmd = [sys.executable, __file__, "--packed-worker", "--model", str(model_dir), "--threads", str(args.threads),
+                   "--max-tokens", str(args.max_tokens), "--num-prompts", str(args.num_prompts),
+                   "--kv-cache-memory", str(args.kv_cache_memory),
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens)]  # fmt: skip
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.split("PACKED_WORKER ", 1)[1].splitlines()[0])
+            runs[name].append(row)
+            print(name, row, flush=True)
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    keys = ["resident_weight_bytes", "rss_growth_bytes_minus_kv_cache", "rss_after_load_bytes", "batch1_decode_tok_s"]
+    keys += ["throughput_tok_s"] if args.num_prompts else []
+    summary = {name: {k: med(name, k) for k in keys} for name in runs}
+    result = {
+        "date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU", "model": args.model,
+        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+        "provenance": describe_run(), "threads": args.threads, "max_tokens": args.max_tokens,
+        "num_prompts": args.num_prompts, "repeats": args.repeats,
+        "checkpoint_tensor_bytes": ckpt_bytes,
+        "resident_over_checkpoint": {n: summary[n]["resident_weight_bytes"] / ckpt_bytes for n in runs},
+        "median": summary, "runs": runs,
+        "batch1_decode_packed_over_dense": summary["packed"]["batch1_decode_tok_s"]
+        / summary["dense"]["batch1_decode_tok_s"],
+    }  # fmt: skip
+    if args.num_prompts:
+        result["throughput_packed_over_dense"] = (
+            summary["packed"]["throughput_tok_s"] / summary["dense"]["throughput_tok_s"]
+        )
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "provenance")}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -148,7 +253,13 @@ def main() -> None:
         "--skip-hf-single", action="store_true", help="the slowest baseline; its ratio is then omitted"
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "throughput.json")
+    ap.add_argument("--packed-vs-dense", action="store_true", help="4-bit checkpoint: packed kernels vs dense fp32")
+    ap.add_argument("--packed-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.packed_worker:
+        return packed_worker(args)
+    if args.packed_vs_dense:
+        return packed_vs_dense(args)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,8 +8,9 @@ dequantize + GEMM: the 4-bit weights are what is read from memory). On CPU a 4-b
 once at load into the CPU kernels' own 4-bit layout (`qserve.kernels.cpu_packed`: still 4-bit, groups
 made contiguous, act-order folded into an input permutation) and runs qserve's C++ kernels: a fused
 dequant-GEMV for decode-sized batches, tile-by-tile dequantization into a GEMM for prefill. Only
-where those kernels cannot run (no C++ compiler, or QSERVE_CPU_EXT=0; `cpu_ext` warns once) or for
-8-/2-bit layers is the layer dequantized at load into a dense weight in the compute dtype.
+where those kernels cannot run (no C++ compiler, or QSERVE_CPU_EXT=0; `cpu_ext` warns once), for
+8-/2-bit layers, or when QSERVE_CPU_PACKED=0 asks for it (benchmarks compare the two) is the layer
+dequantized at load into a dense weight in the compute dtype.
 
 Embeddings and the LM head of a quantized checkpoint stored in bf16 stay bf16 on the CPU
 (`HalfEmbedding`, `Bf16Linear`): the head's GEMV reads bf16 and accumulates in fp32.
@@ -18,6 +19,7 @@ Embeddings and the LM head of a quantized checkpoint stored in bf16 stay bf16 on
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +172,8 @@ def _cpu_packed_linear(
         log.info(
             "qserve: %d-bit layers run dequantized on the CPU (the packed CPU kernels are 4-bit)", spec.bits
         )
+        return None
+    if os.environ.get("QSERVE_CPU_PACKED", "1") == "0":  # the old dense path, for side-by-side benchmarks
         return None
     if not cpu_ext.available():  # warned once by cpu_ext; raises under QSERVE_REQUIRE_CPU_EXT=1
         return None
