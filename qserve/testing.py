@@ -53,9 +53,12 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
-    """A transformers config for a 2-layer model of the given family (llama, mistral, qwen2)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A transformers config for a 2-layer model of the given family (one of TINY_FAMILIES)."""
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -72,10 +75,13 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         eos_token_id=2,
         pad_token_id=0,
     )
+    if family == "qwen3":
+        common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
     common.update(overrides)
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "phi3": Phi3Config}  # fmt: skip
     if family not in classes:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(classes)}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)
 
 
@@ -101,6 +107,9 @@ def make_tiny_model(
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Qwen3's per-head norms start at 1; varied weights make a mis-wired head show.
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)

@@ -2,7 +2,9 @@
 
 Everything the quantizers need to know about a family lives here: where the decoder blocks are,
 which Linears a block holds (in true-sequential order), and AWQ's (previous op -> linears) scale
-groups. Adding a family means adding one `ArchSpec`, not editing the algorithms.
+groups, plus the few named switches the engine model reads (which checkpoint Linears it fuses into its
+q/k/v and gate/up projections, per-head q/k norms). Adding a family means adding one `ArchSpec`, not
+editing the algorithms or copying the engine model.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ class ScaleGroup:
     `inspect` is the submodule (relative to the block; "" = the whole block) whose output measures
     the loss of a candidate scale; `input_of` is the linear whose input activations drive the search.
     `requires_same_shape` names a (prev, next) pair whose weights must have equal shapes for the
-    group to apply (v_proj -> o_proj only works without GQA).
+    group to apply (v_proj -> o_proj only works without GQA). `prev_tail`: `prev_op` is a fused Linear
+    whose last rows alone feed the group (Phi-3's gate_up_proj: only the up half reaches down_proj
+    linearly), so the scales divide those rows only.
     """
 
     prev_op: str
     linears: tuple[str, ...]
     inspect: str
     requires_same_shape: tuple[str, str] | None = None
+    prev_tail: bool = False
 
     @property
     def input_of(self) -> str:
@@ -44,6 +49,12 @@ class ArchSpec:
     scale_groups: tuple[ScaleGroup, ...]
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
+    # Engine switches (serve/model.py, serve/loader.py). The checkpoint Linears the engine concatenates
+    # (along outputs) into its fused q|k|v and gate|up projections: three/two separate Linears, or one
+    # already-fused Linear (Phi-3).
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3: self_attn.q_norm / k_norm)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -85,7 +96,9 @@ _LLAMA_SCALE_GROUPS = (
 )
 
 
-def _llama_like(family: str, architectures: tuple[str, ...], model_types: tuple[str, ...]) -> ArchSpec:
+def _llama_like(
+    family: str, architectures: tuple[str, ...], model_types: tuple[str, ...], **switches
+) -> ArchSpec:
     return ArchSpec(
         family=family,
         architectures=architectures,
@@ -95,14 +108,43 @@ def _llama_like(family: str, architectures: tuple[str, ...], model_types: tuple[
         pre_blocks=("model.rotary_emb",),
         sequential=_LLAMA_SEQUENTIAL,
         scale_groups=_LLAMA_SCALE_GROUPS,
+        **switches,
     )
 
 
+# Phi-3 stores q|k|v and gate|up as fused Linears. GPTQ solves each fused Linear as one layer (its rows
+# are independent, so this equals solving q, k, v apart on the same H). AWQ scales the fused Linear's
+# input like the three separate ones; gate_up -> down divides only the up half (prev_tail: silu(gate) is
+# not linear in gate's scale). There is no v -> o group: v is a slice of qkv_proj (AutoAWQ skips it too).
+_PHI3_SEQUENTIAL = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+
+_PHI3_SCALE_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_tail=True),
+)
+
+
 # Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
+# Qwen3 too, plus a per-head RMSNorm on q and k: the norms sit inside self_attn, after the projections,
+# so AWQ's input_layernorm -> q/k/v group (inspecting the whole self_attn) already sees them.
 ARCHS: tuple[ArchSpec, ...] = (
     _llama_like("llama", ("LlamaForCausalLM",), ("llama",)),
     _llama_like("mistral", ("MistralForCausalLM",), ("mistral",)),
     _llama_like("qwen2", ("Qwen2ForCausalLM",), ("qwen2",)),
+    _llama_like("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), qk_norm=True),
+    ArchSpec(
+        family="phi3",
+        architectures=("Phi3ForCausalLM",),
+        model_types=("phi3",),
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        pre_blocks=("model.rotary_emb",),
+        sequential=_PHI3_SEQUENTIAL,
+        scale_groups=_PHI3_SCALE_GROUPS,
+        qkv=("self_attn.qkv_proj",),
+        gate_up=("mlp.gate_up_proj",),
+    ),
 )
 
 

@@ -215,11 +215,19 @@ def awq_apply_block(block: nn.Module, result: AwqBlockResult, spec: ArchSpec) ->
     An identity on the float block. Clips are not applied here: they are passed to
     `rtn_quantize(..., clip_max=)` when each linear is quantized.
     """
+    tails = {g.prev_op for g in spec.scale_groups if g.prev_tail}
     for sc in result.scales:
         prev = block.get_submodule(sc.prev_op)
         s = sc.scales
         if isinstance(prev, nn.Linear):
-            _scale_param(prev.weight, 1.0 / s[:, None])  # output rows
+            rows = prev.weight.shape[0]
+            if rows != s.numel() and not (sc.prev_op in tails and rows > s.numel()):
+                raise ValueError(
+                    f"AWQ scales for {sc.linears} have {s.numel()} entries but {sc.prev_op} has {rows} "
+                    "output rows; fix the family's scale_groups (prev_tail for a fused Linear)"
+                )
+            # A fused prev_op (prev_tail) feeds the group from its last rows only.
+            _scale_param(prev.weight[rows - s.numel() :], 1.0 / s[:, None])  # output rows
         elif getattr(prev, "weight", None) is not None and prev.weight.dim() == 1:
             _scale_param(prev.weight, 1.0 / s)  # RMSNorm / LayerNorm: y = w * norm(x) (+ b)
         else:
@@ -228,7 +236,7 @@ def awq_apply_block(block: nn.Module, result: AwqBlockResult, spec: ArchSpec) ->
                 "expected a Linear or a norm with a 1-D weight; fix the family's scale_groups"
             )
         if getattr(prev, "bias", None) is not None:
-            _scale_param(prev.bias, 1.0 / s)
+            _scale_param(prev.bias[prev.bias.numel() - s.numel() :], 1.0 / s)
         for name in sc.linears:
             _scale_param(block.get_submodule(name).weight, s[None, :])
 
@@ -240,8 +248,8 @@ def folded_weight(block: nn.Module, name: str, scales: list[AwqScale]) -> torch.
         s = sc.scales.to(w.device)
         if name in sc.linears:
             w = w * s[None, :]
-        if name == sc.prev_op:
-            w = w / s[:, None]
+        if name == sc.prev_op:  # a fused prev_op (prev_tail): only its last rows feed the group
+            w = torch.cat([w[: w.shape[0] - s.numel()], w[w.shape[0] - s.numel() :] / s[:, None]])
     return w
 
 

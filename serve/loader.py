@@ -144,7 +144,7 @@ def load_model(
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     hf_config = read_json(model_dir / "config.json")
-    arch_for_config(hf_config)  # ConfigError naming the supported families
+    spec = arch_for_config(hf_config)  # ConfigError naming the supported families
     cfg = ModelConfig.from_hf(hf_config)
     quant = read_quant_spec(model_dir, hf_config)
     weights = SafetensorsWeights(model_dir)
@@ -161,9 +161,9 @@ def load_model(
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
-        attn_names = [f"{p}.self_attn.{n}_proj" for n in ("q", "k", "v")]
+        attn_names = [f"{p}.{n}" for n in spec.qkv]  # the family's q|k|v Linears (one if fused)
         attn = Attention(cfg, linear(attn_names, cfg.qkv_bias), linear([f"{p}.self_attn.o_proj"], cfg.o_bias))
-        mlp_names = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        mlp_names = [f"{p}.{n}" for n in spec.gate_up]
         mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
         layers.append(DecoderLayer(cfg, attn, mlp))
     # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
@@ -186,6 +186,8 @@ def load_model(
     params = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
+            params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+        for norm in ("self_attn.q_norm", "self_attn.k_norm") if cfg.qk_norm else ():
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
     if bf16_stored("model.embed_tokens.weight"):
         model.embed_tokens = HalfEmbedding(weights.get(params.pop("embed_tokens")), dtype)

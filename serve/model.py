@@ -1,9 +1,10 @@
-"""qserve's Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a flat token batch.
+"""qserve's Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3) over a flat token batch.
 
 The engine packs every scheduled token of every sequence into one [num_tokens, hidden] batch with no
 padding between sequences; attention finds each token's context through the paged KV cache
 (`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
-the Triton kernels on CUDA and their torch paths on CPU.
+the Triton kernels on CUDA and their torch paths on CPU. What a family changes is a named switch in
+`ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from qserve import kernels
 from qserve.errors import ConfigError
 from qserve.kernels import cpu_gemm
+from qserve.quantize.arch import arch_for_config
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -72,6 +74,7 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm over each q and k head (weights [head_dim]) before RoPE: Qwen3
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -87,6 +90,14 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         # Qwen2 declares a sliding window but only uses it when use_sliding_window is set.
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not is_qwen2) else None
+        spec = arch_for_config(cfg)
+        rope_params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+        partial = rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if partial not in (1, 1.0, None):
+            raise ConfigError(
+                f"config.json partial_rotary_factor={partial} ({spec.family}) is not supported; qserve's "
+                "engine rotates the whole head (partial_rotary_factor 1.0)"
+            )
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -103,6 +114,7 @@ class ModelConfig:
             o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
+            qk_norm=spec.qk_norm,
         )
 
 
@@ -178,6 +190,18 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        if cfg.qk_norm:  # weights loaded, like every norm
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [n, (H + 2 KVH) * D] with each q and k head RMS-normalised (Qwen3), v untouched."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim)).reshape(n, self.q_size)
+        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim)).reshape(n, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
 
     def forward(
         self,
@@ -188,6 +212,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n, heads = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)  # [n, (heads + 2 * kv_heads) * head_dim]
+        if self.qk_norm:
+            qkv = self._norm_heads(qkv)
         key_cache, value_cache = kv_cache
         q = kernels.rope_and_write_kv(qkv, *rope, key_cache, value_cache, meta.slot_mapping, heads)
         out = kernels.paged_attention(

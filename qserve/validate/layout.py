@@ -83,9 +83,11 @@ class Layout:
         )
 
 
-# Llama-family Linear shapes as (in, out) from config.json. Mistral and Qwen2 share the layout.
+# Llama-family Linear shapes as (in, out) from config.json. Mistral, Qwen2 and Qwen3 share the layout;
+# Phi-3 fuses q|k|v and gate|up (quantize/arch.py says which names a family has).
 def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
-    """Per-block Linear (in, out) for a llama-like config, or None when a dimension is missing or bad."""
+    """Per-block Linear (in, out) for a llama-like config, or None when a dimension is missing or bad;
+    both the separate and the fused projection names are given, the family's table picks its own."""
     hidden = config.get("hidden_size")
     inter = config.get("intermediate_size")
     heads = config.get("num_attention_heads")
@@ -105,4 +107,6 @@ def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
         "mlp.gate_proj": (hidden, inter),
         "mlp.up_proj": (hidden, inter),
         "mlp.down_proj": (inter, hidden),
+        "self_attn.qkv_proj": (hidden, q_out + 2 * kv_out),
+        "mlp.gate_up_proj": (hidden, 2 * inter),
     }
