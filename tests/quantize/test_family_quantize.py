@@ -155,3 +155,18 @@ def test_validate_knows_the_fused_module_list(tmp_path, models, calib, fault):
     assert not report.ok
     codes = {f.code for f in report.findings if f.severity == "error" and f.subject.startswith(target)}
     assert codes == {"LINEAR_MISSING" if fault == "missing" else "SHAPE_MISMATCH"}, report.format_text()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "family", "method"),
+    [("qwen3-8b-awq", "qwen3", "awq"), ("phi-3-mini-4k-instruct-gptq", "phi3", "gptq")],
+)
+def test_family_recipes_pass_the_schema(recipe, family, method):
+    """The GPU-sized recipes (not run here) parse, and name a model of the family they are written for."""
+    from pathlib import Path
+
+    from qserve.recipe import load_recipe
+
+    loaded = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml")
+    assert loaded.quant_config().method == method  # every key checked against QuantConfig
+    assert family.removesuffix("3") in loaded.model.lower().replace("-", "")
