@@ -57,7 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_metrics(tmp_path_factory, tiny_llama_dir) -> str:
     """The /metrics text of a live `qserve serve` (a subprocess on the tiny Llama) after one request."""
     port = _free_port()
