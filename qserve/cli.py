@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qserve.commands.eval", "eval_group"),
     "serve": ("qserve.commands.serve", "serve"),
     "run": ("qserve.commands.run", "run"),
+    "deploy": ("qserve.commands.deploy", "deploy"),
 }
 
 

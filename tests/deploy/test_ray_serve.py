@@ -1,0 +1,191 @@
+"""qserve on Ray Serve (qserve/serve/ray_serve.py, `qserve deploy ray`).
+
+The config, the in-process ASGI forwarding of a replica and the router's model routing run without Ray
+(two fake engines behind stand-in handles). The live test starts a local Ray cluster on 127.0.0.1 and
+needs the `ray` extra; it is skipped, with that reason, where Ray Serve is not installed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the fake engine's folder
+
+from fake_engine import FakeEngine
+
+from qserve.errors import ConfigError
+from qserve.serve.api.app import create_app
+from qserve.serve.ray_serve import (
+    REPLICA_HEADER,
+    ASGIForwarder,
+    build_router_app,
+    parse_config,
+)
+
+
+def config(**overrides):
+    base = {"port": 8100, "models": [{"model": "/m/a", "served_model_name": ["a", "a-alias"], "replicas": 2},
+                                     {"model": "/m/b", "autoscaling": {"min_replicas": 1, "max_replicas": 3}}]}  # fmt: skip
+    base.update(overrides)
+    return base
+
+
+def test_config_is_typed():
+    cfg = parse_config(config(), "deploy.yaml")
+    a, b = cfg.models
+    assert a.names == ("a", "a-alias") and a.replicas == 2 and a.autoscaling is None
+    assert b.names == ("/m/b",) and b.autoscaling == {"min_replicas": 1, "max_replicas": 3}
+    assert a.deployment_name == "qserve-a" and b.deployment_name == "qserve-m-b"
+    assert cfg.port == 8100 and a.serve["model"] == "/m/a" and "replicas" not in a.serve
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"modles": []}, r"unknown key\(s\) \['modles'\]"),
+        ({"models": []}, "non-empty list"),
+        ({"models": [{"model": "/m/a", "max_num_seq": 4}]}, "max_num_seq"),
+        ({"models": [{"model": "/m/a"}, {"model": "/m/a"}]}, "already used"),
+        ({"models": [{"model": "/m/a", "replicas": 2, "autoscaling": {"max_replicas": 2}}]}, "not both"),
+        ({"models": [{"model": "/m/a", "autoscaling": {"max_replica": 2}}]}, "max_replica"),
+        ({"models": [{"model": "/m/a", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]}, "min_replicas"),
+        ({"models": [{"model": "/m/a", "replicas": 0}]}, "replicas: expected an integer >= 1"),
+        ({"models": [{"model": "/m/a", "port": 9000}]}, "top level"),
+        ({"port": "80"}, "port"),
+    ],
+)
+def test_config_errors_name_the_problem(change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config(**change), "deploy.yaml")
+
+
+def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from qserve.cli import cli
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text("models:\n  - model: /m/a\n    replica: 2\n")
+    result = CliRunner().invoke(cli, ["deploy", "ray", str(path)])
+    assert result.exit_code != 0 and "replica" in str(result.exception)
+    assert isinstance(result.exception, ConfigError)
+
+
+# ---- routing without Ray: fake engines behind stand-in handles ----------------------------------
+
+
+class StandInHandle:
+    """What the router uses of a Ray DeploymentHandle: .options(stream=True).http.remote(...) -> async iter."""
+
+    def __init__(self, forwarder: ASGIForwarder) -> None:
+        self.forwarder = forwarder
+        self.http = self
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+    def remote(self, *args):
+        return self.forwarder(*args)
+
+
+@pytest.fixture
+def two_models(tokenizer):
+    engines = {name: FakeEngine(tokenizer) for name in ("a", "b")}
+    handles = {
+        name: StandInHandle(ASGIForwarder(create_app(engine, [name], log_stats_interval=None),
+                                          [(REPLICA_HEADER, f"{name}#0")]))
+        for name, engine in engines.items()
+    }  # fmt: skip
+    return engines, handles
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from qserve.testing import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()
+
+
+def test_forwarder_streams_the_app_response_in_chunks(tokenizer):
+    forward = ASGIForwarder(create_app(FakeEngine(tokenizer), ["a"], log_stats_interval=None), [("x-extra", "1")])
+    body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 5, "stream": True}).encode()
+
+    async def collect():
+        headers = [(b"content-type", b"application/json")]
+        return [item async for item in forward("POST", "/v1/completions", b"", headers, body)]
+
+    items = asyncio.run(collect())
+    head, chunks = items[0], items[1:]
+    assert head["status"] == 200 and ("x-extra", "1") in head["headers"]
+    assert len(chunks) >= 5  # one SSE event per token at least, not one buffered body
+    assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+
+
+def test_forwarder_abandoned_stream_aborts_the_engine_request(tokenizer):
+    engine = FakeEngine(tokenizer, delay=0.01)
+    forward = ASGIForwarder(create_app(engine, ["a"], log_stats_interval=None))
+    body = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 1000, "stream": True}).encode()
+
+    async def leave_early():
+        stream = forward("POST", "/v1/completions", b"", [(b"content-type", b"application/json")], body)
+        await stream.__anext__()
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):
+            if not engine.live:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(leave_early())
+    assert not engine.live and engine.used_blocks == 0
+
+
+def test_router_routes_by_model_and_lists_every_model(two_models):
+    engines, handles = two_models
+    with TestClient(build_router_app(handles, default=None)) as client:
+        for name in ("a", "b"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["model"] == name
+            assert r.headers[REPLICA_HEADER] == f"{name}#0"
+        assert [len(e.calls) for e in engines.values()] == [1, 1]
+        listed = client.get("/v1/models").json()
+        assert sorted(m["id"] for m in listed["data"]) == ["a", "b"]
+        missing = client.post("/v1/completions", json={"model": "c", "prompt": "x"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        assert "['a', 'b']" in missing.json()["error"]["message"]
+        no_model = client.post("/v1/completions", json={"prompt": "x"})
+        assert no_model.status_code == 400 and no_model.json()["error"]["code"] == "model_required"
+        assert client.post("/v1/completions", content=b"[1").status_code == 400
+        assert client.get("/health").status_code == 200
+
+
+def test_router_streams_and_passes_replica_errors_through(two_models):
+    _, handles = two_models
+    with TestClient(build_router_app(handles, default="a")) as client:
+        body = {"prompt": "x", "max_tokens": 4, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            lines = [x for x in r.iter_lines() if x]
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 5
+        bad = client.post("/v1/completions", json={"model": "b", "prompt": "x", "max_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_router_answers_503_when_no_replica_can_answer():
+    class Dead(StandInHandle):
+        def remote(self, *args):
+            async def fail():
+                raise RuntimeError("actor died")
+                yield  # pragma: no cover
+
+            return fail()
+
+    with TestClient(build_router_app({"a": Dead(None)}, default="a")) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable"
