@@ -53,12 +53,12 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
     """A transformers config for a 2-layer model of the given family (one of TINY_FAMILIES)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -75,14 +75,19 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         eos_token_id=2,
         pad_token_id=0,
     )
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
+    if family == "qwen3_moe":  # 8 experts, top-2 renormalised (Qwen3-30B-A3B routes 8 of 128, renormalised)
+        common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
     common.update(overrides)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "phi3": Phi3Config}  # fmt: skip
+               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig}  # fmt: skip
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)
+
+
+STARVED_EXPERT = -1  # the expert a tiny MoE model's router starves (see make_tiny_model)
 
 
 def make_tiny_model(
@@ -105,8 +110,13 @@ def make_tiny_model(
     # Random init of a tiny model gives near-uniform logits; scale up so greedy decoding is decisive.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3-D: transformers' fused MoE experts [E, out, in]
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+            if name.endswith("mlp.gate.weight") and p.dim() == 2:
+                # MoE router: the last expert's row is zero, so it scores 0 for every token and makes
+                # a token's top-k only when fewer than k other experts score above 0 (about 1 token in
+                # 16 for top-2 of 8): calibration starves it, which exercises the per-expert fallback.
+                p[STARVED_EXPERT].zero_()
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 # Qwen3's per-head norms start at 1; varied weights make a mis-wired head show.
                 p.uniform_(0.5, 1.5)

@@ -9,7 +9,7 @@ editing the algorithms or copying the engine model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qserve.errors import ConfigError
 
@@ -55,6 +55,35 @@ class ArchSpec:
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3: self_attn.q_norm / k_norm)
+    # Mixture of experts. `experts`: the block's experts module, which transformers holds fused (3-D
+    # parameters) and calibration replaces by one Linear per expert projection (quantize/moe.py); names
+    # in `sequential` / `scale_groups` containing "{e}" are per expert and expanded by arch_for_config
+    # to the config's expert count (the first of `num_experts_keys` present: hub configs of Qwen3-MoE
+    # say num_experts, transformers 5 writes num_local_experts). `expert_linears`: an expert's gate, up and down Linear
+    # names in checkpoints. `router`: the router Linear, kept in full precision.
+    experts: str | None = None
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router: str | None = None
+    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    methods: tuple[str, ...] = ("rtn", "gptq", "awq")  # quantization methods implemented for the family
+
+    def with_experts(self, n_experts: int) -> ArchSpec:
+        """This table with every per-expert ("{e}") name expanded to experts 0 .. n_experts - 1."""
+
+        def names(group: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n.format(e=e) for e in range(n_experts) for n in group) if _per_expert(group) else group
+
+        groups = []
+        for g in self.scale_groups:
+            if _per_expert((g.prev_op, g.inspect, *g.linears)):
+                groups += [
+                    replace(g, prev_op=g.prev_op.format(e=e), inspect=g.inspect.format(e=e),
+                            linears=tuple(n.format(e=e) for n in g.linears))
+                    for e in range(n_experts)
+                ]  # fmt: skip
+            else:
+                groups.append(g)
+        return replace(self, sequential=tuple(names(g) for g in self.sequential), scale_groups=tuple(groups))
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -96,6 +125,10 @@ _LLAMA_SCALE_GROUPS = (
 )
 
 
+def _per_expert(names: tuple[str, ...]) -> bool:
+    return any("{e}" in n for n in names)
+
+
 def _llama_like(
     family: str, architectures: tuple[str, ...], model_types: tuple[str, ...], **switches
 ) -> ArchSpec:
@@ -125,6 +158,37 @@ _PHI3_SCALE_GROUPS = (
 )
 
 
+# Qwen3-MoE: Qwen3's attention, and a sparse MLP in every block (decoder_sparse_step 1, no
+# mlp_only_layers, as the released models): a router (mlp.gate, full precision) picks the top
+# num_experts_per_tok of num_experts experts per token. GPTQ runs each expert on the tokens routed to it:
+# its gate and up share that input (one Hessian), its down follows in the next true-sequential group.
+# The per-expert scale groups below only declare that input sharing: AWQ's one scale for every
+# expert's gate/up (folded into the shared norm) is not implemented, so the family lists no "awq".
+_MOE_EXPERT = "mlp.experts.{e}"
+_QWEN3_MOE = ArchSpec(
+    family="qwen3_moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    model_types=("qwen3_moe",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    pre_blocks=("model.rotary_emb",),
+    sequential=(
+        *_LLAMA_SEQUENTIAL[:2],
+        (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"),
+        (f"{_MOE_EXPERT}.down_proj",),
+    ),
+    scale_groups=(
+        *_LLAMA_SCALE_GROUPS[:2],
+        ScaleGroup("post_attention_layernorm", (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"), "mlp"),
+        ScaleGroup(f"{_MOE_EXPERT}.up_proj", (f"{_MOE_EXPERT}.down_proj",), f"{_MOE_EXPERT}.down_proj"),
+    ),
+    qk_norm=True,
+    experts="mlp.experts",
+    router="mlp.gate",
+    methods=("rtn", "gptq"),
+)
+
+
 # Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
 # Qwen3 too, plus a per-head RMSNorm on q and k: the norms sit inside self_attn, after the projections,
 # so AWQ's input_layernorm -> q/k/v group (inspecting the whole self_attn) already sees them.
@@ -145,6 +209,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         qkv=("self_attn.qkv_proj",),
         gate_up=("mlp.gate_up_proj",),
     ),
+    _QWEN3_MOE,
 )
 
 
@@ -159,8 +224,26 @@ def arch_for_config(config) -> ArchSpec:
     model_type = get("model_type", None)
     for spec in ARCHS:
         if set(architectures) & set(spec.architectures) or model_type in spec.model_types:
-            return spec
+            return spec if spec.experts is None else _expanded(spec, get)
     found = ", ".join(architectures) or model_type or "unknown"
     raise ConfigError(
         f"unsupported architecture {found}; qserve supports {', '.join(supported_architectures())}"
     )
+
+
+def _expanded(spec: ArchSpec, get) -> ArchSpec:
+    """A MoE family's table for this config: its expert count checked, its per-expert names expanded."""
+    n = next((get(k, None) for k in spec.num_experts_keys if get(k, None) is not None), None)
+    if not (isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096):
+        raise ConfigError(
+            f"config.json {' / '.join(spec.num_experts_keys)}={n!r}: a {spec.family} model needs a "
+            "positive expert count"
+        )
+    dense = get("mlp_only_layers", None) or []
+    step = get("decoder_sparse_step", 1)
+    if dense or step not in (1, None):
+        raise ConfigError(
+            f"config.json mlp_only_layers={dense} / decoder_sparse_step={step}: qserve supports {spec.family} "
+            "models whose every block is a mixture of experts (mlp_only_layers [] and decoder_sparse_step 1)"
+        )
+    return spec.with_experts(n)

@@ -25,6 +25,7 @@ from qserve.quantize.capture import BlockInputs, capture_block_inputs, run_block
 from qserve.quantize.config import QuantConfig
 from qserve.quantize.export import block_tensors
 from qserve.quantize.lazy_model import LazyCheckpoint, materialize, rebuild, release
+from qserve.quantize.moe import FALLBACK, min_expert_tokens, needs_fallback
 from qserve.quantize.resume import PartialState
 
 CHUNK_TOKENS = 8192  # tokens per block forward: bounds attention/MLP scratch, keeps matmuls large
@@ -304,6 +305,14 @@ def _gptq_block(
             if name not in collectors:
                 solvers[name].take_hessian(solvers[owners[name]])
         for name in group:
+            tokens, in_f = solvers[name].n_samples, linears[name].in_features
+            if needs_fallback(name, tokens, in_f):  # a MoE expert the router starved (quantize/moe.py)
+                qw = rtn_quantize(linears[name].weight.detach().float(), cfg.bits, cfg.group_size, cfg.sym)
+                _write_back(linears[name], qw)
+                qweights[name] = qw
+                log.append({"layer": name, "tokens": tokens, "min_tokens": min_expert_tokens(in_f),
+                            "fallback": FALLBACK})  # fmt: skip
+                continue
             res = solvers[name].quantize(
                 bits=cfg.bits,
                 group_size=cfg.group_size,
@@ -322,6 +331,7 @@ def _gptq_block(
                     "loss": float(res.loss),
                     "damp": float(res.damp),
                     "seconds": float(res.seconds),
+                    **({"tokens": tokens} if ".experts." in name else {}),
                 }
             )
         del solvers

@@ -20,6 +20,7 @@ from qserve.quantize.driver import quantize_blocks
 from qserve.quantize.export import TensorEntry, write_checkpoint
 from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton
 from qserve.quantize.memory import check_fits, estimate
+from qserve.quantize.moe import check_family_options, unfuse_experts
 from qserve.quantize.report import QuantReport, cuda_peak_bytes, peak_rss_bytes
 from qserve.quantize.resume import PartialState, fingerprint, partial_dir
 
@@ -88,6 +89,7 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
             f"{model_dir} is already quantized (config.json has quantization_config); pass the original model"
         )
     spec = arch_for_config(config)
+    check_family_options(spec, cfg)
     ckpt = LazyCheckpoint(model_dir)
     n_blocks = config.num_hidden_layers
     shapes = _layer_shapes(ckpt, spec, n_blocks)
@@ -129,6 +131,8 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     if resumed_from:
         log(f"resuming: blocks 0..{resumed_from - 1} were saved in {state.root}")
     model = build_skeleton(config, compute_dtype)
+    if spec.experts:  # one Linear per expert projection, named as in the checkpoint (quantize/moe.py)
+        unfuse_experts(model, spec.blocks, spec.experts, spec.expert_linears)
     blocks = quantize_blocks(
         model, ckpt, spec, cfg, calib_ids, state, torch.device(device), model_dtype, est.hold_float_inputs
     )

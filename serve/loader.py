@@ -18,7 +18,7 @@ from safetensors import safe_open
 from qserve import kernels
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import arch_for_config
-from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding
+from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding, SparseMoE
 from qserve.serve.quant_linear import Bf16Linear, HalfEmbedding, PackedLinear, QuantSpec, build_linear
 from qserve.validate.metadata import find_metadata
 
@@ -163,8 +163,16 @@ def load_model(
         p = f"model.layers.{i}"
         attn_names = [f"{p}.{n}" for n in spec.qkv]  # the family's q|k|v Linears (one if fused)
         attn = Attention(cfg, linear(attn_names, cfg.qkv_bias), linear([f"{p}.self_attn.o_proj"], cfg.o_bias))
-        mlp_names = [f"{p}.{n}" for n in spec.gate_up]
-        mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
+        if cfg.num_experts:  # a MoE block: one gate|up and one down per expert, a float router
+            gate, up, down = (f"{p}.{spec.experts}.{{e}}.{n}" for n in spec.expert_linears)
+            experts = [
+                MLP(linear([gate.format(e=e), up.format(e=e)], False), linear([down.format(e=e)], False))
+                for e in range(cfg.num_experts)
+            ]
+            mlp = SparseMoE(cfg, experts)
+        else:
+            mlp_names = [f"{p}.{n}" for n in spec.gate_up]
+            mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
         layers.append(DecoderLayer(cfg, attn, mlp))
     # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
     # reads bf16, accumulating in fp32): holding them in fp32 would double the largest tensors left.
@@ -189,6 +197,8 @@ def load_model(
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
         for norm in ("self_attn.q_norm", "self_attn.k_norm") if cfg.qk_norm else ():
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+        if cfg.num_experts:  # the router: kept unquantized, like the norms
+            params[f"layers.{i}.mlp.gate"] = f"model.layers.{i}.{spec.router}.weight"
     if bf16_stored("model.embed_tokens.weight"):
         model.embed_tokens = HalfEmbedding(weights.get(params.pop("embed_tokens")), dtype)
     for module_name, tensor_name in params.items():

@@ -4,7 +4,8 @@ The engine packs every scheduled token of every sequence into one [num_tokens, h
 padding between sequences; attention finds each token's context through the paged KV cache
 (`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
 the Triton kernels on CUDA and their torch paths on CPU. What a family changes is a named switch in
-`ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm).
+`ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm;
+`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class ModelConfig:
     mlp_bias: bool
     sliding_window: int | None = None
     qk_norm: bool = False  # RMSNorm over each q and k head (weights [head_dim]) before RoPE: Qwen3
+    # Mixture of experts (0: a dense MLP): experts per block, experts per token, an expert's
+    # intermediate size, and whether the top-k routing weights are renormalised to sum to 1.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    renormalize_topk: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -115,7 +122,22 @@ class ModelConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
             qk_norm=spec.qk_norm,
+            **(_moe_fields(cfg, spec) if spec.experts else {}),
         )
+
+
+def _moe_fields(cfg: dict, spec) -> dict:
+    n = next(cfg[k] for k in spec.num_experts_keys if cfg.get(k) is not None)  # arch_for_config checked it
+    top_k = cfg.get("num_experts_per_tok")
+    if not (isinstance(top_k, int) and 0 < top_k <= n):
+        raise ConfigError(f"config.json num_experts_per_tok={top_k!r}: expected 1 .. {n} (the expert count)")
+    return dict(
+        num_experts=n,
+        experts_per_token=top_k,
+        expert_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        # Qwen3-MoE renormalises only when the config says so (transformers' default is False)
+        renormalize_topk=bool(cfg.get("norm_topk_prob", False)),
+    )
 
 
 @dataclass(frozen=True)
@@ -234,8 +256,52 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Router(nn.Module):
+    """A MoE block's router: logits = x W^T over the experts; its weight [experts, hidden] is loaded
+    unquantized and the logits are computed in float32."""
+
+    def __init__(self, num_experts: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts (softmax over all experts, top k, optionally renormalised), each expert an
+    `MLP` run once over the tokens routed to it: the (token, slot) pairs are sorted by expert so that
+    an expert's tokens are one contiguous gather and one GEMM per projection; experts that receive no
+    token are skipped, so a step costs the active experts only."""
+
+    def __init__(self, cfg: ModelConfig, experts: list[MLP]) -> None:
+        super().__init__()
+        self.gate = Router(cfg.num_experts, cfg.hidden_size)  # the checkpoint's name: mlp.gate.weight
+        self.experts = nn.ModuleList(experts)
+        self.top_k, self.renormalize = cfg.experts_per_token, cfg.renormalize_topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one host read per layer
+        tokens = order // self.top_k
+        pair_weights = weights.flatten()[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count:
+                t = tokens[start : start + count]
+                out.index_add_(0, t, expert(x[t]) * pair_weights[start : start + count, None])
+                start += count
+        return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn: Attention, mlp: MLP) -> None:
+    def __init__(self, cfg: ModelConfig, attn: Attention, mlp: MLP | SparseMoE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = attn

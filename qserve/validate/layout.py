@@ -84,7 +84,8 @@ class Layout:
 
 
 # Llama-family Linear shapes as (in, out) from config.json. Mistral, Qwen2 and Qwen3 share the layout;
-# Phi-3 fuses q|k|v and gate|up (quantize/arch.py says which names a family has).
+# Phi-3 fuses q|k|v and gate|up; Qwen3-MoE has one gate/up/down per expert (quantize/arch.py says which
+# names a family has).
 def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
     """Per-block Linear (in, out) for a llama-like config, or None when a dimension is missing or bad;
     both the separate and the fused projection names are given, the family's table picks its own."""
@@ -99,7 +100,15 @@ def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
     if not (isinstance(head_dim, int) and head_dim > 0):
         return None
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    return {
+    experts = {}
+    n_experts = config.get("num_experts", config.get("num_local_experts"))
+    expert_inter = config.get("moe_intermediate_size")
+    if all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (n_experts, expert_inter)):
+        for e in range(min(n_experts, 4096)):  # Qwen3-MoE: per-expert Linears, as checkpoints name them
+            experts[f"mlp.experts.{e}.gate_proj"] = (hidden, expert_inter)
+            experts[f"mlp.experts.{e}.up_proj"] = (hidden, expert_inter)
+            experts[f"mlp.experts.{e}.down_proj"] = (expert_inter, hidden)
+    return experts | {
         "self_attn.q_proj": (hidden, q_out),
         "self_attn.k_proj": (hidden, kv_out),
         "self_attn.v_proj": (hidden, kv_out),

@@ -1,6 +1,7 @@
 """Quantize -> validate -> serve on the families beyond Llama's layout, with the real GPTQ and AWQ:
-Qwen3 (per-head q/k norms inside self_attn) and Phi-3 (fused qkv_proj / gate_up_proj: one GPTQ solve per
-fused Linear, AWQ's gate_up -> down scales folded into the up half only). The checks follow
+Qwen3 (per-head q/k norms inside self_attn), Phi-3 (fused qkv_proj / gate_up_proj: one GPTQ solve per
+fused Linear, AWQ's gate_up -> down scales folded into the up half only) and Qwen3-MoE (GPTQ per expert
+on the tokens the router sends it; a starved expert falls back to RTN and the report says so). The checks follow
 test_driver.py's per-family test; the engine's greedy tokens must equal transformers' generate on the
 dequantized weights (read back by quant_helpers' independent readers)."""
 
@@ -27,7 +28,9 @@ from qserve.validate import validate_checkpoint
 
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
-FAMILIES = ("qwen3", "phi3")
+FAMILIES = ("qwen3", "phi3", "qwen3_moe")
+# (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
+RUNS = [(f, m) for f in ("qwen3", "phi3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -72,14 +75,15 @@ def hf_greedy(model_dir, prompts, n):
     return out
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "method"), RUNS)
 def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, method):
     from qserve.serve.llm import LLM
     from qserve.serve.sampling_params import SamplingParams
 
     src = models[family]
     extra = {"n_grid": 5} if method == "awq" else {}
+    if family == "qwen3_moe":  # 512 tokens: about 128 per expert (top-2 of 8), a few for the starved one
+        extra["n_samples"] = 16
     report = quantize_tiny(src, tmp_path / "out", calib, method, **extra)
     qdir = tmp_path / "out"
     spec = arch_for_config(json.loads((src / "config.json").read_text()))
@@ -90,15 +94,16 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
     check = validate_checkpoint(qdir, deep=True, strict=True)
     assert check.ok and check.findings == [], check.format_text()
 
-    ref = logits(src, None, calib_ids)
-    err = rel_err(logits(src, dense_state_dict(qdir), calib_ids), ref)
+    dense = dequantized_twin(src, qdir, tmp_path / "dequant")
+    err = rel_err(logits(dense, None, calib_ids), logits(src, None, calib_ids))
     assert 0.005 < err < 0.1, err  # as test_driver: a broken fused-Linear export moves logits by 50-100%
     for block in report.blocks:
         if method == "gptq":
             assert [e["layer"] for e in block["layers"]] == list(spec.linears)
         assert 0 < block["out_rel_err"] < 0.1
+    if family == "qwen3_moe":
+        check_expert_fallbacks(report.blocks, spec)
 
-    dense = dequantized_twin(src, qdir, tmp_path / "dequant")
     expected = hf_greedy(dense, PROMPTS, 16)
     llm = LLM(str(qdir), max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
               kv_cache_memory=64 * 2 * 2 * 4 * 2 * 16 * 4, device="cpu", dtype="float32")  # fmt: skip
@@ -109,6 +114,34 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
     for prompt, out, want in zip(PROMPTS, outs, expected, strict=True):
         assert len(set(want)) > 3, "degenerate reference: the test would prove little"
         assert out.outputs[0].token_ids == want, prompt
+
+
+def check_expert_fallbacks(blocks, spec):
+    """Every expert Linear records the tokens it was calibrated on; the starved expert (the last: its
+    router row is zero, see qserve.testing) got fewer than its minimum and was rounded to nearest,
+    and only Linears below the minimum were."""
+    from qserve.quantize.moe import min_expert_tokens
+
+    n_experts = (len(spec.linears) - 4) // 3  # 4 attention Linears, then 3 per expert
+    starved = f"mlp.experts.{n_experts - 1}."
+    for block in blocks:
+        experts = [e for e in block["layers"] if ".experts." in e["layer"]]
+        assert len(experts) == 3 * n_experts and all("tokens" in e for e in experts)
+        for e in experts:
+            # every expert Linear of the tiny model reads 64 features (hidden 64, moe_intermediate 64)
+            assert (e.get("fallback") == "rtn") == (e["tokens"] < min_expert_tokens(64)), e
+            assert ("loss" in e) != ("fallback" in e)
+        assert all(e.get("fallback") == "rtn" for e in experts if e["layer"].startswith(starved)), experts
+        assert sum("fallback" in e for e in experts) < len(experts) // 2  # most experts are calibrated
+
+
+def test_awq_on_moe_is_refused_before_loading(tmp_path, models, calib):
+    from qserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--method awq is not implemented for qwen3_moe.*rtn, gptq"):
+        quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "awq")
+    with pytest.raises(ConfigError, match="--gptaq is not supported for mixture-of-experts"):
+        quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "gptq", gptaq=True)
 
 
 def test_awq_folds_phi3_down_scales_into_the_up_half_only(tmp_path, models, calib, calib_ids):
@@ -137,16 +170,19 @@ def test_awq_folds_phi3_down_scales_into_the_up_half_only(tmp_path, models, cali
 
 
 @pytest.mark.parametrize("fault", ["missing", "misshapen"])
-def test_validate_knows_the_fused_module_list(tmp_path, models, calib, fault):
+@pytest.mark.parametrize(
+    ("family", "target"),
+    [("phi3", "model.layers.1.mlp.gate_up_proj"), ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj")],
+)
+def test_validate_knows_the_module_list(tmp_path, models, calib, family, target, fault):
     qdir = tmp_path / "out"
-    quantize_tiny(models["phi3"], qdir, calib, "gptq")
+    quantize_tiny(models[family], qdir, calib, "rtn")
     path = qdir / "model.safetensors"
     tensors = read_tensors(qdir)
-    target = "model.layers.1.mlp.gate_up_proj"
     if fault == "missing":
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             del tensors[f"{target}.{suffix}"]
-    else:  # half the outputs: the up half of a fused Linear lost
+    else:  # half the outputs: the up half of a fused Linear lost, or half an expert
         for suffix in ("qweight", "qzeros", "scales"):
             t = tensors[f"{target}.{suffix}"]
             tensors[f"{target}.{suffix}"] = t[:, : t.shape[1] // 2].contiguous()

@@ -13,7 +13,7 @@ from tiny_checkpoints import single_thread, varied_model  # noqa: F401  (autouse
 from qserve.errors import ConfigError
 from qserve.serve.loader import load_model
 
-FAMILIES = ["qwen3", "phi3"]
+FAMILIES = ["qwen3", "phi3", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
