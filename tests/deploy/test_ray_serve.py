@@ -189,3 +189,112 @@ def test_router_answers_503_when_no_replica_can_answer():
     with TestClient(build_router_app({"a": Dead(None)}, default="a")) as client:
         r = client.post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable"
+
+
+# ---- a live local Ray cluster -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_app(tmp_path_factory):
+    """A local Ray cluster on 127.0.0.1 serving model `a` (two replicas) and model `b` (one replica)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
+    import os
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from qserve.serve import ray_serve
+    from qserve.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("ray-models")
+    dirs = {name: make_tiny_model(root / name, family="llama") for name in ("a", "b")}
+    port = _free_port()
+    common = {"kv_cache_memory": "4MiB", "disable_log_requests": True, "num_cpus": 0.5, "max_num_seqs": 8}
+    cfg = ray_serve.resolve_models(ray_serve.parse_config({
+        "host": "127.0.0.1", "port": port, "app_name": "qserve-test",
+        "models": [{"model": str(dirs["a"]), "served_model_name": ["a"], "replicas": 2, **common},
+                   {"model": str(dirs["b"]), "served_model_name": ["b"], "replicas": 1, **common}],
+    }))  # fmt: skip
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
+    try:
+        ray_serve.run(cfg, blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _complete(client, model: str, **kw):
+    return client.completions.with_raw_response.create(model=model, prompt="hello", max_tokens=4, temperature=0,
+                                                       **kw)  # fmt: skip
+
+
+def test_ray_two_replicas_both_answer_and_models_route_by_name(ray_app):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert sorted(m.id for m in client.models.list().data) == ["a", "b"]
+    seen = {"a": set(), "b": set()}
+
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(*(_complete_async(aclient, "a" if i % 3 else "b") for i in range(30)))
+
+    for model, raw in asyncio.run(burst()):
+        assert raw.parse().model == model
+        seen[model].add(raw.headers[REPLICA_HEADER])
+    assert len(seen["a"]) == 2, seen  # requests reached both replicas of `a`
+    assert len(seen["b"]) == 1 and not (seen["a"] & seen["b"])
+    assert all(r.startswith("qserve-a#") for r in seen["a"]) and next(iter(seen["b"])).startswith("qserve-b#")
+
+
+async def _complete_async(client, model: str):
+    raw = await client.completions.with_raw_response.create(model=model, prompt="hello", max_tokens=8,
+                                                             temperature=0)  # fmt: skip
+    return model, raw
+
+
+def test_ray_replaces_a_killed_replica(ray_app):
+    import os
+    import signal
+    import time
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=60)
+    replicas = {}
+    for _ in range(40):
+        raw = _complete(client, "a")
+        replicas[raw.headers[REPLICA_HEADER]] = int(raw.headers["x-qserve-replica-pid"])
+        if len(replicas) == 2:
+            break
+    assert len(replicas) == 2
+    victim, pid = next(iter(replicas.items()))
+    os.kill(pid, signal.SIGKILL)
+    # Until Ray has replaced it some requests may fail; once the new replica is up, none does.
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "no replacement replica answered within 120 s"
+        try:
+            header = _complete(client, "a").headers[REPLICA_HEADER]
+        except openai.APIError:
+            time.sleep(0.5)
+            continue
+        if header not in replicas:
+            break
+        time.sleep(0.2)
+    answered = {_complete(client, "a").headers[REPLICA_HEADER] for _ in range(20)}
+    assert victim not in answered and len(answered) <= 2
