@@ -69,6 +69,8 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
     path = Path(path)
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
+    from qserve.quantize.arch import arch_for_config
+    from qserve.quantize.moe import unfuse_experts
     from qserve.serve.loader import read_json, read_quant_spec
 
     # One reader of quantization metadata (file locations, aliases, legacy AutoAWQ keys) for eval and serving.
@@ -82,6 +84,9 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
         delattr(config, "quantization_config")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    arch = arch_for_config(config)
+    if arch.experts:  # checkpoints name each expert's Linears; transformers holds them fused (3-D)
+        unfuse_experts(model, arch.blocks, arch.experts, arch.expert_linears)
     state = _dense_state_dict(path, spec, torch_dtype)
     missing = [k for k in model.state_dict() if k not in state and not _is_tied(model, k)]
     if missing:

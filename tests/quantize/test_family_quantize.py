@@ -23,6 +23,7 @@ from quant_helpers import (
 )
 from safetensors.torch import save_file
 
+from qserve.evaluate import load_causal_lm
 from qserve.quantize.arch import arch_for_config
 from qserve.validate import validate_checkpoint
 
@@ -95,7 +96,8 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
     assert check.ok and check.findings == [], check.format_text()
 
     dense = dequantized_twin(src, qdir, tmp_path / "dequant")
-    err = rel_err(logits(dense, None, calib_ids), logits(src, None, calib_ids))
+    dense_logits = logits(dense, None, calib_ids)
+    err = rel_err(dense_logits, logits(src, None, calib_ids))
     assert 0.005 < err < 0.1, err  # as test_driver: a broken fused-Linear export moves logits by 50-100%
     for block in report.blocks:
         if method == "gptq":
@@ -103,6 +105,10 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
         assert 0 < block["out_rel_err"] < 0.1
     if family == "qwen3_moe":
         check_expert_fallbacks(report.blocks, spec)
+    # `qserve eval ppl` reads the quantized checkpoint (per-expert names included) as transformers runs it
+    with torch.no_grad():
+        evaluated = load_causal_lm(qdir, dtype="float32", device="cpu")(calib_ids).logits
+    torch.testing.assert_close(evaluated, dense_logits, atol=1e-4, rtol=1e-4)
 
     expected = hf_greedy(dense, PROMPTS, 16)
     llm = LLM(str(qdir), max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
@@ -195,7 +201,11 @@ def test_validate_knows_the_module_list(tmp_path, models, calib, family, target,
 
 @pytest.mark.parametrize(
     ("recipe", "family", "method"),
-    [("qwen3-8b-awq", "qwen3", "awq"), ("phi-3-mini-4k-instruct-gptq", "phi3", "gptq")],
+    [
+        ("qwen3-8b-awq", "qwen3", "awq"),
+        ("phi-3-mini-4k-instruct-gptq", "phi3", "gptq"),
+        ("qwen3-30b-a3b-gptq", "qwen3", "gptq"),
+    ],
 )
 def test_family_recipes_pass_the_schema(recipe, family, method):
     """The GPU-sized recipes (not run here) parse, and name a model of the family they are written for."""
