@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from qserve.kernels import cpu_ext, cpu_packed
 
 SPLIT_MAX_ROWS = 256
+# bf16 activations and weights: qserve's bf16-weight kernel (all threads on the weight rows, fp32
+# accumulation) up to this many rows, oneDNN's bf16 GEMM above. SmolLM2-135M's GEMMs per forward, CPU
+# time on one thread of the AVX-512 machine on 2026-12-02 (kernel vs F.linear): M=1 35 vs 47 ms,
+# M=4 48 vs 49, M=16 80 vs 48.
+BF16_KERNEL_MAX_ROWS = 2  # bf16 x bf16: qserve's kernel up to here, oneDNN (AVX512-BF16/AMX) above
 SPLIT_WAYS = 4
 
 
@@ -44,6 +49,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             y = cpu_packed.linear_bf16_weight(x, weight)
         else:
             y = F.linear(x, weight.float())
+        return y if bias is None else y + bias
+    if (
+        weight.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and 0 < x.numel() // weight.shape[1] <= BF16_KERNEL_MAX_ROWS
+        and weight.is_contiguous()
+        and cpu_ext.available()
+    ):  # bf16 decode: the same kernel, all threads on the weight rows (oneDNN runs these shapes on one)
+        y = cpu_packed.linear_bf16_weight(x, weight)
         return y if bias is None else y + bias
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0

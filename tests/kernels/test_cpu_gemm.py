@@ -161,3 +161,19 @@ def test_qserve_cpu_ext_0_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("QSERVE_CPU_EXT", "0")
     assert not cpu_ext.available()
     assert "QSERVE_CPU_EXT=0" in cpu_ext.unavailable_reason()
+
+
+@needs_build_tools
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_bf16_decode_takes_the_cpp_kernel_up_to_its_row_limit(rows, gen, monkeypatch):
+    from qserve.kernels import cpu_packed
+
+    calls = []
+    real = cpu_packed.linear_bf16_weight
+    monkeypatch.setattr(cpu_packed, "linear_bf16_weight", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(200, 96, generator=gen).bfloat16()
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    y = cpu_gemm.linear(x, w)
+    assert y.dtype == torch.bfloat16 and len(calls) == (rows <= cpu_gemm.BF16_KERNEL_MAX_ROWS)
+    # both accumulate in fp32 and round once to bf16: at most one bf16 ulp apart
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=8e-3, atol=1e-2)
