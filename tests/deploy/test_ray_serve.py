@@ -76,6 +76,15 @@ def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
     assert isinstance(result.exception, ConfigError)
 
 
+def test_example_config_in_deploy_ray_parses():
+    from qserve.serve.ray_serve import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "deploy" / "ray" / "smollm2.yaml")
+    (model,) = cfg.models
+    assert model.names == ("smollm2",) and model.autoscaling["max_replicas"] == 2
+    assert model.serve["kv_cache_memory"] == 1 << 30
+
+
 # ---- routing without Ray: fake engines behind stand-in handles ----------------------------------
 
 
