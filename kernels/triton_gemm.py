@@ -161,13 +161,22 @@ def _dequant_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) candidates of each family; num_warps / num_stages per family.
-SPLIT_K_SHAPES = ((16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 8), (32, 64, 128, 8), (16, 128, 64, 16))
+# `python -m qserve.kernels.compile_check` compiles every candidate for sm_80/89/90 with ptxas (no GPU
+# needed; bench/results/compile_check.md). (16, 64, 256, 8) is no longer a candidate: with 3 stages it
+# spilled at 255 registers for bf16 on sm_80 and sm_90 and asked for 144-176 KiB of shared memory (over
+# sm_89's 99 KiB, and over sm_80's 163 KiB at 8 bits); (16, 64, 128, 4) covers the same tile width.
+SPLIT_K_SHAPES = ((16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 128, 8), (16, 128, 64, 16))
 TILED_SHAPES = ((64, 64, 64, 1), (64, 128, 64, 1), (128, 128, 32, 1), (128, 64, 64, 1), (128, 256, 32, 1))
-# Candidates that do not fit an architecture, found by `python -m qserve.kernels.compile_check` (real
-# compilation with ptxas, no GPU needed): key (capability major * 10 + minor) -> shapes left out there.
-# (16, 64, 256, 8) with 3 stages asks for 144 KiB of shared memory (over sm_86/sm_89's 99 KiB per block)
-# and spills at sm_80's 255 registers; its 16 x 64 tile is covered by (16, 64, 128, 4) with more splits.
-ARCH_EXCLUDED_SHAPES: dict[int, frozenset[tuple[int, int, int, int]]] = {}
+# Candidates left out on one architecture (capability major * 10 + minor), from the same check:
+#   sm_80: (32, 64, 128, 8) spills at M = 1 (8 B of stack, GPTQ 4-bit fp16), Triton's batch-1 kernel;
+#   sm_86 / sm_89 (99 KiB per block): (16, 128, 128, 4) needs 136 KiB and (64, 128, 64, 1) 112 KiB
+#   when a quantization group ends inside a K tile (group 32: scales and zeros per row, staged per stage).
+_SMALL_SMEM = frozenset({(16, 128, 128, 4), (64, 128, 64, 1)})
+ARCH_EXCLUDED_SHAPES: dict[int, frozenset[tuple[int, int, int, int]]] = {
+    80: frozenset({(32, 64, 128, 8)}),
+    86: _SMALL_SMEM,
+    89: _SMALL_SMEM,
+}
 
 
 def autotune_configs(split_k_family: bool, arch: int | None = None) -> list[triton.Config]:

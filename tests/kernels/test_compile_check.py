@@ -146,8 +146,8 @@ def test_representative_variants_compile_clean_for_sm80_and_sm90(fresh_triton_ca
 
 
 def test_real_spill_and_shared_memory_overflow_are_failures(fresh_triton_cache):
-    """The split-K candidate 16x64x256 (8 splits, 3 stages), left out of the autotune lists of the
-    architectures where it does not fit, spills on sm_80 and needs 144 KiB of shared memory on sm_89."""
+    """The former split-K candidate 16x64x256 (8 splits, 3 stages), dropped from the autotune lists
+    because of this, spills on sm_80 (bf16) and needs 144 KiB of shared memory on sm_89."""
     ci = cc.all_variants([80, 89], "ci")
     base = [v for v in ci if v.kernel == "_dequant_gemm_kernel" and v.family == "gemm-split-k"]
     variants = []
