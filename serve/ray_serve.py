@@ -15,6 +15,7 @@ The configuration (`qserve deploy ray CONFIG`) is YAML:
 
     host: 0.0.0.0            # Ray Serve's HTTP proxy
     port: 8000
+    metrics_sd_dir: /shared/prometheus-sd   # optional: per-replica /metrics targets for Prometheus
     models:
       - model: runs/smollm2-135m-awq          # anything `qserve serve` accepts, plus its options
         served_model_name: [smollm2]
@@ -34,7 +35,7 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from qserve.errors import ConfigError, QserveError
 DEPLOY_KEYS = ("replicas", "autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s")  # fmt: skip
-TOP_KEYS = ("host", "port", "api_key", "app_name", "models")
+TOP_KEYS = ("host", "port", "api_key", "app_name", "metrics_sd_dir", "models")
 # Routes forwarded to a model's replicas, chosen by the body's `model` field.
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 REPLICA_HEADER = "x-qserve-replica"  # which replica answered: "<deployment>#<replica id>"
@@ -73,8 +74,10 @@ class RayDeployConfig:
     port: int = 8000
     api_key: str | None = None
     app_name: str = "qserve"
+    # Per-replica metrics: each replica serves its qserve /metrics on a port of its own and writes a
+    # Prometheus file_sd target file here (a directory every node sees, like the weights); None: off.
+    metrics_sd_dir: str | None = None
     source: str = "config"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _expect(cond: bool, source: str, message: str) -> None:
@@ -147,6 +150,7 @@ def parse_config(data: Any, source: str = "config") -> RayDeployConfig:
     return RayDeployConfig(
         models=tuple(parsed), host=str(data.get("host", "127.0.0.1")), port=port, api_key=data.get("api_key"),
         app_name=str(data.get("app_name", "qserve")), source=source,
+        metrics_sd_dir=str(data["metrics_sd_dir"]) if data.get("metrics_sd_dir") else None,
     )  # fmt: skip
 
 
@@ -237,7 +241,7 @@ class ASGIForwarder:
 class QserveModel:
     """A Ray Serve replica: one engine and qserve's OpenAI app (see the module docstring)."""
 
-    def __init__(self, serve_values: dict[str, Any]) -> None:
+    def __init__(self, serve_values: dict[str, Any], metrics_sd_dir: str | None = None) -> None:
         import dataclasses
 
         from qserve.commands.serve import load_chat_template
@@ -254,6 +258,14 @@ class QserveModel:
         )  # fmt: skip
         self.replica = _replica_name()
         self.forward = ASGIForwarder(app, [(REPLICA_HEADER, self.replica), (REPLICA_PID_HEADER, str(os.getpid()))])
+        self.metrics = (
+            ReplicaMetricsExporter(app.state.metrics.registry, metrics_sd_dir, self.replica, cfg.model_names[0])
+            if metrics_sd_dir else None
+        )  # fmt: skip
+
+    def __del__(self) -> None:  # Ray Serve calls it when it stops the replica gracefully
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
 
     async def http(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                    body: bytes) -> AsyncIterator[Any]:  # fmt: skip
@@ -261,12 +273,54 @@ class QserveModel:
             yield item
 
     def identity(self) -> dict[str, Any]:
-        return {"replica": self.replica, "pid": os.getpid(), "healthy": self.engine.is_healthy}
+        target = self.metrics.target if self.metrics is not None else None
+        return {"replica": self.replica, "pid": os.getpid(), "healthy": self.engine.is_healthy,
+                "metrics": target}  # fmt: skip
 
     def check_health(self) -> None:
         """Ray Serve calls this every health_check_period_s; an error makes it replace the replica."""
         if not self.engine.is_healthy:
             raise RuntimeError("the qserve engine loop has stopped")
+
+
+class ReplicaMetricsExporter:
+    """Serves one replica's qserve metrics (the vLLM names the dashboard and HPA read) on a free port of
+    this node and announces it to Prometheus with a file_sd target file, `<sd_dir>/<replica>.json`:
+
+        scrape_configs:
+          - job_name: qserve-ray
+            file_sd_configs: [{files: ["/shared/prometheus-sd/*.json"]}]
+
+    The file is removed when the replica stops; a killed replica's file stays until its replacement
+    starts (Prometheus then shows that target down), so a dead target never looks alive."""
+
+    def __init__(self, registry, sd_dir: str | Path, replica: str, model_name: str) -> None:
+        from prometheus_client import start_http_server
+
+        host = _node_ip()
+        self._server, _ = start_http_server(0, addr=host, registry=registry)
+        self.target = f"{host}:{self._server.server_port}"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", replica)
+        self.path = Path(sd_dir) / f"{slug}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = [{"targets": [self.target], "labels": {"replica": replica, "served_model": model_name,
+                                                       "pod": slug}}]  # fmt: skip
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(self.path)  # Prometheus never reads a half-written file
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._server.shutdown()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray
+        return "127.0.0.1"
 
 
 def _replica_name() -> str:
@@ -415,7 +469,7 @@ def build_application(config: RayDeployConfig):
             options["autoscaling_config"] = dict(m.autoscaling)
         else:
             options["num_replicas"] = m.replicas or 1
-        bound = model_deployment.options(**options).bind(m.serve)
+        bound = model_deployment.options(**options).bind(m.serve, config.metrics_sd_dir)
         for name in m.names:
             handles[name] = bound
     router = serve.deployment(serve.ingress()(QserveRouter)).options(

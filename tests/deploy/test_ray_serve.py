@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from starlette.testclient import TestClient
@@ -200,6 +201,23 @@ def test_router_answers_503_when_no_replica_can_answer():
     assert r.status_code == 503 and r.json()["error"]["code"] == "replica_unavailable"
 
 
+def test_replica_metrics_exporter_serves_and_announces_the_metrics(tokenizer, tmp_path):
+    import httpx
+
+    from qserve.serve.ray_serve import ReplicaMetricsExporter
+
+    app = create_app(FakeEngine(tokenizer), ["a"], log_stats_interval=None)
+    exporter = ReplicaMetricsExporter(app.state.metrics.registry, tmp_path / "sd", "qserve-a#x1", "a")
+    try:
+        (entry,) = json.loads((tmp_path / "sd" / "qserve-a_x1.json").read_text())
+        assert entry["targets"] == [exporter.target] and entry["labels"]["replica"] == "qserve-a#x1"
+        text = httpx.get(f"http://{exporter.target}/metrics", timeout=10).text
+        assert 'vllm:num_requests_waiting{model_name="a"}' in text
+    finally:
+        exporter.close()
+    assert not list((tmp_path / "sd").iterdir())
+
+
 # ---- a live local Ray cluster -----------------------------------------------------------------------
 
 
@@ -217,11 +235,12 @@ def ray_app(tmp_path_factory):
     from qserve.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("ray-models")
+    sd_dir = tmp_path_factory.mktemp("prometheus-sd")
     dirs = {name: make_tiny_model(root / name, family="llama") for name in ("a", "b")}
     port = _free_port()
     common = {"kv_cache_memory": "4MiB", "disable_log_requests": True, "num_cpus": 0.5, "max_num_seqs": 8}
     cfg = ray_serve.resolve_models(ray_serve.parse_config({
-        "host": "127.0.0.1", "port": port, "app_name": "qserve-test",
+        "host": "127.0.0.1", "port": port, "app_name": "qserve-test", "metrics_sd_dir": str(sd_dir),
         "models": [{"model": str(dirs["a"]), "served_model_name": ["a"], "replicas": 2, **common},
                    {"model": str(dirs["b"]), "served_model_name": ["b"], "replicas": 1, **common}],
     }))  # fmt: skip
@@ -232,7 +251,7 @@ def ray_app(tmp_path_factory):
         ray_serve.run(cfg, blocking=False)
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-        yield url
+        yield SimpleNamespace(url=url, sd_dir=sd_dir)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -254,12 +273,12 @@ def _complete(client, model: str, **kw):
 def test_ray_two_replicas_both_answer_and_models_route_by_name(ray_app):
     import openai
 
-    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{ray_app.url}/v1", api_key="unused", max_retries=0, timeout=60)
     assert sorted(m.id for m in client.models.list().data) == ["a", "b"]
     seen = {"a": set(), "b": set()}
 
     async def burst():
-        aclient = openai.AsyncOpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=120)
+        aclient = openai.AsyncOpenAI(base_url=f"{ray_app.url}/v1", api_key="unused", max_retries=0, timeout=120)
         return await asyncio.gather(*(_complete_async(aclient, "a" if i % 3 else "b") for i in range(30)))
 
     for model, raw in asyncio.run(burst()):
@@ -268,6 +287,22 @@ def test_ray_two_replicas_both_answer_and_models_route_by_name(ray_app):
     assert len(seen["a"]) == 2, seen  # requests reached both replicas of `a`
     assert len(seen["b"]) == 1 and not (seen["a"] & seen["b"])
     assert all(r.startswith("qserve-a#") for r in seen["a"]) and next(iter(seen["b"])).startswith("qserve-b#")
+    # Every replica's own metrics reach Prometheus through its file_sd target.
+    import httpx
+
+    targets = {}
+    for path in ray_app.sd_dir.glob("*.json"):
+        (entry,) = json.loads(path.read_text())
+        targets[entry["labels"]["replica"]] = entry["targets"][0]
+    assert seen["a"] | seen["b"] <= set(targets)
+    finished = {}
+    for replica in seen["a"] | seen["b"]:
+        text = httpx.get(f"http://{targets[replica]}/metrics", timeout=10).text
+        total = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                    if line.startswith("vllm:request_success_total{"))  # fmt: skip
+        assert "vllm:num_requests_waiting{" in text and total >= 1, replica
+        finished[replica] = total
+    assert sum(v for k, v in finished.items() if k.startswith("qserve-b#")) >= 10  # 10 of the 30 went to b
 
 
 async def _complete_async(client, model: str):
@@ -283,7 +318,7 @@ def test_ray_replaces_a_killed_replica(ray_app):
 
     import openai
 
-    client = openai.OpenAI(base_url=f"{ray_app}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{ray_app.url}/v1", api_key="unused", max_retries=0, timeout=60)
     replicas = {}
     for _ in range(40):
         raw = _complete(client, "a")
