@@ -281,6 +281,8 @@ class SparseMoE(nn.Module):
         self.top_k, self.renormalize = cfg.experts_per_token, cfg.renormalize_topk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self._one_token(x)
         probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
         if self.renormalize:
@@ -297,6 +299,23 @@ class SparseMoE(nn.Module):
                 t = tokens[start : start + count]
                 out.index_add_(0, t, expert(x[t]) * pair_weights[start : start + count, None])
                 start += count
+        return out
+
+    def _one_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: the routing of one token in Python floats (one host read of its logits, no
+        small tensor ops, whose fixed cost rivals a small expert's GEMV), then its k experts."""
+        logits = self.gate(x)[0].tolist()
+        top = sorted(range(len(logits)), key=lambda e: -logits[e])[: self.top_k]
+        peak = logits[top[0]]
+        exps = [math.exp(v - peak) for v in logits]
+        total = sum(exps[e] for e in top) if self.renormalize else sum(exps)
+        out = None
+        for e in sorted(top):  # in expert order, as the batched path accumulates
+            y = self.experts[e](x)
+            if out is None:
+                out = y.mul_(exps[e] / total)
+            else:
+                out.add_(y, alpha=exps[e] / total)
         return out
 
 
