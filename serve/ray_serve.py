@@ -486,4 +486,23 @@ def run(config: RayDeployConfig, address: str | None = None, blocking: bool = Tr
     if not ray.is_initialized():
         ray.init(address=address, logging_level="WARNING")
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_application(config), name=config.app_name, route_prefix="/", blocking=blocking)
+    app = build_application(config)
+    if not blocking:
+        serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+        return
+    # Foreground: Ctrl-C or SIGTERM takes the application down gracefully (Ray Serve lets each replica
+    # finish its in-flight requests, up to graceful_shutdown_timeout_s), and a local cluster with it.
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        serve.run(app, name=config.app_name, route_prefix="/", blocking=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if address in (None, "local"):
+            serve.shutdown()
+        else:
+            serve.delete(config.app_name)

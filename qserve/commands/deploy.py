@@ -19,7 +19,7 @@ def deploy() -> None:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--address", default=None,
               help="Ray cluster to join ('auto' after `ray start --head` on this node, or ray://HOST:10001); "
-                   "default: start a local cluster.")  # fmt: skip
+                   "default (or 'local'): start a local cluster.")  # fmt: skip
 @click.option("--host", default=None, help="Bind Ray Serve's HTTP proxy here (overrides CONFIG's host).")
 @click.option("--port", type=int, default=None, help="Proxy port (overrides CONFIG's port).")
 @click.option("--detach", is_flag=True,
@@ -33,7 +33,7 @@ def ray_command(config: str, address: str | None, host: str | None, port: int | 
 
     cfg = ray_serve.load_config(config)
     cfg = replace(cfg, host=host or cfg.host, port=port or cfg.port)
-    if detach and address is None:
+    if detach and address in (None, "local"):
         raise click.UsageError("--detach needs --address: a local cluster ends with this process")
     ray_serve._ray_serve()  # a clear error now if Ray Serve is missing, before any model is resolved
     cfg = ray_serve.resolve_models(cfg)

@@ -221,6 +221,55 @@ def test_replica_metrics_exporter_serves_and_announces_the_metrics(tokenizer, tm
 # ---- a live local Ray cluster -----------------------------------------------------------------------
 
 
+def test_qserve_deploy_ray_command_serves_until_sigterm(tmp_path):
+    """The command itself, in a subprocess with its own local cluster: it resolves and validates the model,
+    serves through the proxy, and on SIGTERM takes the application down and exits (130, as Ctrl-C).
+    Runs before the module's shared cluster starts: one local Ray cluster at a time."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from qserve.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", family="llama")
+    port = _free_port()
+    config = tmp_path / "deploy.yaml"
+    config.write_text(f"host: 127.0.0.1\nport: {port}\nmodels:\n  - model: {model}\n    served_model_name: [m]\n"
+                      "    kv_cache_memory: 4MiB\n    num_cpus: 0.5\n")  # fmt: skip
+    log = tmp_path / "deploy.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "qserve.cli", "deploy", "ray", str(config), "--address", "local"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "not serving after 240 s:\n" + log.read_text()
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                               json={"model": "m", "prompt": "hi", "max_tokens": 3})  # fmt: skip
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        assert r.json()["model"] == "m" and r.headers[REPLICA_HEADER].startswith("qserve-m#")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert "serving:  http://127.0.0.1" in log.read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory):
     """A local Ray cluster on 127.0.0.1 serving model `a` (two replicas) and model `b` (one replica)."""
