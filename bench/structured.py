@@ -170,8 +170,10 @@ def throughput(llm, batch: int, max_tokens: int, repeats: int) -> dict:
                                         structured_outputs=StructuredOutputsParams(json=schema))  # fmt: skip
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     runs: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):  # interleaved: load changes on the shared machine hit every variant
-        for name, params in variants.items():
+    names = list(variants)
+    for rep in range(repeats):  # interleaved, order rotated: load drift on the shared machine hits all
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            params = variants[name]
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start

@@ -401,3 +401,41 @@ def test_prepared_grammar_is_not_compiled_again(compiler):
     state = compiler.new_state(spec)
     assert (compiler.hits, compiler.misses) == (hits, misses)
     assert state.matcher.accept_string("123x") and state.matcher.is_completed()
+
+
+@pytest.mark.parametrize("open_share", [0.0, 0.3, 0.7, 1.0])
+def test_cpu_mask_paths_equal_xgrammars_kernel(open_share):
+    """The sampler masks mostly-closed rows with its own unpacking and mostly-open ones with xgrammar's
+    kernel: on random masks of every openness both give exactly xgrammar's result."""
+    import xgrammar as xgr
+
+    from qserve.serve.structured import apply_grammar_masks
+
+    gen = torch.Generator().manual_seed(int(open_share * 10))
+    vocab, rows = 1000, 6
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, words), generator=gen, dtype=torch.int32)
+    full = torch.rand(rows, words, generator=gen) < open_share
+    bitmask[full] = -1
+
+    class Fixed:  # a GrammarState stand-in with a fixed mask
+        vocab_size = vocab
+
+        def __init__(self, row):
+            self.row = row
+
+        def sync(self, outputs):
+            pass
+
+        def fill(self, out, row):
+            out[row] = bitmask[self.row]
+
+    logits = torch.randn(rows + 1, vocab, generator=gen)
+    chosen = [0, 2, 3, 5, 6]  # row 1 and row 4 unconstrained
+    expected = logits.clone()
+    full_mask = torch.full((rows + 1, words), -1, dtype=torch.int32)
+    for r in chosen:
+        full_mask[r] = bitmask[r % rows]
+    xgr.apply_token_bitmask_inplace(expected, full_mask, vocab_size=vocab, indices=chosen, backend="cpu")
+    apply_grammar_masks(logits, [(r, Fixed(r % rows), []) for r in chosen])
+    assert torch.equal(logits, expected)
