@@ -506,3 +506,24 @@ def run(config: RayDeployConfig, address: str | None = None, blocking: bool = Tr
             serve.shutdown()
         else:
             serve.delete(config.app_name)
+
+
+def app_builder(args: dict[str, Any]):
+    """Ray Serve application builder, so Ray's own tooling deploys qserve too:
+
+        serve run qserve.serve.ray_serve:app_builder config=deploy/ray/smollm2.yaml
+        # or in a Serve config file / KubeRay RayService serveConfigV2:
+        #   import_path: qserve.serve.ray_serve:app_builder
+        #   args: {models: [{model: /models/smollm2-135m, replicas: 2}]}
+
+    `args`: {"config": PATH} or the config itself; host and port there are ignored (the Serve config's
+    http_options place the proxy)."""
+    args = dict(args)
+    if "config" in args:
+        extra = sorted(set(args) - {"config"})
+        if extra:
+            raise ConfigError(f"application args: give either config=PATH or the config's keys, not both ({extra})")
+        config = load_config(args["config"])
+    else:
+        config = parse_config(args, source="application args")
+    return build_application(resolve_models(config))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the f
 
 from fake_engine import FakeEngine
 
-from qserve.errors import ConfigError
+from qserve.errors import ConfigError, QserveError
 from qserve.serve.api.app import create_app
 from qserve.serve.ray_serve import (
     REPLICA_HEADER,
@@ -84,6 +84,32 @@ def test_example_config_in_deploy_ray_parses():
     (model,) = cfg.models
     assert model.names == ("smollm2",) and model.autoscaling["max_replicas"] == 2
     assert model.serve["kv_cache_memory"] == 1 << 30
+
+
+def test_app_builder_for_rays_own_tooling(tiny_model_dir, tmp_path):
+    """`serve run qserve.serve.ray_serve:app_builder config=...` and KubeRay's serveConfigV2 call this."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from qserve.serve.ray_serve import app_builder
+
+    inline = {"models": [{"model": str(tiny_model_dir), "served_model_name": "m", "replicas": 2}]}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(app_builder, inline), Application)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"models:\n  - model: {tiny_model_dir}\n")
+    assert isinstance(app_builder({"config": str(path)}), Application)
+    with pytest.raises(ConfigError, match="not both"):
+        app_builder({"config": str(path), "models": []})
+    with pytest.raises(QserveError, match="not found"):
+        app_builder({"models": [{"model": str(tmp_path / "absent")}]})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from qserve.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), family="llama")
 
 
 # ---- routing without Ray: fake engines behind stand-in handles ----------------------------------
