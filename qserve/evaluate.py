@@ -70,7 +70,7 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     from qserve.quantize.arch import arch_for_config
-    from qserve.quantize.moe import unfuse_experts
+    from qserve.quantize.families import prepare_skeleton
     from qserve.serve.loader import read_json, read_quant_spec
 
     # One reader of quantization metadata (file locations, aliases, legacy AutoAWQ keys) for eval and serving.
@@ -84,9 +84,9 @@ def load_causal_lm(path: str | Path, dtype="auto", device: str = "auto"):
         delattr(config, "quantization_config")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    arch = arch_for_config(config)
-    if arch.experts:  # checkpoints name each expert's Linears; transformers holds them fused (3-D)
-        unfuse_experts(model, arch.blocks, arch.experts, arch.expert_linears)
+    # checkpoints name each MoE expert's Linears (transformers holds them fused) and store no Gemma
+    # embedding scale: the tree is made to match them, as for calibration
+    prepare_skeleton(model, arch_for_config(config))
     state = _dense_state_dict(path, spec, torch_dtype)
     missing = [k for k in model.state_dict() if k not in state and not _is_tied(model, k)]
     if missing:

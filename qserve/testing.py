@@ -53,12 +53,20 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
     """A transformers config for a 2-layer model of the given family (one of TINY_FAMILIES)."""
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -79,9 +87,15 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
     if family == "qwen3_moe":  # 8 experts, top-2 renormalised (Qwen3-30B-A3B routes 8 of 128, renormalised)
         common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "gemma3":
+        # 4 layers alternating sliding / global (own RoPE bases), q k^T scaled by 24^-0.5 rather than
+        # head_dim^-0.5; the window (128) covers every test context, as the engine caps it there.
+        common.update(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=128,
+                      layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
+        common.pop("rope_theta")
     common.update(overrides)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig}  # fmt: skip
+               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig}  # fmt: skip
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)
@@ -120,6 +134,8 @@ def make_tiny_model(
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 # Qwen3's per-head norms start at 1; varied weights make a mis-wired head show.
                 p.uniform_(0.5, 1.5)
+            elif family == "gemma3" and name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)  # Gemma's norms scale by (1 + w) and start at w = 0
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)

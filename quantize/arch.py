@@ -66,6 +66,10 @@ class ArchSpec:
     router: str | None = None
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
     methods: tuple[str, ...] = ("rtn", "gptq", "awq")  # quantization methods implemented for the family
+    # Gemma 3: RMSNorms scale by (norm_offset + w), attention and MLP outputs are normalised again before
+    # the residual adds, embeddings are scaled by sqrt(hidden), sliding layers have their own RoPE base.
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
 
     def with_experts(self, n_experts: int) -> ArchSpec:
         """This table with every per-expert ("{e}") name expanded to experts 0 .. n_experts - 1."""
@@ -189,6 +193,32 @@ _QWEN3_MOE = ArchSpec(
 )
 
 
+# Gemma 3 (text, Gemma3ForCausalLM): Llama's Linears and Qwen3's q/k norms; the MLP is read after
+# pre_feedforward_layernorm (post_attention_layernorm normalises the attention output instead). Sliding
+# and global layers differ only in RoPE base and attention span; the engine caps the context at the
+# sliding window, where the two spans coincide. Calibration runs every block with block 0's inputs
+# (a sliding layer's RoPE), which global layers see with a different RoPE base than when served: an
+# approximation of their inputs, not of the format. AWQ is not listed: its norm folding assumes y = w x.
+_GEMMA3 = ArchSpec(
+    family="gemma3",
+    architectures=("Gemma3ForCausalLM",),
+    model_types=("gemma3_text",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    pre_blocks=("model.rotary_emb",),
+    sequential=_LLAMA_SEQUENTIAL,
+    scale_groups=(
+        *_LLAMA_SCALE_GROUPS[:2],
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        _LLAMA_SCALE_GROUPS[3],
+    ),
+    qk_norm=True,
+    norm_offset=1.0,
+    sandwich_norms=True,
+    methods=("rtn", "gptq"),
+)
+
+
 # Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
 # Qwen3 too, plus a per-head RMSNorm on q and k: the norms sit inside self_attn, after the projections,
 # so AWQ's input_layernorm -> q/k/v group (inspecting the whole self_attn) already sees them.
@@ -210,6 +240,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         gate_up=("mlp.gate_up_proj",),
     ),
     _QWEN3_MOE,
+    _GEMMA3,
 )
 
 

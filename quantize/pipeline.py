@@ -18,9 +18,10 @@ from qserve.quantize.arch import ArchSpec, arch_for_config
 from qserve.quantize.config import QuantConfig, calibration_warning, check_layer_shapes, resolve_group_size
 from qserve.quantize.driver import quantize_blocks
 from qserve.quantize.export import TensorEntry, write_checkpoint
+from qserve.quantize.families import prepare_skeleton
 from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton
 from qserve.quantize.memory import check_fits, estimate
-from qserve.quantize.moe import check_family_options, unfuse_experts
+from qserve.quantize.moe import check_family_options
 from qserve.quantize.report import QuantReport, cuda_peak_bytes, peak_rss_bytes
 from qserve.quantize.resume import PartialState, fingerprint, partial_dir
 
@@ -131,8 +132,7 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     if resumed_from:
         log(f"resuming: blocks 0..{resumed_from - 1} were saved in {state.root}")
     model = build_skeleton(config, compute_dtype)
-    if spec.experts:  # one Linear per expert projection, named as in the checkpoint (quantize/moe.py)
-        unfuse_experts(model, spec.blocks, spec.experts, spec.expert_linears)
+    prepare_skeleton(model, spec)  # the module tree as checkpoints name it (quantize/families.py)
     blocks = quantize_blocks(
         model, ckpt, spec, cfg, calib_ids, state, torch.device(device), model_dtype, est.hold_float_inputs
     )

@@ -18,7 +18,16 @@ from safetensors import safe_open
 from qserve import kernels
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import arch_for_config
-from qserve.serve.model import MLP, Attention, CausalLM, DecoderLayer, ModelConfig, RotaryEmbedding, SparseMoE
+from qserve.serve.model import (
+    MLP,
+    Attention,
+    CausalLM,
+    DecoderLayer,
+    ModelConfig,
+    RMSNorm,
+    RotaryEmbedding,
+    SparseMoE,
+)
 from qserve.serve.quant_linear import Bf16Linear, HalfEmbedding, PackedLinear, QuantSpec, build_linear
 from qserve.validate.metadata import find_metadata
 
@@ -166,13 +175,13 @@ def load_model(
         if cfg.num_experts:  # a MoE block: one gate|up and one down per expert, a float router
             gate, up, down = (f"{p}.{spec.experts}.{{e}}.{n}" for n in spec.expert_linears)
             experts = [
-                MLP(linear([gate.format(e=e), up.format(e=e)], False), linear([down.format(e=e)], False))
+                MLP(linear([gate.format(e=e), up.format(e=e)], False), linear([down.format(e=e)], False), cfg.hidden_act)
                 for e in range(cfg.num_experts)
             ]
             mlp = SparseMoE(cfg, experts)
         else:
             mlp_names = [f"{p}.{n}" for n in spec.gate_up]
-            mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias))
+            mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias), cfg.hidden_act)
         layers.append(DecoderLayer(cfg, attn, mlp))
     # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
     # reads bf16, accumulating in fp32): holding them in fp32 would double the largest tensors left.
@@ -188,21 +197,26 @@ def load_model(
         lm_head = Bf16Linear(weights.get("lm_head.weight"), None)
     else:
         lm_head = linear(["lm_head"], False)
-    model = CausalLM(cfg, rotary, layers, lm_head)
+    rotary_local = None if cfg.local_rope is None else RotaryEmbedding(cfg.local_rope, cfg.head_dim, max_positions)
+    model = CausalLM(cfg, rotary, layers, lm_head, rotary_local and rotary_local.to(device))
     # Set tensor by tensor rather than model.to(dtype): that would also cast the packed fp16 scales
     # and the float32 RoPE tables.
     params = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
     for i in range(cfg.num_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
-        for norm in ("self_attn.q_norm", "self_attn.k_norm") if cfg.qk_norm else ():
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        norms += ["self_attn.q_norm", "self_attn.k_norm"] if cfg.qk_norm else []
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if cfg.sandwich_norms else []
+        for norm in norms:
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
         if cfg.num_experts:  # the router: kept unquantized, like the norms
             params[f"layers.{i}.mlp.gate"] = f"model.layers.{i}.{spec.router}.weight"
     if bf16_stored("model.embed_tokens.weight"):
         model.embed_tokens = HalfEmbedding(weights.get(params.pop("embed_tokens")), dtype)
     for module_name, tensor_name in params.items():
-        weight = weights.get(tensor_name).to(device=device, dtype=dtype)
+        weight = weights.get(tensor_name)
+        if cfg.norm_offset and isinstance(model.get_submodule(module_name), RMSNorm):
+            weight = weight.float() + cfg.norm_offset  # Gemma's norms scale by (1 + w): add the 1 once
+        weight = weight.to(device=device, dtype=dtype)
         model.get_submodule(module_name).weight = torch.nn.Parameter(weight, requires_grad=False)
     return LoadedModel(model.eval(), cfg, quant, hf_config)
 

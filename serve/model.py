@@ -5,7 +5,9 @@ padding between sequences; attention finds each token's context through the page
 (`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
 the Triton kernels on CUDA and their torch paths on CPU. What a family changes is a named switch in
 `ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm;
-`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE).
+`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE; Gemma 3's (1 + w)
+norms, sandwich norms, scaled embeddings, GELU MLP and local/global RoPE: `norm_offset`, `sandwich_norms`,
+`embed_scale`, `hidden_act`, `local_rope` / `sliding_layers`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ class ModelConfig:
     experts_per_token: int = 0
     expert_intermediate_size: int = 0
     renormalize_topk: bool = False
+    hidden_act: str = "silu"  # the MLP's gate activation: silu, or gelu_pytorch_tanh (Gemma 3)
+    # Gemma 3: every RMSNorm multiplies by (norm_offset + w) (the loader adds the offset to the stored
+    # weights once); attention and MLP outputs are normalised again before their residual adds
+    # (sandwich_norms: post_attention_layernorm on the attention output, pre_/post_feedforward_layernorm
+    # around the MLP); embeddings are multiplied by embed_scale; q k^T is scaled by attn_scale instead
+    # of head_dim^-0.5; layers marked in sliding_layers use local_rope (their own RoPE base).
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float | None = None
+    local_rope: RopeConfig | None = None
+    sliding_layers: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -105,7 +119,7 @@ class ModelConfig:
                 f"config.json partial_rotary_factor={partial} ({spec.family}) is not supported; qserve's "
                 "engine rotates the whole head (partial_rotary_factor 1.0)"
             )
-        return cls(
+        fields = dict(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -122,8 +136,54 @@ class ModelConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
             qk_norm=spec.qk_norm,
+            hidden_act=_activation(cfg),
             **(_moe_fields(cfg, spec) if spec.experts else {}),
         )
+        if spec.sandwich_norms:
+            fields.update(_gemma3_fields(cfg, spec))
+        return cls(**fields)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _activation(cfg: dict) -> str:
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"config.json hidden activation {act!r} is not supported; qserve implements "
+                          f"{', '.join(ACTIVATIONS)}")  # fmt: skip
+    return act
+
+
+def _gemma3_fields(cfg: dict, spec) -> dict:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ConfigError(f"config.json {key}={cfg[key]} ({spec.family}): logit soft-capping is not "
+                              "implemented in qserve's engine (Gemma 3 ships without it)")  # fmt: skip
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError("config.json use_bidirectional_attention=true: qserve serves causal attention only")
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) == 0 else "sliding_attention"
+        for i in range(layers)
+    ]
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: one RoPE dict per layer type
+        rope = RopeConfig.from_hf({"rope_parameters": params["full_attention"]})
+        local = RopeConfig.from_hf({"rope_parameters": params.get("sliding_attention", {})})
+    else:  # hub configs: rope_theta (+ rope_scaling) global, rope_local_base_freq local
+        rope = RopeConfig.from_hf({"rope_theta": cfg.get("rope_theta", 1e6), "rope_scaling": cfg.get("rope_scaling")})
+        local = RopeConfig(theta=float(cfg.get("rope_local_base_freq", 10000.0)))
+    scalar = cfg.get("query_pre_attn_scalar")
+    return dict(
+        rope=rope,
+        local_rope=local,
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        norm_offset=1.0,
+        sandwich_norms=True,
+        embed_scale=float(cfg["hidden_size"]) ** 0.5,
+        attn_scale=float(scalar) ** -0.5 if scalar else None,
+    )
 
 
 def _moe_fields(cfg: dict, spec) -> dict:
@@ -211,7 +271,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
         if cfg.qk_norm:  # weights loaded, like every norm
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -246,14 +306,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module) -> None:
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, act: str = "silu") -> None:
         super().__init__()
         self.gate_up_proj = gate_up_proj  # fused gate and up projections
         self.down_proj = down_proj
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Router(nn.Module):
@@ -326,8 +387,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:  # Gemma 3
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(rope, self.input_layernorm(x), kv_cache, meta))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -336,11 +404,17 @@ class CausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head; the loader fills in the weights."""
 
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, layers: list[DecoderLayer], lm_head: nn.Module | None
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        layers: list[DecoderLayer],
+        lm_head: nn.Module | None,
+        rotary_local: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.rotary = rotary
+        self.rotary_local = rotary_local  # the sliding layers' RoPE (Gemma 3), else None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")  # loaded
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -355,9 +429,16 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         rope = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(rope, x, kv_cache, meta)
+        if self.rotary_local is None:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x = layer(rope, x, kv_cache, meta)
+        else:
+            local = self.rotary_local(positions, x.dtype)
+            for layer, kv_cache, sliding in zip(self.layers, kv_caches, self.config.sliding_layers, strict=True):
+                x = layer(local if sliding else rope, x, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,10 @@ from qserve.validate import validate_checkpoint
 
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
-FAMILIES = ("qwen3", "phi3", "qwen3_moe")
-# (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
-RUNS = [(f, m) for f in ("qwen3", "phi3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq")]
+FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3")
+# (family, method) pairs quantized end to end; AWQ is not implemented for MoE and Gemma 3's (1 + w) norms
+# (a clear error, tested below)
+RUNS = [(f, m) for f in ("qwen3", "phi3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("gemma3", "gptq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -91,7 +92,8 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
 
     # every Linear of the family's table is quantized, and nothing else
     packed = sorted(k.removesuffix(".qweight") for k in read_tensors(qdir) if k.endswith(".qweight"))
-    assert packed == sorted(f"model.layers.{i}.{n}" for i in range(2) for n in spec.linears)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert packed == sorted(f"model.layers.{i}.{n}" for i in range(layers) for n in spec.linears)
     check = validate_checkpoint(qdir, deep=True, strict=True)
     assert check.ok and check.findings == [], check.format_text()
 
@@ -141,11 +143,14 @@ def check_expert_fallbacks(blocks, spec):
         assert sum("fallback" in e for e in experts) < len(experts) // 2  # most experts are calibrated
 
 
-def test_awq_on_moe_is_refused_before_loading(tmp_path, models, calib):
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3"])
+def test_unimplemented_options_are_refused_before_loading(tmp_path, models, calib, family):
     from qserve.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--method awq is not implemented for qwen3_moe.*rtn, gptq"):
-        quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "awq")
+    with pytest.raises(ConfigError, match=rf"--method awq is not implemented for {family}.*rtn, gptq"):
+        quantize_tiny(models[family], tmp_path / "out", calib, "awq")
+    if family != "qwen3_moe":
+        return
     with pytest.raises(ConfigError, match="--gptaq is not supported for mixture-of-experts"):
         quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "gptq", gptaq=True)
 
@@ -205,6 +210,7 @@ def test_validate_knows_the_module_list(tmp_path, models, calib, family, target,
         ("qwen3-8b-awq", "qwen3", "awq"),
         ("phi-3-mini-4k-instruct-gptq", "phi3", "gptq"),
         ("qwen3-30b-a3b-gptq", "qwen3", "gptq"),
+        ("gemma-3-1b-it-gptq", "gemma", "gptq"),
     ],
 )
 def test_family_recipes_pass_the_schema(recipe, family, method):

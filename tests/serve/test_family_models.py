@@ -1,8 +1,11 @@
 """The engine on the families beyond Llama's layout, with the checks test_model.py and test_engine.py make
-for Llama, Mistral and Qwen2: Qwen3 (per-head q/k RMSNorm before RoPE) and Phi-3 (fused qkv_proj and
-gate_up_proj). Quantize -> validate -> serve for them is in tests/quantize/test_family_quantize.py."""
+for Llama, Mistral and Qwen2: Qwen3 (per-head q/k RMSNorm before RoPE), Phi-3 (fused qkv_proj and
+gate_up_proj), Qwen3-MoE (routed experts) and Gemma 3 (sandwich (1 + w) norms, scaled embeddings, GELU,
+local/global RoPE). Quantize -> validate -> serve for them is in tests/quantize/test_family_quantize.py."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from tiny_checkpoints import single_thread, varied_model  # noqa: F401  (autouse
 from qserve.errors import ConfigError
 from qserve.serve.loader import load_model
 
-FAMILIES = ["qwen3", "phi3", "qwen3_moe"]
+FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def test_logits_match_transformers(models, family, split):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(models, family):
-    assert_matches_hf(small_llm(models[family]), models[family])
+    # small_llm sizes its cache in blocks of a 2-layer model: 24 blocks of this model's own
+    layers = json.loads((models[family] / "config.json").read_text())["num_hidden_layers"]
+    assert_matches_hf(small_llm(models[family], num_blocks=24 * layers // 2), models[family])
 
 
 def test_qwen3_head_norms_are_what_makes_the_match(models, monkeypatch):
@@ -47,7 +52,6 @@ def test_qwen3_head_norms_are_what_makes_the_match(models, monkeypatch):
 
 
 def test_partial_rotary_is_refused_with_the_reason(models, tmp_path):
-    import json
     import shutil
 
     model_dir = shutil.copytree(models["phi3"], tmp_path / "partial")
