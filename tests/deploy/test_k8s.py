@@ -17,7 +17,7 @@ OVERLAY_IDS = [f"overlays-{name}" for name in OVERLAYS]
 
 KUBERNETES_VERSION = "1.33.0"  # the API version the manifests are checked against
 CRD_KINDS = {"ServiceMonitor"}  # not in the core schemas: checked field by field below
-FETCH_SCRIPT = K8S / "base" / "fetch-model.sh"
+FETCH_SCRIPT = K8S / "components" / "model-store" / "fetch-model.sh"
 
 
 def pod_spec(resources: list[dict]) -> dict:
@@ -274,3 +274,76 @@ def test_fetch_script_downloads_beside_the_target_and_renames_it_into_place(tmp_
     assert (tmp_path / "models" / "m" / "config.json").is_file()
     proc = run_fetch({**env, "MODEL_NAME": "broken", "BREAK": "1"}, tmp_path)
     assert proc.returncode != 0 and "failed validation" in proc.stderr
+
+
+# ---- KubeRay: the Ray Serve deployment as a RayService -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> list[dict]:
+    return kustomize(K8S / "kuberay")
+
+
+def ray_pod_templates(service: dict) -> dict[str, dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    templates |= {f"worker {g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]}
+    return templates
+
+
+def test_kuberay_resources_and_pod_templates_validate(kuberay):
+    import kubernetes_validate
+
+    assert sorted(r["kind"] for r in kuberay) == ["ConfigMap", "Namespace", "PersistentVolumeClaim", "RayService"]
+    service = one(kuberay, "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    for resource in kuberay:
+        if resource["kind"] != "RayService":
+            kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+    # The CRD's schema is KubeRay's; its pod templates are core PodTemplateSpecs, checked as such.
+    for group, template in ray_pod_templates(service).items():
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}
+        try:
+            kubernetes_validate.validate(wrapped, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{group} pod template: {exc}")
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in groups)
+    assert service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_kuberay_serve_config_is_qserves_application(kuberay):
+    import importlib
+
+    from qserve.serve.ray_serve import parse_config
+
+    service = one(kuberay, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    cfg = parse_config(app["args"], "serveConfigV2")
+    templates = ray_pod_templates(service)
+    head = templates["head"]["spec"]
+    (init,) = head["initContainers"]
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    fetched = f"{init_env['MODELS_DIR']}/{init_env['MODEL_NAME']}"
+    assert [m.serve["model"] for m in cfg.models] == [fetched]
+    config_maps = {c["metadata"]["name"]: c for c in by_kind(kuberay, "ConfigMap")}
+    claim = one(kuberay, "PersistentVolumeClaim")["metadata"]["name"]
+    for group, template in templates.items():
+        spec = template["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert container["image"].endswith(":cpu-ray"), group
+            mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert mounts["models"] == init_env["MODELS_DIR"], group
+            for name in mounts:
+                volume = volumes[name]
+                if "configMap" in volume:
+                    assert volume["configMap"]["name"] in config_maps, f"{group}: {name} names no rendered ConfigMap"
+                if "persistentVolumeClaim" in volume:
+                    assert volume["persistentVolumeClaim"]["claimName"] == claim
+    (script_volume,) = [v for v in head["volumes"] if "configMap" in v]
+    script = config_maps[script_volume["configMap"]["name"]]["data"]["fetch-model.sh"]
+    assert script == FETCH_SCRIPT.read_text()
