@@ -198,7 +198,8 @@ _QWEN3_MOE = ArchSpec(
 # and global layers differ only in RoPE base and attention span; the engine caps the context at the
 # sliding window, where the two spans coincide. Calibration runs every block with block 0's inputs
 # (a sliding layer's RoPE), which global layers see with a different RoPE base than when served: an
-# approximation of their inputs, not of the format. AWQ is not listed: its norm folding assumes y = w x.
+# approximation of their inputs, not of the format. AWQ folds its scales into the (1 + w) norms through
+# norm_offset: (1 + w) / s = 1 + w'.
 _GEMMA3 = ArchSpec(
     family="gemma3",
     architectures=("Gemma3ForCausalLM",),
@@ -215,7 +216,6 @@ _GEMMA3 = ArchSpec(
     qk_norm=True,
     norm_offset=1.0,
     sandwich_norms=True,
-    methods=("rtn", "gptq"),
 )
 
 

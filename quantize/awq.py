@@ -228,6 +228,10 @@ def awq_apply_block(block: nn.Module, result: AwqBlockResult, spec: ArchSpec) ->
                 )
             # A fused prev_op (prev_tail) feeds the group from its last rows only.
             _scale_param(prev.weight[rows - s.numel() :], 1.0 / s[:, None])  # output rows
+        elif getattr(prev, "weight", None) is not None and prev.weight.dim() == 1 and spec.norm_offset:
+            # Gemma: y = (offset + w) * norm(x), so (offset + w) / s = offset + w'
+            off = spec.norm_offset
+            prev.weight.copy_(((prev.weight.float() + off) / s.to(prev.weight.device) - off).to(prev.weight.dtype))
         elif getattr(prev, "weight", None) is not None and prev.weight.dim() == 1:
             _scale_param(prev.weight, 1.0 / s)  # RMSNorm / LayerNorm: y = w * norm(x) (+ b)
         else:

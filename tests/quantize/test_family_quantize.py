@@ -30,9 +30,8 @@ from qserve.validate import validate_checkpoint
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
 FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3")
-# (family, method) pairs quantized end to end; AWQ is not implemented for MoE and Gemma 3's (1 + w) norms
-# (a clear error, tested below)
-RUNS = [(f, m) for f in ("qwen3", "phi3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("gemma3", "gptq")]
+# (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
+RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -143,14 +142,11 @@ def check_expert_fallbacks(blocks, spec):
         assert sum("fallback" in e for e in experts) < len(experts) // 2  # most experts are calibrated
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3"])
-def test_unimplemented_options_are_refused_before_loading(tmp_path, models, calib, family):
+def test_unimplemented_options_are_refused_before_loading(tmp_path, models, calib):
     from qserve.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=rf"--method awq is not implemented for {family}.*rtn, gptq"):
-        quantize_tiny(models[family], tmp_path / "out", calib, "awq")
-    if family != "qwen3_moe":
-        return
+    with pytest.raises(ConfigError, match=r"--method awq is not implemented for qwen3_moe.*rtn, gptq"):
+        quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "awq")
     with pytest.raises(ConfigError, match="--gptaq is not supported for mixture-of-experts"):
         quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "gptq", gptaq=True)
 
@@ -222,3 +218,24 @@ def test_family_recipes_pass_the_schema(recipe, family, method):
     loaded = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / f"{recipe}.yaml")
     assert loaded.quant_config().method == method  # every key checked against QuantConfig
     assert family.removesuffix("3") in loaded.model.lower().replace("-", "")
+
+
+def test_awq_folds_scales_into_gemma_one_plus_w_norms(models, calib_ids):
+    """Gemma's norms scale by (1 + w): folding 1/s into w as for y = w x would change the float model."""
+    from transformers import AutoModelForCausalLM
+
+    from qserve.quantize.awq import AwqBlockResult, AwqScale, awq_apply_block
+
+    spec = arch_for_config(json.loads((models["gemma3"] / "config.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(models["gemma3"], dtype=torch.float32)
+    ref = model(calib_ids).logits
+    block = model.model.layers[1]
+    gen = torch.Generator().manual_seed(0)
+    scales = []
+    for g in spec.scale_groups:
+        if "layernorm" in g.prev_op:
+            s = torch.rand(block.get_submodule(g.linears[0]).in_features, generator=gen) + 0.5
+            scales.append(AwqScale(g.prev_op, g.linears, s))
+    assert {sc.prev_op for sc in scales} == {"input_layernorm", "pre_feedforward_layernorm"}
+    awq_apply_block(block, AwqBlockResult(scales=tuple(scales), clips=(), log=()), spec)
+    torch.testing.assert_close(model(calib_ids).logits, ref, atol=1e-4, rtol=1e-4)
