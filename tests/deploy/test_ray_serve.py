@@ -77,6 +77,19 @@ def test_cli_refuses_a_bad_config_without_a_traceback(tmp_path):
     assert isinstance(result.exception, ConfigError)
 
 
+def test_missing_ray_is_a_clear_error_before_any_model_loads(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qserve.cli import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    path = tmp_path / "deploy.yaml"
+    path.write_text("models:\n  - model: /nowhere/model\n")
+    result = CliRunner().invoke(cli, ["deploy", "ray", str(path)])
+    assert isinstance(result.exception, ConfigError)
+    assert "pip install 'qserve[ray]'" in str(result.exception)
+
+
 def test_example_config_in_deploy_ray_parses():
     from qserve.serve.ray_serve import load_config
 
