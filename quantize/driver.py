@@ -407,7 +407,7 @@ def quantize_blocks(
     if calib_ids is not None and start < n_blocks:
         inputs = _block0_inputs(model, ckpt, spec, calib_ids, device)
         if start > 0:  # the saved activations entering block `start`, bit-identical to the killed run's
-            inputs = BlockInputs(hidden=state.load_inputs(device), kwargs=inputs.kwargs)
+            inputs = dataclasses.replace(inputs, hidden=state.load_inputs(device))
     # Asymmetric calibration follows the float model's activations too: same start, float blocks.
     float_hidden = None
     if inputs is not None and cfg.method == "gptq" and cfg.gptaq:
@@ -418,6 +418,8 @@ def quantize_blocks(
     for i in bar:
         prefix = f"{spec.blocks}.{i}"
         block = blocks[i]
+        if inputs is not None:
+            inputs = inputs.for_block(i)  # this block's keyword args (RoPE per layer type: Gemma 3)
         materialize(block, prefix, ckpt, device)
         t0 = time.perf_counter()
         ref = None
@@ -451,7 +453,7 @@ def quantize_blocks(
         state.commit_block(i, tensors, record, outcome.extra, next_inputs)
         release(block)
         if next_hidden is not None:
-            inputs = BlockInputs(hidden=next_hidden, kwargs=inputs.kwargs)
+            inputs = dataclasses.replace(inputs, hidden=next_hidden)
         bar.set_postfix(
             {
                 "sec": f"{record['seconds']:.1f}",

@@ -7,6 +7,7 @@ dequantized weights (read back by quant_helpers' independent readers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -239,3 +240,32 @@ def test_awq_folds_scales_into_gemma_one_plus_w_norms(models, calib_ids):
     assert {sc.prev_op for sc in scales} == {"input_layernorm", "pre_feedforward_layernorm"}
     awq_apply_block(block, AwqBlockResult(scales=tuple(scales), clips=(), log=()), spec)
     torch.testing.assert_close(model(calib_ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_block_is_calibrated_on_the_inputs_the_full_model_gives_it(models, calib_ids, family):
+    """Block by block from the captured inputs, each block with its own keyword args (Gemma 3's global
+    layers use another RoPE base than its sliding ones), reproduces transformers' hidden states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qserve.quantize import driver
+    from qserve.quantize.capture import run_block
+    from qserve.quantize.families import prepare_skeleton
+    from qserve.quantize.lazy_model import LazyCheckpoint, build_skeleton, materialize
+
+    src = models[family]
+    config = AutoConfig.from_pretrained(src)
+    spec = arch_for_config(config)
+    skeleton = build_skeleton(config, torch.float32)
+    prepare_skeleton(skeleton, spec)
+    ckpt = LazyCheckpoint(src)
+    inputs = driver._block0_inputs(skeleton, ckpt, spec, calib_ids, torch.device("cpu"))
+    assert (inputs.block_kwargs is not None) == (family == "gemma3")  # only Gemma's differ by block
+    with torch.no_grad():
+        hs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(calib_ids, output_hidden_states=True)
+    hidden = inputs.hidden
+    for i, block in enumerate(skeleton.get_submodule(spec.blocks)):
+        materialize(block, f"{spec.blocks}.{i}", ckpt, torch.device("cpu"))
+        hidden = run_block(block, dataclasses.replace(inputs.for_block(i), hidden=hidden), samples_per_chunk=3)
+        if i + 1 < len(hs.hidden_states) - 1:  # the last entry is after the final norm
+            torch.testing.assert_close(hidden, hs.hidden_states[i + 1], atol=1e-4, rtol=1e-4)
