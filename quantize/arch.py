@@ -196,9 +196,8 @@ _QWEN3_MOE = ArchSpec(
 # Gemma 3 (text, Gemma3ForCausalLM): Llama's Linears and Qwen3's q/k norms; the MLP is read after
 # pre_feedforward_layernorm (post_attention_layernorm normalises the attention output instead). Sliding
 # and global layers differ only in RoPE base and attention span; the engine caps the context at the
-# sliding window, where the two spans coincide. Calibration runs every block with block 0's inputs
-# (a sliding layer's RoPE), which global layers see with a different RoPE base than when served: an
-# approximation of their inputs, not of the format. AWQ folds its scales into the (1 + w) norms through
+# sliding window, where the two spans coincide. Calibration gives each block its own RoPE tables
+# (quantize/capture.py records every block's keyword args). AWQ folds its scales into the (1 + w) norms through
 # norm_offset: (1 + w) / s = 1 + w'.
 _GEMMA3 = ArchSpec(
     family="gemma3",
