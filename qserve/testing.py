@@ -53,7 +53,7 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
@@ -62,6 +62,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
@@ -87,6 +88,8 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
     if family == "qwen3_moe":  # 8 experts, top-2 renormalised (Qwen3-30B-A3B routes 8 of 128, renormalised)
         common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "mixtral":  # 8 experts of intermediate 64, top-2 (Mixtral-8x7B: 8 of 14336, top-2)
+        common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64)
     if family == "gemma3":
         # 4 layers alternating sliding / global (own RoPE bases), q k^T scaled by 24^-0.5 rather than
         # head_dim^-0.5; the window (128) covers every test context, as the engine caps it there.
@@ -95,7 +98,8 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common.pop("rope_theta")
     common.update(overrides)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig}  # fmt: skip
+               "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig,
+               "mixtral": MixtralConfig}  # fmt: skip
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)

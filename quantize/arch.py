@@ -64,6 +64,12 @@ class ArchSpec:
     experts: str | None = None
     expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     router: str | None = None
+    # Whether the top-k routing weights are renormalised to sum to 1: fixed by the family (Mixtral:
+    # always), or None to read the config's norm_topk_prob (Qwen3-MoE).
+    renormalize_topk: bool | None = None
+    # (transformers' module attribute, the checkpoint's name) for a block child that checkpoints name
+    # differently (Mixtral: the MoE is `mlp` in transformers 5, `block_sparse_moe` in every checkpoint).
+    renamed: tuple[tuple[str, str], ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
     methods: tuple[str, ...] = ("rtn", "gptq", "awq")  # quantization methods implemented for the family
     # Gemma 3: RMSNorms scale by (norm_offset + w), attention and MLP outputs are normalised again before
@@ -218,6 +224,36 @@ _GEMMA3 = ArchSpec(
 )
 
 
+# Mixtral: Mistral's attention and a MoE in every block, named as the original release does:
+# block_sparse_moe.gate (router, full precision) and block_sparse_moe.experts.{e}.w1 / w3 / w2 (gate, up,
+# down). Softmax over the experts, top-2, always renormalised. As for Qwen3-MoE, GPTQ runs per expert.
+_MIXTRAL_EXPERT = "block_sparse_moe.experts.{e}"
+_MIXTRAL = ArchSpec(
+    family="mixtral",
+    architectures=("MixtralForCausalLM",),
+    model_types=("mixtral",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    pre_blocks=("model.rotary_emb",),
+    sequential=(
+        *_LLAMA_SEQUENTIAL[:2],
+        (f"{_MIXTRAL_EXPERT}.w1", f"{_MIXTRAL_EXPERT}.w3"),
+        (f"{_MIXTRAL_EXPERT}.w2",),
+    ),
+    scale_groups=(
+        *_LLAMA_SCALE_GROUPS[:2],
+        ScaleGroup("post_attention_layernorm", (f"{_MIXTRAL_EXPERT}.w1", f"{_MIXTRAL_EXPERT}.w3"), "block_sparse_moe"),
+        ScaleGroup(f"{_MIXTRAL_EXPERT}.w3", (f"{_MIXTRAL_EXPERT}.w2",), f"{_MIXTRAL_EXPERT}.w2"),
+    ),
+    experts="block_sparse_moe.experts",
+    expert_linears=("w1", "w3", "w2"),
+    router="block_sparse_moe.gate",
+    renormalize_topk=True,
+    renamed=(("mlp", "block_sparse_moe"),),
+    methods=("rtn", "gptq"),
+)
+
+
 # Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
 # Qwen3 too, plus a per-head RMSNorm on q and k: the norms sit inside self_attn, after the projections,
 # so AWQ's input_layernorm -> q/k/v group (inspecting the whole self_attn) already sees them.
@@ -240,6 +276,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     _QWEN3_MOE,
     _GEMMA3,
+    _MIXTRAL,
 )
 
 

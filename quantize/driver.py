@@ -111,6 +111,8 @@ class RowCut:
         return cls(cfg.skip_first, cfg.resolved_first_token_weight())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:  # a MoE expert's routed token rows [tokens, in] carry no window position
+            return x.detach()
         x = x.detach()[:, self.skip_first :] if self.skip_first else x.detach()
         if self.first_weight != 1.0 and x.shape[1] > 0:
             x = x.clone()  # never scale the activation the forward pass goes on with

@@ -3,7 +3,8 @@
 Calibration (quantize/pipeline.py) and evaluation of quantized checkpoints (qserve/evaluate.py) build
 the model on the meta device and fill it tensor by tensor from checkpoint names. `prepare_skeleton` makes
 that tree match the checkpoint: a mixture-of-experts block gets one Linear per expert projection
-(quantize/moe.py), and Gemma 3's scaled embedding, whose scale is a non-persistent buffer that no
+(quantize/moe.py), a child that checkpoints name differently is registered under their name
+(Mixtral's `mlp` as `block_sparse_moe`), and Gemma 3's scaled embedding, whose scale is a non-persistent buffer that no
 checkpoint stores, becomes an embedding that holds the scale as a number.
 """
 
@@ -29,6 +30,13 @@ class ScaledEmbedding(nn.Embedding):
 
 
 def prepare_skeleton(model: nn.Module, spec: ArchSpec) -> None:
+    for block in model.get_submodule(spec.blocks) if spec.renamed else ():
+        for attr, stored in spec.renamed:
+            # Registered under the checkpoint's name (state_dict, get_submodule, materialize); the
+            # block's forward still finds it under transformers' attribute, kept as a plain reference.
+            child = block._modules.pop(attr)
+            block.add_module(stored, child)
+            object.__setattr__(block, attr, child)
     if spec.experts:
         unfuse_experts(model, spec.blocks, spec.experts, spec.expert_linears)
     embed = model.get_submodule(spec.embed)

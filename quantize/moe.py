@@ -97,14 +97,16 @@ def check_family_options(spec, cfg) -> None:
         )
     if spec.experts is None:
         return
-    # Expert inputs are routed token rows, not [sample, position] windows, and the float model routes
-    # tokens differently from the quantized one: these options have no per-expert meaning yet.
+    # Expert inputs are routed token rows, not [sample, position] windows, so GPTQ's first-token options
+    # reach the attention Linears only (the method's default weighting included); asking for them
+    # explicitly on a MoE model is refused rather than half applied. The float model routes tokens
+    # differently from the quantized one, so asymmetric calibration has no per-expert pairing.
     unsupported = [
         flag
         for flag, on in (
             ("--gptaq", cfg.gptaq),
             ("--skip-first", cfg.skip_first),
-            ("--first-token-weight", cfg.resolved_first_token_weight() != 1.0),
+            ("--first-token-weight", cfg.first_token_weight is not None),
         )
         if on
     ]

@@ -5,7 +5,7 @@ padding between sequences; attention finds each token's context through the page
 (`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
 the Triton kernels on CUDA and their torch paths on CPU. What a family changes is a named switch in
 `ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm;
-`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE; Gemma 3's (1 + w)
+`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE, Mixtral; Gemma 3's (1 + w)
 norms, sandwich norms, scaled embeddings, GELU MLP and local/global RoPE: `norm_offset`, `sandwich_norms`,
 `embed_scale`, `hidden_act`, `local_rope` / `sliding_layers`).
 """
@@ -195,8 +195,9 @@ def _moe_fields(cfg: dict, spec) -> dict:
         num_experts=n,
         experts_per_token=top_k,
         expert_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
-        # Qwen3-MoE renormalises only when the config says so (transformers' default is False)
-        renormalize_topk=bool(cfg.get("norm_topk_prob", False)),
+        # Mixtral always renormalises; Qwen3-MoE only when the config says so (transformers' default: no)
+        renormalize_topk=spec.renormalize_topk if spec.renormalize_topk is not None
+        else bool(cfg.get("norm_topk_prob", False)),
     )
 
 

@@ -108,6 +108,13 @@ def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
             experts[f"mlp.experts.{e}.gate_proj"] = (hidden, expert_inter)
             experts[f"mlp.experts.{e}.up_proj"] = (hidden, expert_inter)
             experts[f"mlp.experts.{e}.down_proj"] = (expert_inter, hidden)
+    if isinstance(n_experts, int) and not isinstance(n_experts, bool) and n_experts > 0 and "mixtral" in str(
+        config.get("model_type")
+    ):  # Mixtral: w1 (gate), w3 (up), w2 (down) of intermediate_size
+        for e in range(min(n_experts, 4096)):
+            experts[f"block_sparse_moe.experts.{e}.w1"] = (hidden, inter)
+            experts[f"block_sparse_moe.experts.{e}.w3"] = (hidden, inter)
+            experts[f"block_sparse_moe.experts.{e}.w2"] = (inter, hidden)
     return experts | {
         "self_attn.q_proj": (hidden, q_out),
         "self_attn.k_proj": (hidden, kv_out),

@@ -30,9 +30,9 @@ from qserve.validate import validate_checkpoint
 
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
-FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3")
+FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral")
 # (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
-RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq")]
+RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("mixtral", "gptq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -84,7 +84,7 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
 
     src = models[family]
     extra = {"n_grid": 5} if method == "awq" else {}
-    if family == "qwen3_moe":  # 512 tokens: about 128 per expert (top-2 of 8), a few for the starved one
+    if family in ("qwen3_moe", "mixtral"):  # 512 tokens: ~128 per expert (top-2 of 8), few for the starved
         extra["n_samples"] = 16
     report = quantize_tiny(src, tmp_path / "out", calib, method, **extra)
     qdir = tmp_path / "out"
@@ -105,7 +105,7 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
         if method == "gptq":
             assert [e["layer"] for e in block["layers"]] == list(spec.linears)
         assert 0 < block["out_rel_err"] < 0.1
-    if family == "qwen3_moe":
+    if spec.experts:
         check_expert_fallbacks(report.blocks, spec)
     # `qserve eval ppl` reads the quantized checkpoint (per-expert names included) as transformers runs it
     with torch.no_grad():
@@ -131,7 +131,7 @@ def check_expert_fallbacks(blocks, spec):
     from qserve.quantize.moe import min_expert_tokens
 
     n_experts = (len(spec.linears) - 4) // 3  # 4 attention Linears, then 3 per expert
-    starved = f"mlp.experts.{n_experts - 1}."
+    starved = f"{spec.experts}.{n_experts - 1}."
     for block in blocks:
         experts = [e for e in block["layers"] if ".experts." in e["layer"]]
         assert len(experts) == 3 * n_experts and all("tokens" in e for e in experts)
@@ -150,6 +150,8 @@ def test_unimplemented_options_are_refused_before_loading(tmp_path, models, cali
         quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "awq")
     with pytest.raises(ConfigError, match="--gptaq is not supported for mixture-of-experts"):
         quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "gptq", gptaq=True)
+    with pytest.raises(ConfigError, match="--first-token-weight is not supported for mixture-of-experts"):
+        quantize_tiny(models["mixtral"], tmp_path / "out", calib, "gptq", first_token_weight=0.5)
 
 
 def test_awq_folds_phi3_down_scales_into_the_up_half_only(tmp_path, models, calib, calib_ids):
@@ -180,7 +182,11 @@ def test_awq_folds_phi3_down_scales_into_the_up_half_only(tmp_path, models, cali
 @pytest.mark.parametrize("fault", ["missing", "misshapen"])
 @pytest.mark.parametrize(
     ("family", "target"),
-    [("phi3", "model.layers.1.mlp.gate_up_proj"), ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj")],
+    [
+        ("phi3", "model.layers.1.mlp.gate_up_proj"),
+        ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj"),
+        ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2"),
+    ],
 )
 def test_validate_knows_the_module_list(tmp_path, models, calib, family, target, fault):
     qdir = tmp_path / "out"

@@ -16,7 +16,7 @@ from tiny_checkpoints import single_thread, varied_model  # noqa: F401  (autouse
 from qserve.errors import ConfigError
 from qserve.serve.loader import load_model
 
-FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3"]
+FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral"]
 
 
 @pytest.fixture(scope="module")
