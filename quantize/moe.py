@@ -7,9 +7,13 @@ block-by-block driver materialises anything, `unfuse_experts` swaps each fused e
 skeleton for `ExpertLinears`, whose parameter names are the checkpoint's. The driver then treats every
 expert projection as an ordinary Linear of the family's table: a forward hook on an expert's Linear sees
 exactly the tokens the (full-precision) router sends that expert, so GPTQ's Hessian of each expert is
-accumulated over its own tokens. An expert Linear that receives fewer calibration tokens than it has
-input features (its Hessian is then rank-deficient: GPTQ would fit those few tokens, not the expert) is
-rounded to nearest instead (`needs_fallback`), and the quant report records it per expert.
+accumulated over its own tokens. An expert Linear that receives fewer calibration tokens than
+`min_expert_tokens` (the smaller of its input features and 512) is rounded to nearest instead
+(`needs_fallback`), and the quant report records tokens and fallback per expert Linear. Below its input
+features the Hessian is rank-deficient and GPTQ fits the few tokens it saw rather than the expert; the cap
+at 512 keeps wide experts (Mixtral's down projection reads 14,336 features) on GPTQ once they have seen
+a few hundred tokens, where damping covers the directions they did not reach. The threshold is a stated
+choice, not a measured optimum.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from torch import nn
 FALLBACK = "rtn"
 
 
+MAX_MIN_EXPERT_TOKENS = 512
+
+
 def min_expert_tokens(in_features: int) -> int:
-    """Calibration tokens an expert Linear needs for a GPTQ solve: one per input feature (full-rank H)."""
-    return in_features
+    """Calibration tokens an expert Linear needs for a GPTQ solve: one per input feature (a full-rank
+    Hessian), capped at MAX_MIN_EXPERT_TOKENS for wide Linears."""
+    return min(in_features, MAX_MIN_EXPERT_TOKENS)
 
 
 def needs_fallback(name: str, n_tokens: int, in_features: int) -> bool:

@@ -214,6 +214,7 @@ def test_validate_knows_the_module_list(tmp_path, models, calib, family, target,
         ("phi-3-mini-4k-instruct-gptq", "phi3", "gptq"),
         ("qwen3-30b-a3b-gptq", "qwen3", "gptq"),
         ("gemma-3-1b-it-gptq", "gemma", "gptq"),
+        ("mixtral-8x7b-instruct-gptq", "mixtral", "gptq"),
     ],
 )
 def test_family_recipes_pass_the_schema(recipe, family, method):
