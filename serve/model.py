@@ -343,6 +343,10 @@ class SparseMoE(nn.Module):
         self.top_k, self.renormalize = cfg.experts_per_token, cfg.renormalize_topk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Routing reads expert counts on the host, which a CUDA graph cannot hold: stop the capture
+            # here, before any illegal synchronisation, so the engine decodes eagerly (serve/cuda_graphs.py).
+            raise RuntimeError("mixture-of-experts routing cannot be captured in a CUDA graph")
         if x.shape[0] == 1:
             return self._one_token(x)
         probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
