@@ -187,6 +187,35 @@ def throughput(llm, batch: int, max_tokens: int, repeats: int) -> dict:
     }  # fmt: skip
 
 
+def mask_cost(llm, batch: int, steps: int) -> dict:
+    """Milliseconds per decode step that the grammar masks of `batch` rows cost (fill + apply, CPU),
+    in a mostly-closed state (inside a number) and a mostly-open one (inside a free string)."""
+    from qserve.serve.structured import StructuredOutputsParams, apply_grammar_masks
+
+    tok, compiler = llm.get_tokenizer(), llm.engine.structured
+    vocab = llm.engine.model_config.vocab_size
+    cases = {"json_int_array (in a number)": ("json_int_array", "[12, 7"),
+             "json_object_array (in a string)": ("json_object_array", '[{"name": "Paris is a')}  # fmt: skip
+    out = {}
+    for label, (schema_name, prefix) in cases.items():
+        spec = compiler.prepare(StructuredOutputsParams(json=THROUGHPUT_SCHEMAS[schema_name]))
+        ids = tok.encode(prefix, add_special_tokens=False)
+        rows = []
+        for i in range(batch):
+            state = compiler.new_state(spec)
+            state.sync(ids)
+            rows.append((i, state, ids))
+        logits = torch.randn(batch, vocab)
+        apply_grammar_masks(logits, rows)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            apply_grammar_masks(logits, rows)
+            times.append((time.perf_counter() - start) * 1e3)
+        out[label] = statistics.median(times)
+    return {"batch": batch, "steps": steps, "ms_per_step_median": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -194,8 +223,9 @@ def main() -> None:
     ap.add_argument("--validity-max-tokens", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32, help="0: skip the throughput part")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="0: skip the decode-throughput part")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mask-steps", type=int, default=20, help="timed mask-only steps (0: skip that part)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "structured.json")
     args = ap.parse_args()
@@ -216,7 +246,12 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))  # kept if the next part dies
         print(f"validity: {v['valid']}/{v['num_schemas']} valid, {v['finished']} finished, "
               f"{v['grammar_compiles']} compiles in {v['grammar_compile_seconds']:.2f} s", flush=True)  # fmt: skip
-    if args.batch:
+    if args.batch and args.mask_steps:
+        m = result["mask_cost"] = mask_cost(llm, args.batch, args.mask_steps)
+        args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        print(f"grammar masks at batch {args.batch}: " + ", ".join(
+            f"{k} {v:.2f} ms/step" for k, v in m["ms_per_step_median"].items()), flush=True)  # fmt: skip
+    if args.batch and args.repeats:
         t = result["throughput"] = throughput(llm, args.batch, args.max_tokens, args.repeats)
         args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         rates = ", ".join(f"{k} {r:.1f} tok/s" for k, r in t["tok_s"].items())
