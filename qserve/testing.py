@@ -53,13 +53,14 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
     """A transformers config for a 2-layer model of the given family (one of TINY_FAMILIES)."""
     from transformers import (
         Gemma3TextConfig,
+        Glm4Config,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -88,6 +89,9 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
     if family == "qwen3_moe":  # 8 experts, top-2 renormalised (Qwen3-30B-A3B routes 8 of 128, renormalised)
         common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "glm4":  # RoPE on adjacent pairs of half of each head, q/k/v biases (GLM-4 defaults)
+        common.update(head_dim=16, partial_rotary_factor=0.5, attention_bias=True)
+        common.pop("rope_theta")
     if family == "mixtral":  # 8 experts of intermediate 64, top-2 (Mixtral-8x7B: 8 of 14336, top-2)
         common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64)
     if family == "gemma3":
@@ -99,7 +103,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
     common.update(overrides)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
                "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig,
-               "mixtral": MixtralConfig}  # fmt: skip
+               "mixtral": MixtralConfig, "glm4": Glm4Config}  # fmt: skip
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)
@@ -140,6 +144,10 @@ def make_tiny_model(
                 p.uniform_(0.5, 1.5)
             elif family == "gemma3" and name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)  # Gemma's norms scale by (1 + w) and start at w = 0
+            elif family == "glm4" and name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # GLM-4's extra norms: varied, so a swapped pair of names shows
+            elif family == "glm4" and name.endswith(".bias"):
+                p.normal_(0.0, 0.5)  # q/k/v biases start at zero, which would hide them
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)

@@ -76,6 +76,12 @@ class ArchSpec:
     # the residual adds, embeddings are scaled by sqrt(hidden), sliding layers have their own RoPE base.
     norm_offset: float = 0.0
     sandwich_norms: bool = False
+    # (engine name, checkpoint name) of the sandwich norms where a family names them otherwise (GLM-4:
+    # post_self_attn_layernorm after attention, post_attention_layernorm before the MLP, post_mlp_layernorm).
+    norm_names: tuple[tuple[str, str], ...] = ()
+    # GLM-4: RoPE rotates adjacent pairs (2i, 2i + 1) of the first partial_rotary_factor of each head.
+    rope_interleaved: bool = False
+    o_bias: bool = True  # config.json attention_bias also puts a bias on o_proj (Llama; not GLM-4)
 
     def with_experts(self, n_experts: int) -> ArchSpec:
         """This table with every per-expert ("{e}") name expanded to experts 0 .. n_experts - 1."""
@@ -254,6 +260,34 @@ _MIXTRAL = ArchSpec(
 )
 
 
+# GLM-4 (Glm4ForCausalLM, the ChatGLM line in transformers): q/k/v with biases, o without; a fused gate|up
+# MLP (Phi-3's AWQ groups: gate_up -> down folds into the up half); extra norms after attention and after
+# the MLP; RoPE on adjacent pairs of the first half of each head (partial_rotary_factor 0.5).
+_GLM4 = ArchSpec(
+    family="glm4",
+    architectures=("Glm4ForCausalLM",),
+    model_types=("glm4",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    pre_blocks=("model.rotary_emb",),
+    sequential=(*_LLAMA_SEQUENTIAL[:2], ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    scale_groups=(
+        *_LLAMA_SCALE_GROUPS[:2],
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+        ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_tail=True),
+    ),
+    gate_up=("mlp.gate_up_proj",),
+    sandwich_norms=True,
+    norm_names=(
+        ("post_attention_layernorm", "post_self_attn_layernorm"),
+        ("pre_feedforward_layernorm", "post_attention_layernorm"),
+        ("post_feedforward_layernorm", "post_mlp_layernorm"),
+    ),
+    rope_interleaved=True,
+    o_bias=False,
+)
+
+
 # Llama 2/3 and SmolLM2 share the Llama layout; Mistral and Qwen2 (qkv bias) use the same module names.
 # Qwen3 too, plus a per-head RMSNorm on q and k: the norms sit inside self_attn, after the projections,
 # so AWQ's input_layernorm -> q/k/v group (inspecting the whole self_attn) already sees them.
@@ -277,6 +311,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     _QWEN3_MOE,
     _GEMMA3,
     _MIXTRAL,
+    _GLM4,
 )
 
 

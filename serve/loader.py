@@ -166,7 +166,7 @@ def load_model(
         biases = [weights.bias(p, bias_expected) for p in prefixes]
         return build_linear(parts, biases, quant, device, dtype)
 
-    rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions).to(device)  # tables stay float32
+    rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions, cfg.rotary_dim).to(device)  # float32
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
@@ -206,8 +206,9 @@ def load_model(
         norms = ["input_layernorm", "post_attention_layernorm"]
         norms += ["self_attn.q_norm", "self_attn.k_norm"] if cfg.qk_norm else []
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if cfg.sandwich_norms else []
+        stored = dict(spec.norm_names)  # the family's checkpoint names of the sandwich norms (GLM-4)
         for norm in norms:
-            params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{norm}.weight"
+            params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{stored.get(norm, norm)}.weight"
         if cfg.num_experts:  # the router: kept unquantized, like the norms
             params[f"layers.{i}.mlp.gate"] = f"model.layers.{i}.{spec.router}.weight"
     if bf16_stored("model.embed_tokens.weight"):

@@ -96,6 +96,10 @@ class ModelConfig:
     attn_scale: float | None = None
     local_rope: RopeConfig | None = None
     sliding_layers: tuple[bool, ...] = ()
+    # GLM-4: RoPE on adjacent pairs of the first rotary_dim dims of each head (0: the whole head,
+    # rotate-half). The engine permutes q and k so those pairs sit where the kernel rotates (i, i + D/2),
+    # with the frequencies past rotary_dim / 2 zero (no rotation): q k^T is unchanged by the permutation.
+    rotary_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -114,7 +118,12 @@ class ModelConfig:
         spec = arch_for_config(cfg)
         rope_params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
         partial = rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if partial not in (1, 1.0, None):
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        rotary_dim = int(head_dim * float(partial or 1.0)) if spec.rope_interleaved else 0
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise ConfigError(f"config.json partial_rotary_factor={partial}: {rotary_dim} rotary dims of a "
+                              f"{head_dim}-dim head; expected an even number <= {head_dim}")  # fmt: skip
+        if partial not in (1, 1.0, None) and not spec.rope_interleaved:
             raise ConfigError(
                 f"config.json partial_rotary_factor={partial} ({spec.family}) is not supported; qserve's "
                 "engine rotates the whole head (partial_rotary_factor 1.0)"
@@ -132,14 +141,16 @@ class ModelConfig:
             rope=RopeConfig.from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=is_qwen2 or attention_bias,
-            o_bias=attention_bias,
+            o_bias=attention_bias and spec.o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
             qk_norm=spec.qk_norm,
             hidden_act=_activation(cfg),
+            sandwich_norms=spec.sandwich_norms,
+            rotary_dim=rotary_dim,
             **(_moe_fields(cfg, spec) if spec.experts else {}),
         )
-        if spec.sandwich_norms:
+        if spec.family == "gemma3":
             fields.update(_gemma3_fields(cfg, spec))
         return cls(**fields)
 
@@ -235,11 +246,17 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Non-interleaved (rotate-half) RoPE with a cos/sin table precomputed up to `max_positions`."""
+    """Non-interleaved (rotate-half) RoPE with a cos/sin table precomputed up to `max_positions`.
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
+    `rotary_dim` (< head_dim): only the first rotary_dim / 2 frequencies rotate, the rest are zero."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, rotary_dim: int = 0) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+        inv_freq = rope_inv_freq(rope, head_dim)
+        if rotary_dim and rotary_dim < head_dim:
+            inv_freq = torch.zeros(head_dim // 2)
+            inv_freq[: rotary_dim // 2] = rope_inv_freq(rope, rotary_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim / 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
@@ -277,6 +294,17 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.permute = bool(cfg.rotary_dim)
+        if self.permute:
+            self.register_buffer("perm", interleaved_rope_order(cfg.head_dim, cfg.rotary_dim), persistent=False)
+
+    def _permute_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv with each q and k head's dims reordered (`interleaved_rope_order`), v untouched."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)[..., self.perm].reshape(n, self.q_size)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)[..., self.perm].reshape(n, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
 
     def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [n, (H + 2 KVH) * D] with each q and k head RMS-normalised (Qwen3), v untouched."""
@@ -297,6 +325,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [n, (heads + 2 * kv_heads) * head_dim]
         if self.qk_norm:
             qkv = self._norm_heads(qkv)
+        if self.permute:
+            qkv = self._permute_heads(qkv)
         key_cache, value_cache = kv_cache
         q = kernels.rope_and_write_kv(qkv, *rope, key_cache, value_cache, meta.slot_mapping, heads)
         out = kernels.paged_attention(
@@ -304,6 +334,19 @@ class Attention(nn.Module):
             max_query_len=meta.max_query_len,
         )
         return self.o_proj(out.reshape(n, self.q_size))  # [n, heads * head_dim]
+
+
+def interleaved_rope_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """New order of a head's dims: the adjacent rotary pair (2i, 2i + 1) moves to (i, i + head_dim / 2),
+    where rotate-half RoPE rotates it with frequency i; the unrotated dims fill the remaining pairs."""
+    half = head_dim // 2
+    perm = [0] * head_dim
+    for i in range(rotary_dim // 2):
+        perm[i], perm[i + half] = 2 * i, 2 * i + 1
+    free = [*range(rotary_dim // 2, half), *range(half + rotary_dim // 2, head_dim)]
+    for slot, source in zip(free, range(rotary_dim, head_dim), strict=True):
+        perm[slot] = source
+    return torch.tensor(perm)
 
 
 class MLP(nn.Module):

@@ -30,9 +30,9 @@ from qserve.validate import validate_checkpoint
 
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
-FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral")
+FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4")
 # (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
-RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("mixtral", "gptq")]
+RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3", "glm4") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("mixtral", "gptq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -100,7 +100,9 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
     dense = dequantized_twin(src, qdir, tmp_path / "dequant")
     dense_logits = logits(dense, None, calib_ids)
     err = rel_err(dense_logits, logits(src, None, calib_ids))
-    assert 0.005 < err < 0.1, err  # as test_driver: a broken fused-Linear export moves logits by 50-100%
+    # as test_driver: a broken fused-Linear export moves logits by 50-100%. The tiny GLM-4, with q/k/v
+    # biases of std 0.5, is harder: RTN moves it by 18%, GPTQ by 9%, AWQ by 10.5%.
+    assert 0.005 < err < (0.15 if family == "glm4" else 0.1), err
     for block in report.blocks:
         if method == "gptq":
             assert [e["layer"] for e in block["layers"]] == list(spec.linears)
@@ -215,6 +217,7 @@ def test_validate_knows_the_module_list(tmp_path, models, calib, family, target,
         ("qwen3-30b-a3b-gptq", "qwen3", "gptq"),
         ("gemma-3-1b-it-gptq", "gemma", "gptq"),
         ("mixtral-8x7b-instruct-gptq", "mixtral", "gptq"),
+        ("glm-4-9b-0414-awq", "glm", "awq"),
     ],
 )
 def test_family_recipes_pass_the_schema(recipe, family, method):

@@ -16,13 +16,14 @@ from tiny_checkpoints import single_thread, varied_model  # noqa: F401  (autouse
 from qserve.errors import ConfigError
 from qserve.serve.loader import load_model
 
-FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral"]
+FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {family: varied_model(root / family, family) for family in FAMILIES}
+    # seed 2 for GLM-4: seed 1's tiny GLM-4 repeats one token for some prompts (a degenerate reference)
+    return {family: varied_model(root / family, family, seed=2 if family == "glm4" else 1) for family in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
