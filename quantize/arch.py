@@ -31,10 +31,14 @@ class ScaleGroup:
     inspect: str
     requires_same_shape: tuple[str, str] | None = None
     prev_tail: bool = False
+    # A module whose input is the group's input when the linears themselves see only part of it: a MoE
+    # block ("mlp"), whose experts' gate/up each read only the tokens routed to them. Such a group's
+    # linears do not share a GPTQ Hessian.
+    input_module: str | None = None
 
     @property
     def input_of(self) -> str:
-        return self.linears[0]
+        return self.input_module or self.linears[0]
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,9 @@ class ArchSpec:
 
         groups = []
         for g in self.scale_groups:
-            if _per_expert((g.prev_op, g.inspect, *g.linears)):
+            if not _per_expert((g.prev_op, g.inspect)) and _per_expert(g.linears):  # one group, all experts
+                groups.append(replace(g, linears=names(g.linears)))
+            elif _per_expert((g.prev_op, g.inspect, *g.linears)):
                 groups += [
                     replace(g, prev_op=g.prev_op.format(e=e), inspect=g.inspect.format(e=e),
                             linears=tuple(n.format(e=e) for n in g.linears))
@@ -109,7 +115,12 @@ class ArchSpec:
     def input_owners(self) -> dict[str, str]:
         """Linear -> the Linear whose inputs it shares: the Linears of one scale group read the same
         input (their shared previous op's output), so GPTQ accumulates H = 2/n sum x x^T once for them."""
-        return {name: group.linears[0] for group in self.scale_groups for name in group.linears}
+        return {
+            name: group.linears[0]
+            for group in self.scale_groups
+            if group.input_module is None
+            for name in group.linears
+        }
 
     def solve_groups(self, true_sequential: bool) -> tuple[tuple[str, ...], ...]:
         """GPTQ's groups: true-sequential ones, or every Linear at once."""
@@ -177,9 +188,9 @@ _PHI3_SCALE_GROUPS = (
 # Qwen3-MoE: Qwen3's attention, and a sparse MLP in every block (decoder_sparse_step 1, no
 # mlp_only_layers, as the released models): a router (mlp.gate, full precision) picks the top
 # num_experts_per_tok of num_experts experts per token. GPTQ runs each expert on the tokens routed to it:
-# its gate and up share that input (one Hessian), its down follows in the next true-sequential group.
-# The per-expert scale groups below only declare that input sharing: AWQ's one scale for every
-# expert's gate/up (folded into the shared norm) is not implemented, so the family lists no "awq".
+# its gate and up read the same tokens, its down follows in the next true-sequential group. AWQ: one
+# scale for every expert's gate/up (folded into the shared norm), searched on the MoE block's input and
+# scored on its output, and one up -> down scale per expert on the tokens routed to it.
 _MOE_EXPERT = "mlp.experts.{e}"
 _QWEN3_MOE = ArchSpec(
     family="qwen3_moe",
@@ -195,13 +206,17 @@ _QWEN3_MOE = ArchSpec(
     ),
     scale_groups=(
         *_LLAMA_SCALE_GROUPS[:2],
-        ScaleGroup("post_attention_layernorm", (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"), "mlp"),
+        ScaleGroup(
+            "post_attention_layernorm",
+            (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"),
+            "mlp",
+            input_module="mlp",
+        ),
         ScaleGroup(f"{_MOE_EXPERT}.up_proj", (f"{_MOE_EXPERT}.down_proj",), f"{_MOE_EXPERT}.down_proj"),
     ),
     qk_norm=True,
     experts="mlp.experts",
     router="mlp.gate",
-    methods=("rtn", "gptq"),
 )
 
 
@@ -248,7 +263,12 @@ _MIXTRAL = ArchSpec(
     ),
     scale_groups=(
         *_LLAMA_SCALE_GROUPS[:2],
-        ScaleGroup("post_attention_layernorm", (f"{_MIXTRAL_EXPERT}.w1", f"{_MIXTRAL_EXPERT}.w3"), "block_sparse_moe"),
+        ScaleGroup(
+            "post_attention_layernorm",
+            (f"{_MIXTRAL_EXPERT}.w1", f"{_MIXTRAL_EXPERT}.w3"),
+            "block_sparse_moe",
+            input_module="block_sparse_moe",
+        ),
         ScaleGroup(f"{_MIXTRAL_EXPERT}.w3", (f"{_MIXTRAL_EXPERT}.w2",), f"{_MIXTRAL_EXPERT}.w2"),
     ),
     experts="block_sparse_moe.experts",
@@ -256,7 +276,6 @@ _MIXTRAL = ArchSpec(
     router="block_sparse_moe.gate",
     renormalize_topk=True,
     renamed=(("mlp", "block_sparse_moe"),),
-    methods=("rtn", "gptq"),
 )
 
 

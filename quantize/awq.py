@@ -25,6 +25,7 @@ from torch import nn
 from qserve.quantize.arch import ArchSpec, ScaleGroup
 from qserve.quantize.awq_clip import gram_blocks, search_clip
 from qserve.quantize.awq_scale import InspectLoss, accepted_kwargs, batch_index, float32_tree, search_scale
+from qserve.quantize.moe import needs_fallback
 
 # The references do not clip the query/key projections: their error reaches the output through
 # the softmax of q.k, which the per-linear output MSE of the clip search does not measure.
@@ -80,6 +81,7 @@ class LinearInputs:
     abs_mean: torch.Tensor  # [in] mean |x| over every token
     rows: torch.Tensor  # [N, in] a strided subset of the tokens
     seqs: torch.Tensor | None  # [k, seq, in] whole sampled sequences, if a token-mixing module needs them
+    count: int = 0  # tokens seen (a MoE expert's: those routed to it)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,12 @@ def collect_awq_activations(
     n, seq, _ = inputs.shape
     groups, _ = applicable_groups(block, spec)
     sources = sorted(set(input_sources(groups, spec).values()))
-    needs_seqs = {g.input_of for g in groups if _mixes_tokens(block.get_submodule(g.inspect), block_kwargs)}
+    # A MoE block (input_module) takes [batch, seq, hidden] whole, like a token-mixing module.
+    needs_seqs = {
+        g.input_of
+        for g in groups
+        if g.input_module or _mixes_tokens(block.get_submodule(g.inspect), block_kwargs)
+    }
     sample_index = torch.linspace(0, n - 1, min(n, math.ceil(search_tokens / seq))).round().long().unique()
     stride = _coprime_stride(math.ceil(n * seq / min(search_tokens, n * seq)), seq)
     device = next(block.parameters()).device
@@ -181,6 +188,12 @@ def awq_search_block(
     scales, log = [], []
     for g in groups:
         acts = activations.inputs[g.input_of]
+        in_f = block.get_submodule(g.linears[0]).in_features
+        if acts is None or needs_fallback(g.input_of, acts.count, in_f):
+            # A MoE expert the router starved: no scale (its Linears are rounded as they are)
+            log.append({"prev_op": g.prev_op, "linears": list(g.linears), "tokens": 0 if acts is None else acts.count,
+                        "fallback": "no scale"})  # fmt: skip
+            continue
         inspect_module = block.get_submodule(g.inspect)
         if isinstance(inspect_module, nn.Linear) and g.linears != (g.inspect,):
             raise ValueError(
@@ -263,8 +276,8 @@ def _search_clips(block, spec, activations, groups, scales, bits, group_size, sy
     grams: dict[tuple[str, bool], torch.Tensor] = {}
     clips = []
     for name in spec.linears:
-        if name.rsplit(".", 1)[-1] in NO_CLIP:
-            continue
+        if name.rsplit(".", 1)[-1] in NO_CLIP or ".experts." in f".{name}":
+            continue  # q/k (as AutoAWQ); MoE experts, whose captured inputs are not their routed tokens
         acts = activations.inputs[sources[name]]
         key = (sources[name], name in scale_of)
         if key not in grams:
@@ -309,9 +322,11 @@ class _Recorder:
             if local:
                 self.seqs.append(x[local].float())
 
-    def result(self) -> LinearInputs:
-        seqs = torch.cat(self.seqs) if self.keep_seqs else None
-        return LinearInputs(abs_mean=self.abs_sum / self.count, rows=torch.cat(self.rows), seqs=seqs)
+    def result(self) -> LinearInputs | None:
+        if self.count == 0:
+            return None  # a MoE expert no calibration token was routed to
+        seqs = torch.cat(self.seqs) if self.keep_seqs and self.seqs else None
+        return LinearInputs(abs_mean=self.abs_sum / self.count, rows=torch.cat(self.rows), seqs=seqs, count=self.count)
 
 
 def _coprime_stride(stride: int, seq: int) -> int:

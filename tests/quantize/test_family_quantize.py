@@ -31,8 +31,8 @@ from qserve.validate import validate_checkpoint
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
 FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4")
-# (family, method) pairs quantized end to end; AWQ is not implemented for MoE (a clear error, tested below)
-RUNS = [(f, m) for f in ("qwen3", "phi3", "gemma3", "glm4") for m in ("gptq", "awq")] + [("qwen3_moe", "gptq"), ("mixtral", "gptq")]
+# (family, method) pairs quantized end to end
+RUNS = [(f, m) for f in FAMILIES for m in ("gptq", "awq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
 
 
@@ -107,8 +107,10 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
         if method == "gptq":
             assert [e["layer"] for e in block["layers"]] == list(spec.linears)
         assert 0 < block["out_rel_err"] < 0.1
-    if spec.experts:
+    if spec.experts and method == "gptq":
         check_expert_fallbacks(report.blocks, spec)
+    if spec.experts and method == "awq":
+        check_awq_expert_groups(report.blocks, spec)
     # `qserve eval ppl` reads the quantized checkpoint (per-expert names included) as transformers runs it
     with torch.no_grad():
         evaluated = load_causal_lm(qdir, dtype="float32", device="cpu")(calib_ids).logits
@@ -145,11 +147,24 @@ def check_expert_fallbacks(blocks, spec):
         assert sum("fallback" in e for e in experts) < len(experts) // 2  # most experts are calibrated
 
 
+def check_awq_expert_groups(blocks, spec):
+    """AWQ on a MoE: one searched scale for every expert's gate/up (on the block's input), and one
+    up -> down scale per expert; the starved expert's (too few routed tokens) is not searched."""
+    n_experts = (len(spec.linears) - 4) // 3
+    for block in blocks:
+        groups = block["layers"]
+        shared = [g for g in groups if g["prev_op"] == "post_attention_layernorm"]
+        assert len(shared) == 1 and len(shared[0]["linears"]) == 2 * n_experts and "best_ratio" in shared[0]
+        per_expert = [g for g in groups if ".experts." in g["prev_op"]]
+        assert len(per_expert) == n_experts
+        starved = per_expert[-1]
+        assert starved.get("fallback") == "no scale" and starved["tokens"] < 64, starved
+        assert sum("fallback" in g for g in per_expert) < n_experts // 2
+
+
 def test_unimplemented_options_are_refused_before_loading(tmp_path, models, calib):
     from qserve.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--method awq is not implemented for qwen3_moe.*rtn, gptq"):
-        quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "awq")
     with pytest.raises(ConfigError, match="--gptaq is not supported for mixture-of-experts"):
         quantize_tiny(models["qwen3_moe"], tmp_path / "out", calib, "gptq", gptaq=True)
     with pytest.raises(ConfigError, match="--first-token-weight is not supported for mixture-of-experts"):
