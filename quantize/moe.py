@@ -13,7 +13,9 @@ accumulated over its own tokens. An expert Linear that receives fewer calibratio
 features the Hessian is rank-deficient and GPTQ fits the few tokens it saw rather than the expert; the cap
 at 512 keeps wide experts (Mixtral's down projection reads 14,336 features) on GPTQ once they have seen
 a few hundred tokens, where damping covers the directions they did not reach. The threshold is a stated
-choice, not a measured optimum.
+choice, not a measured optimum. AWQ (quantize/awq.py) searches one scale for every expert's gate/up on
+the MoE block's input, and one up -> down scale per expert on its routed tokens; an expert below the same
+minimum gets no scale and is rounded as it is.
 """
 
 from __future__ import annotations
