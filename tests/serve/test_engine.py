@@ -150,7 +150,7 @@ def test_stop_token_ids_eos_min_tokens_ignore_eos_max_tokens(tmp_path, llama):
 
 
 def test_n_siblings_share_prompt_blocks(llama):
-    engine = LLMEngine(EngineArgs(str(llama), max_model_len=64, block_size=4, validate=False))
+    engine = LLMEngine(EngineArgs(str(llama), max_model_len=64, block_size=4, device="cpu", validate=False))
     prompt = list(range(40, 52))  # 12 tokens: 3 full blocks of 4
     engine.add_request(
         "r", prompt, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=16, ignore_eos=True)
@@ -190,7 +190,7 @@ def test_logprobs_match_transformers(llama):
 
 
 def test_abort_returns_every_block(llama):
-    engine = LLMEngine(EngineArgs(str(llama), max_model_len=64, block_size=4, validate=False))
+    engine = LLMEngine(EngineArgs(str(llama), max_model_len=64, block_size=4, device="cpu", validate=False))
     engine.add_request("a", PROMPTS[1], greedy(40))
     engine.add_request("b", PROMPTS[0], SamplingParams(n=2, temperature=1.0, max_tokens=40))
     for _ in range(3):
@@ -210,7 +210,7 @@ def test_abort_returns_every_block(llama):
 def _async_engine(model_dir, **kwargs):
     from qserve.serve.async_engine import AsyncLLMEngine
 
-    return AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, validate=False, **kwargs)
+    return AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, device="cpu", validate=False, **kwargs)
 
 
 async def until(condition, timeout: float = 30.0) -> None:

@@ -254,7 +254,7 @@ def test_greedy_structured_output_survives_preemption(model_dir, llm):
     )
     reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     small = LLM(str(model_dir), max_model_len=96, max_num_seqs=5, max_num_batched_tokens=16, block_size=4,
-                kv_cache_memory=24 * BLOCK_BYTES, validate=False)  # fmt: skip
+                kv_cache_memory=24 * BLOCK_BYTES, device="cpu", validate=False)  # fmt: skip
     outs = small.generate(prompts, params, use_tqdm=False)
     assert small.engine.stats().num_preemptions > 0, "the cache was big enough: no preemption exercised"
     assert [o.outputs[0].token_ids for o in outs] == reference

@@ -112,7 +112,7 @@ def completion(stream: bool, max_tokens: int) -> dict:
 def test_engine_death_fails_running_waiting_and_unadmitted_requests_at_once(model_dir):
     from qserve.serve.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, validate=False,
+    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, device="cpu", validate=False,
                             max_num_seqs=1, max_num_batched_tokens=32)  # fmt: skip
     switch = KillSwitch(engine.engine.runner.execute)
     engine.engine.runner.execute = switch
@@ -187,7 +187,7 @@ def test_request_registered_as_the_engine_dies_is_failed_not_stranded(model_dir)
     from qserve.serve.async_engine import AsyncLLMEngine, EngineDeadError
     from qserve.serve.sampling_params import SamplingParams
 
-    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, validate=False)
+    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, device="cpu", validate=False)
     switch = KillSwitch(engine.engine.runner.execute)
     switch.hold.set()
     switch.release.set()  # the first step raises at once

@@ -54,7 +54,7 @@ async def _one(client: httpx.AsyncClient, i: int) -> dict:
 def test_burst_past_max_queue_is_answered_429_and_loses_no_request(model_dir):
     from qserve.serve.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, validate=False,
+    engine = AsyncLLMEngine(model=str(model_dir), max_model_len=96, block_size=4, device="cpu", validate=False,
                             max_num_seqs=2, max_num_batched_tokens=32, max_waiting=3)  # fmt: skip
     real = engine.engine.runner.execute
 
