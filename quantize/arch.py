@@ -76,6 +76,9 @@ class ArchSpec:
     renamed: tuple[tuple[str, str], ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
     methods: tuple[str, ...] = ("rtn", "gptq", "awq")  # quantization methods implemented for the family
+    # Linears that read the same input beyond the scale groups' (a MoE expert's gate and up: the shared
+    # AWQ group over all experts cannot say it), for GPTQ's one Hessian per input; "{e}": per expert.
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
     # Gemma 3: RMSNorms scale by (norm_offset + w), attention and MLP outputs are normalised again before
     # the residual adds, embeddings are scaled by sqrt(hidden), sliding layers have their own RoPE base.
     norm_offset: float = 0.0
@@ -105,7 +108,15 @@ class ArchSpec:
                 ]  # fmt: skip
             else:
                 groups.append(g)
-        return replace(self, sequential=tuple(names(g) for g in self.sequential), scale_groups=tuple(groups))
+        shared = tuple(
+            tuple(n.format(e=e) for n in group) for group in self.shared_inputs for e in range(n_experts)
+        )
+        return replace(
+            self,
+            sequential=tuple(names(g) for g in self.sequential),
+            scale_groups=tuple(groups),
+            shared_inputs=shared,
+        )
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -115,12 +126,8 @@ class ArchSpec:
     def input_owners(self) -> dict[str, str]:
         """Linear -> the Linear whose inputs it shares: the Linears of one scale group read the same
         input (their shared previous op's output), so GPTQ accumulates H = 2/n sum x x^T once for them."""
-        return {
-            name: group.linears[0]
-            for group in self.scale_groups
-            if group.input_module is None
-            for name in group.linears
-        }
+        groups = [g.linears for g in self.scale_groups if g.input_module is None] + list(self.shared_inputs)
+        return {name: group[0] for group in groups for name in group}
 
     def solve_groups(self, true_sequential: bool) -> tuple[tuple[str, ...], ...]:
         """GPTQ's groups: true-sequential ones, or every Linear at once."""
@@ -217,6 +224,7 @@ _QWEN3_MOE = ArchSpec(
     qk_norm=True,
     experts="mlp.experts",
     router="mlp.gate",
+    shared_inputs=((f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"),),
 )
 
 
@@ -273,6 +281,7 @@ _MIXTRAL = ArchSpec(
     ),
     experts="block_sparse_moe.experts",
     expert_linears=("w1", "w3", "w2"),
+    shared_inputs=((f"{_MIXTRAL_EXPERT}.w1", f"{_MIXTRAL_EXPERT}.w3"),),
     router="block_sparse_moe.gate",
     renormalize_topk=True,
     renamed=(("mlp", "block_sparse_moe"),),

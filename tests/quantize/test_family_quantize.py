@@ -294,3 +294,18 @@ def test_every_block_is_calibrated_on_the_inputs_the_full_model_gives_it(models,
         hidden = run_block(block, dataclasses.replace(inputs.for_block(i), hidden=hidden), samples_per_chunk=3)
         if i + 1 < len(hs.hidden_states) - 1:  # the last entry is after the final norm
             torch.testing.assert_close(hidden, hs.hidden_states[i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_moe_expert_gate_and_up_share_one_hessian(tmp_path, models, calib, monkeypatch):
+    """An expert's gate and up read the same routed tokens: accumulating H once for both (the table's
+    shared_inputs) must give the same checkpoint as accumulating it for each."""
+    from qserve.quantize.arch import ArchSpec
+
+    spec = arch_for_config(json.loads((models["qwen3_moe"] / "config.json").read_text()))
+    assert spec.input_owners["mlp.experts.5.up_proj"] == "mlp.experts.5.gate_proj"
+    assert spec.input_owners["mlp.experts.5.gate_proj"] == "mlp.experts.5.gate_proj"
+    quantize_tiny(models["qwen3_moe"], tmp_path / "shared", calib, "gptq", n_samples=16)
+    monkeypatch.setattr(ArchSpec, "input_owners", property(lambda self: {}))
+    quantize_tiny(models["qwen3_moe"], tmp_path / "separate", calib, "gptq", n_samples=16)
+    a, b = read_tensors(tmp_path / "shared"), read_tensors(tmp_path / "separate")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
