@@ -40,9 +40,13 @@ class ValidateStage:
 class Gates:
     max_ppl_increase: float | None = None  # relative: 0.10 = quantized ppl at most 10% above original
     max_ppl: float | None = None  # absolute ceiling on the quantized ppl
+    # Relative: 0.05 = quantized ppl at least 5% below round-to-nearest's on the same grid (bits, group
+    # size, zero points) and the same windows. The RTN checkpoint is made and scored in the same run, so a
+    # calibration that silently degrades to rounding fails however loose max_ppl_increase is.
+    min_gain_over_rtn: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_ppl_increase", "max_ppl"):
+        for name in ("max_ppl_increase", "max_ppl", "min_gain_over_rtn"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"gate {name}={v}: expected a positive number")

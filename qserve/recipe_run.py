@@ -138,7 +138,45 @@ def _stage_eval(recipe: Recipe, progress: bool, log) -> dict:
             f"eval {ds}: {orig.ppl:.3f} -> {quant.ppl:.3f} ({quant.ppl / orig.ppl - 1:+.1%}) "
             f"on {quant.windows} windows x {quant.seqlen}"
         )
+    if st.gates.min_gain_over_rtn is not None:
+        _rtn_baseline(recipe, original_dir, table, progress, log)
     return {"ppl": table}
+
+
+def _rtn_baseline(recipe: Recipe, original_dir, table: dict, progress: bool, log) -> None:
+    """Round-to-nearest on the recipe's own grid (bits, group size, zero points, layout), made from the
+    original model and scored on the same windows as the quantized checkpoint: the baseline of the
+    min_gain_over_rtn gate. The RTN checkpoint lives in a temporary directory and is removed."""
+    import shutil
+    import tempfile
+
+    from qserve.evaluate import evaluate_ppl
+    from qserve.quantize.config import QuantConfig
+    from qserve.quantize.pipeline import quantize_model, resolve_config
+
+    cfg = resolve_config(recipe.quant_config())
+    st = recipe.eval
+    tmp = Path(tempfile.mkdtemp(prefix="qserve-rtn-baseline-"))
+    try:
+        rtn_cfg = QuantConfig(
+            model=str(original_dir), output=str(tmp / "rtn"), method="rtn", bits=cfg.bits,
+            group_size=cfg.group_size, sym=cfg.sym, format=cfg.format, device=cfg.device, dtype=cfg.dtype,
+            eval=False, quiet=True,
+        )  # fmt: skip
+        log(f"eval: RTN baseline on the same grid ({cfg.format}, {cfg.bits}-bit, group {cfg.group_size}, "
+            f"{'symmetric' if cfg.sym else 'zero points'}) for the min_gain_over_rtn gate")  # fmt: skip
+        quantize_model(rtn_cfg, log=lambda _m: None)
+        for ds, row in table.items():
+            rtn = evaluate_ppl(
+                tmp / "rtn", dataset=ds, seqlen=st.seqlen, max_windows=st.windows,
+                batch_size=st.batch_size, progress=progress,
+            )  # fmt: skip
+            q = row["quantized"]["ppl"]
+            row["rtn"] = rtn.to_dict()
+            row["gain_over_rtn"] = 1.0 - q / rtn.ppl
+            log(f"eval {ds}: RTN {rtn.ppl:.3f}, quantized {q:.3f} ({row['gain_over_rtn']:+.1%} below RTN)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stage_smoke(recipe: Recipe, log) -> dict:
@@ -184,6 +222,16 @@ def _gates(recipe: Recipe, eval_detail: dict) -> list[dict[str, Any]]:
             )
         if g.max_ppl is not None:
             gates.append({"gate": f"{ds}.max_ppl", "limit": g.max_ppl, "value": q, "passed": q <= g.max_ppl})
+        if g.min_gain_over_rtn is not None:
+            gain = row.get("gain_over_rtn")
+            gates.append(
+                {
+                    "gate": f"{ds}.min_gain_over_rtn",
+                    "limit": g.min_gain_over_rtn,
+                    "value": gain,
+                    "passed": gain is not None and gain >= g.min_gain_over_rtn,
+                }
+            )
     return gates
 
 

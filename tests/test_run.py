@@ -79,6 +79,38 @@ def test_failing_gate_gives_exit_code_and_report(tmp_path, tiny_llama_dir):
     assert "FAIL" in (out.with_name(out.name + ".report") / "run_report.md").read_text()
 
 
+def test_rtn_gate_fails_a_checkpoint_that_is_only_rounding(tmp_path, tiny_llama_dir):
+    """min_gain_over_rtn: the run makes RTN on the recipe's own grid and scores it on the same windows; a
+    "calibrated" checkpoint that is plain rounding (here: the recipe's method is rtn) gains exactly 0 and
+    fails, however loose max_ppl_increase is."""
+    recipe, out = write_recipe(tmp_path, tiny_llama_dir, "rtn", gate=10.0, smoke="false")
+    text = recipe.read_text().replace("max_ppl_increase: 10.0", "max_ppl_increase: 10.0\n    min_gain_over_rtn: 0.02")
+    recipe.write_text(text)
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--quiet"])
+    assert res.exit_code == 1, res.output
+    report = json.loads((out.with_name(out.name + ".report") / "run_report.json").read_text())
+    row = report["stages"][2]["detail"]["ppl"]["wikitext2"]
+    assert row["rtn"]["windows"] == row["quantized"]["windows"] == 2
+    assert row["gain_over_rtn"] == 0.0  # the same grid rounds to the same checkpoint
+    gates = {g["gate"]: g for g in report["gates"]}
+    assert gates["wikitext2.max_ppl_increase"]["passed"] is True
+    assert gates["wikitext2.min_gain_over_rtn"]["passed"] is False
+
+
+def test_rtn_gate_passes_a_gain_above_its_limit():
+    from qserve.recipe import EvalStage, Gates, Recipe, SmokeStage, ValidateStage
+    from qserve.recipe_run import _gates
+
+    recipe = Recipe(Path("r.yaml"), "m", "o", {}, ValidateStage(), EvalStage(gates=Gates(min_gain_over_rtn=0.05)),
+                    SmokeStage())  # fmt: skip
+    row = {"quantized": {"ppl": 9.0}, "increase": 0.1, "gain_over_rtn": 0.1}
+    assert _gates(recipe, {"ppl": {"wikitext2": row}}) == [
+        {"gate": "wikitext2.min_gain_over_rtn", "limit": 0.05, "value": 0.1, "passed": True}
+    ]
+    row["gain_over_rtn"] = 0.04
+    assert _gates(recipe, {"ppl": {"wikitext2": row}})[0]["passed"] is False
+
+
 def test_bad_recipe_fails_before_model_load(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model: /nonexistent\noutput: x\nquantize:\n  method: gptq\n  n_sampels: 3\n")
