@@ -53,7 +53,7 @@ def make_tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4", "qwen2_moe")
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
@@ -66,6 +66,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         MixtralConfig,
         Phi3Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
     )
@@ -89,6 +90,9 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common["head_dim"] = 16  # Qwen3Config defaults to 128 whatever the hidden size
     if family == "qwen3_moe":  # 8 experts, top-2 renormalised (Qwen3-30B-A3B routes 8 of 128, renormalised)
         common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "qwen2_moe":  # 8 routed experts, top-2 not renormalised (Qwen1.5-MoE), a shared expert
+        common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, norm_topk_prob=False)  # fmt: skip
     if family == "glm4":  # RoPE on adjacent pairs of half of each head, q/k/v biases (GLM-4 defaults)
         common.update(head_dim=16, partial_rotary_factor=0.5, attention_bias=True)
         common.pop("rope_theta")
@@ -103,7 +107,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
     common.update(overrides)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
                "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig, "gemma3": Gemma3TextConfig,
-               "mixtral": MixtralConfig, "glm4": Glm4Config}  # fmt: skip
+               "mixtral": MixtralConfig, "glm4": Glm4Config, "qwen2_moe": Qwen2MoeConfig}  # fmt: skip
     if family not in classes:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     return classes[family](**common)
@@ -146,7 +150,7 @@ def make_tiny_model(
                 p.uniform_(-0.5, 0.5)  # Gemma's norms scale by (1 + w) and start at w = 0
             elif family == "glm4" and name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)  # GLM-4's extra norms: varied, so a swapped pair of names shows
-            elif family == "glm4" and name.endswith(".bias"):
+            elif family in ("glm4", "qwen2_moe") and name.endswith(".bias"):
                 p.normal_(0.0, 0.5)  # q/k/v biases start at zero, which would hide them
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)

@@ -79,6 +79,11 @@ class ArchSpec:
     # Linears that read the same input beyond the scale groups' (a MoE expert's gate and up: the shared
     # AWQ group over all experts cannot say it), for GPTQ's one Hessian per input; "{e}": per expert.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    # Qwen2-MoE: a dense shared expert (an MLP every token goes through) scaled by sigmoid(x . g), with
+    # g the full-precision `shared_expert_gate` [1, hidden]; q/k/v biased whatever attention_bias says.
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    qkv_bias: bool = False
     # Gemma 3: RMSNorms scale by (norm_offset + w), attention and MLP outputs are normalised again before
     # the residual adds, embeddings are scaled by sqrt(hidden), sliding layers have their own RoPE base.
     norm_offset: float = 0.0
@@ -94,7 +99,9 @@ class ArchSpec:
         """This table with every per-expert ("{e}") name expanded to experts 0 .. n_experts - 1."""
 
         def names(group: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(n.format(e=e) for e in range(n_experts) for n in group) if _per_expert(group) else group
+            """Per-expert names for every expert (expert by expert), then the group's other names once."""
+            per = tuple(n.format(e=e) for e in range(n_experts) for n in group if "{e}" in n)
+            return per + tuple(n for n in group if "{e}" not in n)
 
         groups = []
         for g in self.scale_groups:
@@ -109,7 +116,9 @@ class ArchSpec:
             else:
                 groups.append(g)
         shared = tuple(
-            tuple(n.format(e=e) for n in group) for group in self.shared_inputs for e in range(n_experts)
+            tuple(n.format(e=e) for n in group)
+            for group in self.shared_inputs
+            for e in (range(n_experts) if _per_expert(group) else (0,))
         )
         return replace(
             self,
@@ -253,6 +262,42 @@ _GEMMA3 = ArchSpec(
 )
 
 
+# Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen2's attention (q/k/v biases) and Qwen3-MoE's routed
+# experts, plus a shared expert every token goes through, gated by sigmoid(shared_expert_gate x) (kept in
+# full precision, like the router). The shared expert's gate/up join the AWQ group over the experts'.
+_SHARED = "mlp.shared_expert"
+_QWEN2_MOE = replace(
+    _QWEN3_MOE,
+    family="qwen2_moe",
+    architectures=("Qwen2MoeForCausalLM",),
+    model_types=("qwen2_moe",),
+    sequential=(
+        *_LLAMA_SEQUENTIAL[:2],
+        (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj", f"{_SHARED}.gate_proj", f"{_SHARED}.up_proj"),
+        (f"{_MOE_EXPERT}.down_proj", f"{_SHARED}.down_proj"),
+    ),
+    scale_groups=(
+        *_LLAMA_SCALE_GROUPS[:2],
+        ScaleGroup(
+            "post_attention_layernorm",
+            (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj", f"{_SHARED}.gate_proj", f"{_SHARED}.up_proj"),
+            "mlp",
+            input_module="mlp",
+        ),
+        ScaleGroup(f"{_MOE_EXPERT}.up_proj", (f"{_MOE_EXPERT}.down_proj",), f"{_MOE_EXPERT}.down_proj"),
+        ScaleGroup(f"{_SHARED}.up_proj", (f"{_SHARED}.down_proj",), f"{_SHARED}.down_proj"),
+    ),
+    shared_inputs=(
+        (f"{_MOE_EXPERT}.gate_proj", f"{_MOE_EXPERT}.up_proj"),
+        (f"{_SHARED}.gate_proj", f"{_SHARED}.up_proj"),
+    ),
+    qk_norm=False,
+    shared_expert=_SHARED,
+    shared_expert_gate="mlp.shared_expert_gate",
+    qkv_bias=True,
+)
+
+
 # Mixtral: Mistral's attention and a MoE in every block, named as the original release does:
 # block_sparse_moe.gate (router, full precision) and block_sparse_moe.experts.{e}.w1 / w3 / w2 (gate, up,
 # down). Softmax over the experts, top-2, always renormalised. As for Qwen3-MoE, GPTQ runs per expert.
@@ -340,6 +385,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     _GEMMA3,
     _MIXTRAL,
     _GLM4,
+    _QWEN2_MOE,
 )
 
 

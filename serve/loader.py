@@ -178,7 +178,12 @@ def load_model(
                 MLP(linear([gate.format(e=e), up.format(e=e)], False), linear([down.format(e=e)], False), cfg.hidden_act)
                 for e in range(cfg.num_experts)
             ]
-            mlp = SparseMoE(cfg, experts)
+            shared = None
+            if spec.shared_expert:  # Qwen2-MoE's dense shared expert
+                sp = f"{p}.{spec.shared_expert}"
+                shared = MLP(linear([f"{sp}.gate_proj", f"{sp}.up_proj"], False), linear([f"{sp}.down_proj"], False),
+                             cfg.hidden_act)  # fmt: skip
+            mlp = SparseMoE(cfg, experts, shared)
         else:
             mlp_names = [f"{p}.{n}" for n in spec.gate_up]
             mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias), cfg.hidden_act)
@@ -211,6 +216,8 @@ def load_model(
             params[f"layers.{i}.{norm}"] = f"model.layers.{i}.{stored.get(norm, norm)}.weight"
         if cfg.num_experts:  # the router: kept unquantized, like the norms
             params[f"layers.{i}.mlp.gate"] = f"model.layers.{i}.{spec.router}.weight"
+        if cfg.num_experts and spec.shared_expert_gate:
+            params[f"layers.{i}.mlp.shared_expert_gate"] = f"model.layers.{i}.{spec.shared_expert_gate}.weight"
     if bf16_stored("model.embed_tokens.weight"):
         model.embed_tokens = HalfEmbedding(weights.get(params.pop("embed_tokens")), dtype)
     for module_name, tensor_name in params.items():

@@ -100,6 +100,7 @@ class ModelConfig:
     # rotate-half). The engine permutes q and k so those pairs sit where the kernel rotates (i, i + D/2),
     # with the frequencies past rotary_dim / 2 zero (no rotation): q k^T is unchanged by the permutation.
     rotary_dim: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a gated dense expert beside the routed ones
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -140,7 +141,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rope=RopeConfig.from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=is_qwen2 or attention_bias,
+            qkv_bias=is_qwen2 or attention_bias or (spec.qkv_bias and bool(cfg.get("qkv_bias", True))),
             o_bias=attention_bias and spec.o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
@@ -206,6 +207,9 @@ def _moe_fields(cfg: dict, spec) -> dict:
         num_experts=n,
         experts_per_token=top_k,
         expert_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+        if spec.shared_expert
+        else 0,
         # Mixtral always renormalises; Qwen3-MoE only when the config says so (transformers' default: no)
         renormalize_topk=spec.renormalize_topk if spec.renormalize_topk is not None
         else bool(cfg.get("norm_topk_prob", False)),
@@ -379,11 +383,19 @@ class SparseMoE(nn.Module):
     an expert's tokens are one contiguous gather and one GEMM per projection; experts that receive no
     token are skipped, so a step costs the active experts only."""
 
-    def __init__(self, cfg: ModelConfig, experts: list[MLP]) -> None:
+    def __init__(self, cfg: ModelConfig, experts: list[MLP], shared_expert: MLP | None = None) -> None:
         super().__init__()
         self.gate = Router(cfg.num_experts, cfg.hidden_size)  # the checkpoint's name: mlp.gate.weight
         self.experts = nn.ModuleList(experts)
         self.top_k, self.renormalize = cfg.experts_per_token, cfg.renormalize_topk
+        self.shared_expert = shared_expert  # Qwen2-MoE: out += sigmoid(x . g) * shared_expert(x)
+        if shared_expert is not None:
+            self.shared_expert_gate = Router(1, cfg.hidden_size)
+
+    def _with_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is None:
+            return out
+        return out + torch.sigmoid(self.shared_expert_gate(x)).to(x.dtype) * self.shared_expert(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -391,7 +403,7 @@ class SparseMoE(nn.Module):
             # here, before any illegal synchronisation, so the engine decodes eagerly (serve/cuda_graphs.py).
             raise RuntimeError("mixture-of-experts routing cannot be captured in a CUDA graph")
         if x.shape[0] == 1:
-            return self._one_token(x)
+            return self._with_shared(x, self._one_token(x))
         probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
         if self.renormalize:
@@ -408,7 +420,7 @@ class SparseMoE(nn.Module):
                 t = tokens[start : start + count]
                 out.index_add_(0, t, expert(x[t]) * pair_weights[start : start + count, None])
                 start += count
-        return out
+        return self._with_shared(x, out)
 
     def _one_token(self, x: torch.Tensor) -> torch.Tensor:
         """Batch-1 decode: the routing of one token in Python floats (one host read of its logits, no

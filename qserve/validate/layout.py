@@ -108,6 +108,11 @@ def llama_linear_features(config: dict) -> dict[str, tuple[int, int]] | None:
             experts[f"mlp.experts.{e}.gate_proj"] = (hidden, expert_inter)
             experts[f"mlp.experts.{e}.up_proj"] = (hidden, expert_inter)
             experts[f"mlp.experts.{e}.down_proj"] = (expert_inter, hidden)
+    shared_inter = config.get("shared_expert_intermediate_size")
+    if isinstance(shared_inter, int) and not isinstance(shared_inter, bool) and shared_inter > 0:
+        experts["mlp.shared_expert.gate_proj"] = (hidden, shared_inter)  # Qwen2-MoE's shared expert
+        experts["mlp.shared_expert.up_proj"] = (hidden, shared_inter)
+        experts["mlp.shared_expert.down_proj"] = (shared_inter, hidden)
     if isinstance(n_experts, int) and not isinstance(n_experts, bool) and n_experts > 0 and "mixtral" in str(
         config.get("model_type")
     ):  # Mixtral: w1 (gate), w3 (up), w2 (down) of intermediate_size

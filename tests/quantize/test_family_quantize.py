@@ -30,7 +30,7 @@ from qserve.validate import validate_checkpoint
 
 torch.set_num_threads(1)  # tiny ops: a second thread only adds sync latency on a shared machine
 
-FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4")
+FAMILIES = ("qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4", "qwen2_moe")
 # (family, method) pairs quantized end to end
 RUNS = [(f, m) for f in FAMILIES for m in ("gptq", "awq")]
 PROMPTS = ["The capital of France is", "A paged key-value cache stores attention state in", "0123"]
@@ -84,7 +84,7 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
 
     src = models[family]
     extra = {"n_grid": 5} if method == "awq" else {}
-    if family in ("qwen3_moe", "mixtral"):  # 512 tokens: ~128 per expert (top-2 of 8), few for the starved
+    if spec_of(src).experts:  # 512 tokens: ~128 per expert (top-2 of 8), few for the starved one
         extra["n_samples"] = 16
     report = quantize_tiny(src, tmp_path / "out", calib, method, **extra)
     qdir = tmp_path / "out"
@@ -128,16 +128,24 @@ def test_quantize_validate_serve(tmp_path, models, calib, calib_ids, family, met
         assert out.outputs[0].token_ids == want, prompt
 
 
+def spec_of(model_dir):
+    return arch_for_config(json.loads((model_dir / "config.json").read_text()))
+
+
+def routed_experts(spec) -> int:
+    return sum(name.startswith(f"{spec.experts}.") for name in spec.linears) // 3
+
+
 def check_expert_fallbacks(blocks, spec):
     """Every expert Linear records the tokens it was calibrated on; the starved expert (the last: its
     router row is zero, see qserve.testing) got fewer than its minimum and was rounded to nearest,
     and only Linears below the minimum were."""
     from qserve.quantize.moe import min_expert_tokens
 
-    n_experts = (len(spec.linears) - 4) // 3  # 4 attention Linears, then 3 per expert
+    n_experts = routed_experts(spec)
     starved = f"{spec.experts}.{n_experts - 1}."
     for block in blocks:
-        experts = [e for e in block["layers"] if ".experts." in e["layer"]]
+        experts = [e for e in block["layers"] if e["layer"].startswith(f"{spec.experts}.")]
         assert len(experts) == 3 * n_experts and all("tokens" in e for e in experts)
         for e in experts:
             # every expert Linear of the tiny model reads 64 features (hidden 64, moe_intermediate 64)
@@ -150,12 +158,13 @@ def check_expert_fallbacks(blocks, spec):
 def check_awq_expert_groups(blocks, spec):
     """AWQ on a MoE: one searched scale for every expert's gate/up (on the block's input), and one
     up -> down scale per expert; the starved expert's (too few routed tokens) is not searched."""
-    n_experts = (len(spec.linears) - 4) // 3
+    n_experts = routed_experts(spec)
     for block in blocks:
         groups = block["layers"]
         shared = [g for g in groups if g["prev_op"] == "post_attention_layernorm"]
-        assert len(shared) == 1 and len(shared[0]["linears"]) == 2 * n_experts and "best_ratio" in shared[0]
-        per_expert = [g for g in groups if ".experts." in g["prev_op"]]
+        assert len(shared) == 1 and "best_ratio" in shared[0]
+        assert len(shared[0]["linears"]) == 2 * n_experts + (2 if spec.shared_expert else 0)
+        per_expert = [g for g in groups if g["prev_op"].startswith(f"{spec.experts}.")]
         assert len(per_expert) == n_experts
         starved = per_expert[-1]
         assert starved.get("fallback") == "no scale" and starved["tokens"] < 64, starved
@@ -203,6 +212,7 @@ def test_awq_folds_phi3_down_scales_into_the_up_half_only(tmp_path, models, cali
         ("phi3", "model.layers.1.mlp.gate_up_proj"),
         ("qwen3_moe", "model.layers.1.mlp.experts.3.down_proj"),
         ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w2"),
+        ("qwen2_moe", "model.layers.1.mlp.shared_expert.up_proj"),
     ],
 )
 def test_validate_knows_the_module_list(tmp_path, models, calib, family, target, fault):
@@ -233,6 +243,7 @@ def test_validate_knows_the_module_list(tmp_path, models, calib, family, target,
         ("gemma-3-1b-it-gptq", "gemma", "gptq"),
         ("mixtral-8x7b-instruct-gptq", "mixtral", "gptq"),
         ("glm-4-9b-0414-awq", "glm", "awq"),
+        ("qwen1.5-moe-a2.7b-chat-gptq", "moe", "gptq"),
     ],
 )
 def test_family_recipes_pass_the_schema(recipe, family, method):

@@ -16,7 +16,8 @@ from tiny_checkpoints import single_thread, varied_model  # noqa: F401  (autouse
 from qserve.errors import ConfigError
 from qserve.serve.loader import load_model
 
-FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4"]
+FAMILIES = ["qwen3", "phi3", "qwen3_moe", "gemma3", "mixtral", "glm4", "qwen2_moe"]
+MOE = ["qwen3_moe", "mixtral", "qwen2_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,11 @@ def test_partial_rotary_is_refused_with_the_reason(models, tmp_path):
         load_model(model_dir, torch.device("cpu"), torch.float32, 64, validate=False)
 
 
-def test_moe_one_token_routing_equals_the_batched_path(models):
+@pytest.mark.parametrize("family", MOE)
+def test_moe_one_token_routing_equals_the_batched_path(models, family):
     """Batch-1 decode routes in Python floats (SparseMoE._one_token); the grouped batched path must
     give the same output for the same token, with and without renormalised top-k weights."""
-    loaded = load_model(models["qwen3_moe"], torch.device("cpu"), torch.float32, 64, validate=False)
+    loaded = load_model(models[family], torch.device("cpu"), torch.float32, 64, validate=False)
     moe = loaded.model.layers[0].mlp
     x = torch.randn(5, loaded.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -77,11 +79,12 @@ def test_moe_one_token_routing_equals_the_batched_path(models):
                 torch.testing.assert_close(moe(x[i : i + 1]), batched[i : i + 1], atol=1e-5, rtol=1e-5)
 
 
-def test_moe_greedy_one_sequence_matches_transformers(models):
+@pytest.mark.parametrize("family", MOE)
+def test_moe_greedy_one_sequence_matches_transformers(models, family):
     """One sequence: every decode step runs the batch-1 routing."""
     from test_engine import PROMPTS as TEXTS
     from test_engine import greedy, hf_greedy
 
-    llm = small_llm(models["qwen3_moe"], num_blocks=64)
+    llm = small_llm(models[family], num_blocks=64)
     out = llm.generate([TEXTS[1]], greedy(), use_tqdm=False)[0].outputs[0].token_ids
-    assert out == hf_greedy(models["qwen3_moe"], TEXTS[1], 24)
+    assert out == hf_greedy(models[family], TEXTS[1], 24)
