@@ -88,3 +88,33 @@ def test_moe_greedy_one_sequence_matches_transformers(models, family):
     llm = small_llm(models[family], num_blocks=64)
     out = llm.generate([TEXTS[1]], greedy(), use_tqdm=False)[0].outputs[0].token_ids
     assert out == hf_greedy(models[family], TEXTS[1], 24)
+
+
+def test_hub_style_configs_are_read_like_transformers_5_ones():
+    """Configs as the hub ships them (older transformers keys) select the same switches."""
+    from qserve.quantize.arch import arch_for_config
+    from qserve.serve.model import ModelConfig, RopeConfig
+
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512)  # fmt: skip
+    moe = {**base, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "norm_topk_prob": True, "sliding_window": None, "use_sliding_window": False}  # fmt: skip
+    cfg = ModelConfig.from_hf(moe)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.expert_intermediate_size) == (4, 2, 32)
+    assert cfg.renormalize_topk and cfg.qk_norm and cfg.sliding_window is None
+    assert len(arch_for_config(moe).linears) == 4 + 3 * 4
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        arch_for_config({**moe, "mlp_only_layers": [0]})
+    with pytest.raises(ConfigError, match="expert count"):
+        arch_for_config({**moe, "num_experts": 0})
+    mixtral = {**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8, "num_experts_per_tok": 2}
+    assert ModelConfig.from_hf(mixtral).renormalize_topk  # Mixtral always renormalises
+    gemma = {**base, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "rope_theta": 1e6,
+             "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+             "query_pre_attn_scalar": 256, "sliding_window_pattern": 2, "hidden_activation": "gelu_pytorch_tanh"}  # fmt: skip
+    cfg = ModelConfig.from_hf(gemma)
+    assert cfg.rope == RopeConfig(theta=1e6, rope_type="linear", factor=8.0)
+    assert cfg.local_rope == RopeConfig(theta=10000.0) and cfg.sliding_layers == (True, False)
+    assert cfg.attn_scale == 256**-0.5 and cfg.embed_scale == 8.0 and cfg.norm_offset == 1.0
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
+        ModelConfig.from_hf({**gemma, "final_logit_softcapping": 30.0})
