@@ -78,15 +78,18 @@ def markdown(report: RunReport, plot_name: str | None) -> str:
     if ev and ev.status == "ok":
         lines += [
             "",
-            "## Perplexity (same windows for both)",
+            "## Perplexity (same windows for every row)",
             "",
-            "| dataset | windows x seqlen | original | quantized | change |",
-            "|---|---|---:|---:|---:|",
+            "| dataset | windows x seqlen | original | RTN, same grid | quantized | change | below RTN |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for ds, row in ev.detail["ppl"].items():
             o, q = row["original"], row["quantized"]
+            rtn = f"{row['rtn']['ppl']:.3f}" if "rtn" in row else "-"
+            gain = f"{row['gain_over_rtn']:+.1%}" if "gain_over_rtn" in row else "-"
             lines.append(
-                f"| {ds} | {q['windows']} x {q['seqlen']} | {o['ppl']:.3f} | {q['ppl']:.3f} | {row['increase']:+.1%} |"
+                f"| {ds} | {q['windows']} x {q['seqlen']} | {o['ppl']:.3f} | {rtn} | {q['ppl']:.3f} "
+                f"| {row['increase']:+.1%} | {gain} |"
             )
     if report.gates:
         lines += ["", "## Gates", "", "| gate | limit | value | result |", "|---|---:|---:|---|"]
