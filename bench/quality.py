@@ -60,6 +60,16 @@ METHODS = {
     # asymmetric calibration (--gptaq): each layer fitted to the float model's output
     "gptq-gptaq": (["--method", "gptq", "--desc-act", "--sym", "--gptaq"], "rtn-sym"),
     "gptq-asym-mse-gptaq": (["--method", "gptq", "--desc-act", "--asym", "--mse", "--gptaq"], "rtn-asym"),
+    # the defaults `qserve quantize --method gptq` runs with, whatever they are (symmetric grid)
+    "gptq-default": (["--method", "gptq"], "rtn-sym"),
+    # symmetric act-order (the form vLLM's Marlin GPTQ kernel loads) with the range search, and each
+    # calibration window's first (attention-sink) token down-weighted in the Hessians
+    "gptq-sym-act-mse": (["--method", "gptq", "--desc-act", "--sym", "--mse"], "rtn-sym"),
+    "gptq-sym-act-mse-ftw": (
+        ["--method", "gptq", "--desc-act", "--sym", "--mse", "--first-token-weight", "0.25"],
+        "rtn-sym",
+    ),
+    "gptq-sym-act-ftw": (["--method", "gptq", "--desc-act", "--sym", "--first-token-weight", "0.25"], "rtn-sym"),
     "gptq-static-skip1": (
         ["--method", "gptq", "--desc-act", "--static-groups", "--sym", "--skip-first", "1"],
         "rtn-sym",
@@ -209,7 +219,7 @@ def main() -> None:
 
     import torch
 
-    from qserve.evaluate import eval_tokens, load_causal_lm, perplexity
+    from qserve.evaluate import eval_tokens, load_causal_lm, original_ppl, perplexity
     from qserve.hub import resolve_model
     from qserve.provenance import describe_run
 
@@ -236,7 +246,11 @@ def main() -> None:
         )
     if args.autoawq_result:  # fail on a mismatched result before spending time on the other rows
         autoawq_reused = reuse_autoawq(Path(args.autoawq_result).expanduser(), model_dir, args)
-    rows = {"original": {"ppl": ppl(model_dir)}}
+    # The original's number depends only on its files and the windows: cached across runs (and across
+    # `qserve quantize` evaluations with the same settings).
+    orig = original_ppl(model_dir, seqlen=args.eval_seqlen, max_windows=args.windows, device="cpu",
+                        dtype="float32", progress=False, log=lambda m: print(m, flush=True))  # fmt: skip
+    rows = {"original": {"ppl": orig.ppl}}
     for method in methods:
         if method == "autoawq" and args.autoawq_result:
             rows[method] = autoawq_reused

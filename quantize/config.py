@@ -27,6 +27,18 @@ AWQ_BITS = (4,)  # AWQ GEMM exists only at 4 bits
 # layer's input size is not a multiple of 128 (SmolLM2's 576).
 AUTO_GROUP_SIZES = (128, 64, 32)
 
+# GPTQ's default first_token_weight gives each calibration window's first token (an attention sink, with
+# outlier activations in late blocks) the share it has in a context of this many tokens: seqlen /
+# SINK_CONTEXT for windows shorter than that. See GPTQ_DEFAULTS_NOTE.
+SINK_CONTEXT = 2048
+
+GPTQ_DEFAULTS_NOTE = (
+    "symmetric (vLLM's Marlin GPTQ kernel takes symmetric 4/8-bit weights only; --asym for zero points), "
+    "act-order without static groups (Marlin and exllama read its g_idx), MSE range search, and each "
+    "window's first token weighted at its share of a 2048-token context, because plain GPTQ overfits that "
+    "attention-sink token on 512-token windows (measured on SmolLM2: bench/RESULTS.md, GPTQ section)"
+)
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -52,9 +64,10 @@ class QuantConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # compute dtype; the exported non-quantized tensors keep the model's dtype
-    # GPTQ
+    # GPTQ. desc_act, mse and first_token_weight default per method (None = GPTQ's measured defaults,
+    # GPTQ_DEFAULTS_NOTE; other methods do not use them).
     damp: float = 0.01
-    desc_act: bool = False
+    desc_act: bool | None = None
     static_groups: bool = False
     true_sequential: bool = True
     block_size: int = 128
@@ -70,7 +83,7 @@ class QuantConfig:
     first_token_weight: float | None = None
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
-    mse: bool = False
+    mse: bool | None = None
     # Asymmetric calibration (the GPTAQ objective, Li et al. 2025): fit each layer's output on the
     # quantized model's inputs to the float model's output on the float model's inputs, instead of to
     # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
@@ -100,6 +113,9 @@ class QuantConfig:
             )
         if self.sym is None:
             object.__setattr__(self, "sym", self.format == "gptq")
+        for name in ("desc_act", "mse"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.method == "gptq")
         allowed_bits = AWQ_BITS if self.format == "awq" else GPTQ_BITS
         if self.bits not in allowed_bits:
             raise ConfigError(
@@ -193,7 +209,9 @@ class QuantConfig:
         """The weight GPTQ gives each calibration window's first token in its Hessians."""
         if self.first_token_weight is not None:
             return float(self.first_token_weight)
-        return 1.0
+        if self.method != "gptq":
+            return 1.0
+        return min(1.0, (self.seqlen - self.skip_first) / SINK_CONTEXT)
 
 
 # Field types for recipe checking; kept explicit because annotations are strings under
@@ -214,13 +232,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "dtype": (str,),
     "damp": (float, int),
-    "desc_act": (bool,),
+    "desc_act": (bool, type(None)),
     "static_groups": (bool,),
     "true_sequential": (bool,),
     "block_size": (int,),
     "skip_first": (int,),
     "first_token_weight": (float, int, type(None)),
-    "mse": (bool,),
+    "mse": (bool, type(None)),
     "gptaq": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),
@@ -378,3 +396,19 @@ def _summarise(bad: dict[str, int]) -> str:
         count, _ = by_suffix.get(suffix, (0, in_f))
         by_suffix[suffix] = (count + 1, in_f)
     return "; ".join(f"{s} (in_features {in_f}, {n}x)" for s, (n, in_f) in by_suffix.items())
+
+
+def gptq_settings_line(cfg: QuantConfig) -> str:
+    """The GPTQ settings in force, one line for the start of a run, with why the defaults are what they are."""
+    parts = [
+        "symmetric" if cfg.sym else "zero points (asymmetric)",
+        ("act-order" + (" + static groups" if cfg.static_groups else "")) if cfg.desc_act else "no act-order",
+        "MSE ranges" if cfg.mse else "min/max ranges",
+        f"first-token weight {cfg.resolved_first_token_weight():g}",
+        f"damp {cfg.damp:g}",
+    ]
+    if cfg.gptaq:
+        parts.append("gptaq")
+    if cfg.skip_first:
+        parts.append(f"skip first {cfg.skip_first}")
+    return f"gptq: {', '.join(parts)}. Defaults: {GPTQ_DEFAULTS_NOTE}."

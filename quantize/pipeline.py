@@ -15,7 +15,13 @@ import torch
 
 from qserve.errors import CheckpointError, ConfigError
 from qserve.quantize.arch import ArchSpec, arch_for_config
-from qserve.quantize.config import QuantConfig, calibration_warning, check_layer_shapes, resolve_group_size
+from qserve.quantize.config import (
+    QuantConfig,
+    calibration_warning,
+    check_layer_shapes,
+    gptq_settings_line,
+    resolve_group_size,
+)
 from qserve.quantize.driver import quantize_blocks
 from qserve.quantize.export import TensorEntry, write_checkpoint
 from qserve.quantize.families import prepare_skeleton
@@ -107,6 +113,8 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     log(est.describe())
     if chosen:
         log(chosen)
+    if cfg.method == "gptq":
+        log(gptq_settings_line(cfg))
     warning = calibration_warning(cfg, shapes)
     if warning:
         log(warning)

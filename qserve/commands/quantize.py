@@ -117,9 +117,8 @@ def _opt(*decls: str, field: str, **kwargs):
     help="GPTQ: weight of each calibration window's first token (the attention sink) in the Hessians.",
 )
 @_opt(
-    "--mse",
+    "--mse/--no-mse",
     field="mse",
-    is_flag=True,
     help="GPTQ: choose each group's scale by a search over shrunk ranges (least |w - q|^2.4), "
     "not min/max.",
 )

@@ -57,7 +57,7 @@ def test_help_lists_an_option_for_every_config_field():
 
 def test_misspelt_flag_gets_a_suggestion(capsys):
     code, _out, err = _run(["quantize", "m", "-o", "x", "--method", "gptq", "--group-sise", "64"], capsys)
-    assert code == 2 and "No such option '--group-sise'. Did you mean '--group-size'?" in err
+    assert code == 2 and "No such option '--group-sise'" in err and "'--group-size'" in err
 
 
 def test_bad_choice_and_missing_method_are_usage_errors(capsys):
