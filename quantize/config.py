@@ -27,16 +27,10 @@ AWQ_BITS = (4,)  # AWQ GEMM exists only at 4 bits
 # layer's input size is not a multiple of 128 (SmolLM2's 576).
 AUTO_GROUP_SIZES = (128, 64, 32)
 
-# GPTQ's default first_token_weight gives each calibration window's first token (an attention sink, with
-# outlier activations in late blocks) the share it has in a context of this many tokens: seqlen /
-# SINK_CONTEXT for windows shorter than that. See GPTQ_DEFAULTS_NOTE.
-SINK_CONTEXT = 2048
-
 GPTQ_DEFAULTS_NOTE = (
-    "symmetric (vLLM's Marlin GPTQ kernel takes symmetric 4/8-bit weights only; --asym for zero points), "
-    "act-order without static groups (Marlin and exllama read its g_idx), MSE range search, and each "
-    "window's first token weighted at its share of a 2048-token context, because plain GPTQ overfits that "
-    "attention-sink token on 512-token windows (measured on SmolLM2: bench/RESULTS.md, GPTQ section)"
+    "symmetric (vLLM's Marlin GPTQ kernel takes symmetric 4/8-bit weights only; --asym for zero points) "
+    "and act-order without static groups (Marlin and exllama read its g_idx; without act-order GPTQ "
+    "measured worse than rounding on SmolLM2, with it below rounding: bench/RESULTS.md, GPTQ section)"
 )
 
 
@@ -64,8 +58,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # compute dtype; the exported non-quantized tensors keep the model's dtype
-    # GPTQ. desc_act, mse and first_token_weight default per method (None = GPTQ's measured defaults,
-    # GPTQ_DEFAULTS_NOTE; other methods do not use them).
+    # GPTQ. desc_act defaults per method (None = on for GPTQ, GPTQ_DEFAULTS_NOTE; off for the others).
     damp: float = 0.01
     desc_act: bool | None = None
     static_groups: bool = False
@@ -79,11 +72,11 @@ class QuantConfig:
     skip_first: int = 0
     # Weight of each calibration window's first position (after skip_first) in GPTQ's Hessians. That
     # attention-sink token occurs once per window, so a short window over-weights it against a served
-    # context; None = the method default (see resolved_first_token_weight).
+    # context (seqlen/2048 gives it a 2048-token context's share); None = 1, every token alike.
     first_token_weight: float | None = None
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
-    mse: bool | None = None
+    mse: bool = False
     # Asymmetric calibration (the GPTAQ objective, Li et al. 2025): fit each layer's output on the
     # quantized model's inputs to the float model's output on the float model's inputs, instead of to
     # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
@@ -113,9 +106,8 @@ class QuantConfig:
             )
         if self.sym is None:
             object.__setattr__(self, "sym", self.format == "gptq")
-        for name in ("desc_act", "mse"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.method == "gptq")
+        if self.desc_act is None:
+            object.__setattr__(self, "desc_act", self.method == "gptq")
         allowed_bits = AWQ_BITS if self.format == "awq" else GPTQ_BITS
         if self.bits not in allowed_bits:
             raise ConfigError(
@@ -207,11 +199,8 @@ class QuantConfig:
 
     def resolved_first_token_weight(self) -> float:
         """The weight GPTQ gives each calibration window's first token in its Hessians."""
-        if self.first_token_weight is not None:
-            return float(self.first_token_weight)
-        if self.method != "gptq":
-            return 1.0
-        return min(1.0, (self.seqlen - self.skip_first) / SINK_CONTEXT)
+        # Default 1: down-weighting the sink token (0.25 with --mse) measured no better on SmolLM2.
+        return 1.0 if self.first_token_weight is None else float(self.first_token_weight)
 
 
 # Field types for recipe checking; kept explicit because annotations are strings under
@@ -238,7 +227,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "block_size": (int,),
     "skip_first": (int,),
     "first_token_weight": (float, int, type(None)),
-    "mse": (bool, type(None)),
+    "mse": (bool,),
     "gptaq": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),

@@ -264,12 +264,10 @@ def test_first_token_weight_scales_each_windows_first_rows_in_the_hessians(tmp_p
         torch.testing.assert_close(b[:, 0], a[:, 0] * 0.5)
     a, b = read_tensors(tmp_path / "w1.0"), read_tensors(tmp_path / "w0.25")
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("qweight"))
-    # The default weight is the window's share of a 2048-token context, applied exactly as if explicit.
-    default = quantize_tiny(models["llama"], tmp_path / "default", calib, "gptq")
-    seqlen = default.config["seqlen"]
-    quantize_tiny(models["llama"], tmp_path / "explicit", calib, "gptq", first_token_weight=seqlen / 2048)
-    c, d = read_tensors(tmp_path / "default"), read_tensors(tmp_path / "explicit")
-    assert all(torch.equal(c[k], d[k]) for k in c)
+    # The default weight is 1: bit-identical to the explicit w = 1 run.
+    quantize_tiny(models["llama"], tmp_path / "default", calib, "gptq")
+    c = read_tensors(tmp_path / "default")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_first_token_weight_is_checked_and_fingerprinted():
@@ -278,8 +276,8 @@ def test_first_token_weight_is_checked_and_fingerprinted():
         QuantConfig(**base, first_token_weight=0.5).fingerprint_dict()
         != QuantConfig(**base, first_token_weight=1.0).fingerprint_dict()
     )
-    assert QuantConfig(**base).resolved_first_token_weight() == 16 / 2048
-    assert QuantConfig(**{**base, "seqlen": 4096}).resolved_first_token_weight() == 1.0
+    assert QuantConfig(**base).resolved_first_token_weight() == 1.0
+    assert QuantConfig(**base, first_token_weight=0.25).resolved_first_token_weight() == 0.25
     assert QuantConfig(**{**base, "method": "awq"}).resolved_first_token_weight() == 1.0
     with pytest.raises(ConfigError, match=r"first_token_weight=1\.5"):
         QuantConfig(**base, first_token_weight=1.5)
@@ -475,10 +473,10 @@ def test_config_defaults_follow_each_ecosystem():
     assert QuantConfig(model="m", output="o", method="rtn").format == "gptq"
     assert QuantConfig(model="m", output="o", method="gptq").calib_mode == "windows"
     assert QuantConfig(model="m", output="o", method="awq").calib_mode == "concat"
-    # GPTQ's measured defaults: act-order and the MSE range search on the symmetric (Marlin) grid.
+    # GPTQ's measured defaults: act-order on the symmetric (Marlin) grid.
     gptq = QuantConfig(model="m", output="o", method="gptq")
-    assert (gptq.desc_act, gptq.static_groups, gptq.mse, gptq.gptaq) == (True, False, True, False)
-    assert gptq.resolved_first_token_weight() == 512 / 2048
+    assert (gptq.desc_act, gptq.static_groups, gptq.mse, gptq.gptaq) == (True, False, False, False)
+    assert gptq.resolved_first_token_weight() == 1.0
     awq = QuantConfig(model="m", output="o", method="awq")
     assert (awq.desc_act, awq.mse) == (False, False)
     assert QuantConfig(model="m", output="o", method="gptq", desc_act=False, mse=False).desc_act is False
@@ -488,7 +486,7 @@ def test_gptq_run_says_which_settings_are_in_force_and_why():
     from qserve.quantize.config import gptq_settings_line
 
     line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq"))
-    assert line.startswith("gptq: symmetric, act-order, MSE ranges, first-token weight 0.25, damp 0.01.")
+    assert line.startswith("gptq: symmetric, act-order, min/max ranges, first-token weight 1, damp 0.01.")
     assert "Marlin" in line and "bench/RESULTS.md" in line
     line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq", sym=False, desc_act=False,
                                           mse=False, first_token_weight=1.0, gptaq=True))  # fmt: skip
