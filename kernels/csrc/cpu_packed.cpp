@@ -399,8 +399,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
       const int64_t b0 = t * per_tile, b1 = std::min(NB, b0 + per_tile);
       const int64_t c0 = b0 * kBlock, cols = std::min(n, b1 * kBlock) - c0;
       dequant_tile(w, b0, b1, buf.data_ptr<float>(), per_tile * kBlock, isa);
-      at::Tensor part = at::mm(xf, buf.narrow(1, 0, cols));  // [M, cols]
-      y.narrow(1, c0, cols).copy_(part);
+      at::Tensor part = at::mm(xf, buf.narrow(1, 0, cols)).contiguous();  // [M, cols]
+      // Raw copy, not Tensor::copy_: this runs on a pool thread, which does not inherit the caller's
+      // InferenceMode, and y is an inference tensor when the engine calls under inference_mode.
+      const float* pp = part.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * n + c0, pp + m * cols, sizeof(float) * cols);
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -112,6 +112,23 @@ def test_packed_linear_matches_the_reference(fmt, group_size, act_order, out_fea
         )
 
 
+def test_prefill_path_runs_under_inference_mode_on_several_threads(isa, gen):
+    """The engine calls under torch.inference_mode(); the prefill tiles are written by pool threads, which
+    do not inherit that mode, so the output must not be written through autograd-checked tensor ops."""
+    tensors = checkpoint_linear("awq", 2048, 256, 64, False, gen)  # several 512 KiB tiles
+    w = resident(tensors, "awq", 64)
+    x = torch.randn(64, 256, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = cpu_packed.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference.dequant_gemm_reference(x, *tensors, fmt="awq", group_size=64)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=2e-4)
+
+
 def test_packed_linear_keeps_leading_dims_and_non_contiguous_input(isa, gen):
     tensors = checkpoint_linear("awq", 128, 128, 32, False, gen)
     w = resident(tensors, "awq", 32)
