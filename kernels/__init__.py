@@ -1,6 +1,6 @@
 """Triton kernels and their torch references.
 
-Public entry points (the engine codes against these): `dequant_gemm`, `dequantize_weight`,
+Public entry points (the engine codes against these): `dequant_gemm`, `dequantize_weight`, `fused_moe`,
 `write_kv_cache`, `rope_and_write_kv`, `paged_attention`, `paged_attention_decode`. CUDA tensors run
 Triton kernels (`triton_gemm`, `triton_attention`); CPU tensors run torch (`torch_attention`,
 `reference`), or in fp32 qserve's C++ decode kernels (`cpu_ext`) where they could be built.
@@ -60,6 +60,7 @@ else:
         FUSED_MAX_TOKENS,
         dequant_gemm,
         dequantize_weight,
+        fused_moe,
         g_idx_is_trivial,
         paged_attention,
         paged_attention_decode,
@@ -71,6 +72,7 @@ else:
         "FUSED_MAX_TOKENS",
         "dequant_gemm",
         "dequantize_weight",
+        "fused_moe",
         "g_idx_is_trivial",
         "paged_attention",
         "paged_attention_decode",

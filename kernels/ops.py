@@ -1,11 +1,14 @@
 """The public kernel entry points: Triton on CUDA tensors, torch on everything else.
 
 Dispatch is by the tensors' device only (never by environment), so CPU callers always get the torch
-paths, even in a process where TRITON_INTERPRET is set. The Triton modules are imported on the first
+paths, even in a process where TRITON_INTERPRET is set (`fused_moe` takes an explicit backend="triton"
+so tests can run its CUDA path's Python glue under the interpreter). The Triton modules are imported on the first
 CUDA call, so importing `qserve.kernels` does not need triton.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +19,7 @@ from qserve.kernels import cpu_ext, cpu_gemm, reference, torch_attention
 # same count from its own measurements; bench/kernels.py reports the crossover per shape on a GPU.
 FUSED_MAX_TOKENS = 256
 GEMM_PATHS = ("fused", "dequant")
+MOE_BACKENDS = ("triton", "torch")
 
 
 def g_idx_is_trivial(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -111,6 +115,45 @@ def dequant_gemm(
     )  # fmt: skip  # W'^T [in, out]
     y = torch.matmul(x, w_t)
     return y + bias.to(x.dtype) if bias is not None else y
+
+
+def fused_moe(
+    x: torch.Tensor,
+    gate_up: list,
+    down,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    fmt: str,
+    bits: int = 4,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+    activation,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A MoE block's routed experts: sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)),
+    e = topk_ids[t, j]; x [T, H] -> [T, H] in x.dtype.
+
+    `gate_up` (a list of one stack of gate|up, or two stacks gate and up) and `down` are
+    `triton_moe.StackedPacked`: every expert's packed tensors with a leading expert dim. On CUDA (or
+    backend "triton": CPU tensors then need TRITON_INTERPRET=1) the fused Triton kernel runs, one
+    launch per projection for all experts; on CPU (backend "torch") the reference, which dequantizes
+    every routed expert on every call (the CPU engine keeps its experts as `CpuQuantLinear` instead).
+    """
+    if backend is not None and backend not in MOE_BACKENDS:
+        raise ValueError(f"backend must be one of {MOE_BACKENDS} or None, got {backend!r}")
+    backend = backend or ("triton" if x.is_cuda else "torch")
+    kw = dict(
+        fmt=fmt, bits=bits, group_size=group_size, checkpoint_format=checkpoint_format, activation=activation
+    )
+    if backend == "torch":
+        return reference.fused_moe_reference(x, gate_up, down, topk_weights, topk_ids, **kw)
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("fused_moe backend 'triton' on CPU tensors runs only under TRITON_INTERPRET=1 "
+                         "(tests); use CUDA tensors or backend 'torch'")  # fmt: skip
+    from qserve.kernels import triton_moe
+
+    return triton_moe.fused_moe_triton(x, gate_up, down, topk_weights, topk_ids, **kw)
 
 
 def write_kv_cache(

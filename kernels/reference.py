@@ -159,3 +159,36 @@ def paged_attention_reference(
             scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
         out[lo:hi] = (scores.softmax(dim=-1) @ v).transpose(0, 1).to(q.dtype)
     return out
+
+
+def fused_moe_reference(
+    x: torch.Tensor,
+    gate_up: list,
+    down,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    fmt: str,
+    bits: int = 4,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+    activation,
+) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, j], each
+    expert dequantized from its stacked packed tensors (`triton_moe.StackedPacked`: qweight, qzeros,
+    scales, g_idx with a leading expert dim) and applied in fp32; x [T, H] -> [T, H] in x.dtype."""
+    kw = dict(fmt=fmt, bits=bits, group_size=group_size, checkpoint_format=checkpoint_format)
+
+    def dense(s, e: int) -> torch.Tensor:
+        g_idx = None if s.g_idx is None else s.g_idx[e]
+        return dequantize_weight(s.qweight[e], s.qzeros[e], s.scales[e], g_idx, **kw)  # [out, in]
+
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for e in torch.unique(topk_ids).tolist():
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        h = torch.cat([xf[token] @ dense(s, e).t() for s in gate_up], dim=-1)
+        gate, up = h.chunk(2, dim=-1)
+        y = (activation(gate) * up) @ dense(down, e).t()
+        out.index_add_(0, token, y * topk_weights[token, slot].float()[:, None])
+    return out.to(x.dtype)
