@@ -18,12 +18,12 @@ import torch
 
 from qserve.errors import ConfigError
 from qserve.serve.config import CacheConfig, SchedulerConfig
-from qserve.serve.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
 from qserve.serve.loader import eos_token_ids, load_model, read_json, resolve_device, resolve_dtype
 from qserve.serve.metrics import EngineMetrics, EngineStats
+from qserve.serve.output_processor import CoreOutput, RequestState, SeqUpdate
 from qserve.serve.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from qserve.serve.quant_linear import resident_weight_bytes
-from qserve.serve.request_output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from qserve.serve.request_output import RequestOutput
 from qserve.serve.runner import ModelRunner, cpu_num_blocks, cuda_num_blocks
 from qserve.serve.sampler import Sampler, SamplingState
 from qserve.serve.sampling_params import SamplingParams
@@ -55,20 +55,13 @@ class EngineArgs:
 
 @dataclass
 class _SeqTrack:
-    """Runtime-side state of one output sequence."""
+    """Core-side state of one output sequence (its text lives in the request's RequestState)."""
 
     seq: Sequence
     sampling: SamplingState
-    detok: IncrementalDetokenizer
-    num_seen: int = 0  # output tokens already detokenized
-    cut: int | None = None  # text length after a stop string
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
+    index: int  # which of the request's n samples
+    num_seen: int = 0  # output tokens already reported
     last_token_time: float | None = None
-
-    @property
-    def text(self) -> str:
-        return self.detok.text if self.cut is None else self.detok.text[: self.cut]
 
 
 @dataclass
@@ -80,6 +73,7 @@ class _Request:
     tracks: list[_SeqTrack] = field(default_factory=list)
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    text: RequestState | None = None  # None in a split engine core: the API process detokenizes
 
     @property
     def finished(self) -> bool:
@@ -87,12 +81,16 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    """`detokenize=False` makes an engine core (serve/engine_core.py): `step` and `abort` return
+    token-level `CoreOutput`s and the caller turns them into text with a `RequestState`."""
+
+    def __init__(self, args: EngineArgs, detokenize: bool = True) -> None:
         from transformers import AutoTokenizer
 
         from qserve.hub import resolve_model
 
         self.args = args
+        self.detokenize = detokenize
         model_dir = Path(resolve_model(args.model))
         self.model_dir = model_dir
         hf_config = read_json(model_dir / "config.json")
@@ -184,27 +182,46 @@ class LLMEngine:
             gen = None if sib.seed is None else torch.Generator(self.device).manual_seed(sib.seed)
             spec = sib.structured_outputs  # one matcher per sibling: each follows its own tokens
             state = SamplingState(seq, sib, gen, None if spec is None else self.structured.new_state(spec))
-            detok = IncrementalDetokenizer(self.tokenizer, ids, sib.skip_special_tokens)
-            req.tracks.append(_SeqTrack(seq, state, detok, logprobs=[] if sib.logprobs is not None else None))
+            req.tracks.append(_SeqTrack(seq, state, index))
         self.scheduler.add([t.seq for t in req.tracks])  # raises before any bookkeeping below
+        if self.detokenize:
+            req.text = RequestState(self.tokenizer, request_id, text, ids, params, req.arrival_time)
         self._requests[request_id] = req
         for t in req.tracks:
             self._request_of[t.seq.seq_id] = request_id
             self._states[t.seq.seq_id] = t.sampling
             self._tracks[t.seq.seq_id] = t
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> RequestOutput | CoreOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
         req = self._requests.get(request_id)
         if req is None:
             return None
-        for t in req.tracks:
-            if not t.seq.is_finished and self.scheduler.abort(t.seq.seq_id) is None:
-                t.seq.set_finished("abort")
-        out = self._output(req)
+        updates = []
+        for index, t in enumerate(req.tracks):
+            if not t.seq.is_finished:
+                if self.scheduler.abort(t.seq.seq_id) is None:
+                    t.seq.set_finished("abort")
+                updates.append(SeqUpdate(index, (), None, "abort"))
+        if req.text is not None:
+            req.text.abort()
+        out = self._output(req, updates)
         self.metrics.on_finished("abort", time.time() - req.arrival_time)
         self._retire(req)
         return out
+
+    def stop_sequence(self, request_id: str, index: int, stop: str) -> None:
+        """End sequence `index` of a request on the stop string `stop` (found by the API process's
+        detokenizer); the request leaves the engine once all its sequences have ended."""
+        req = self._requests.get(request_id)
+        if req is None or not 0 <= index < len(req.tracks):
+            return
+        seq = req.tracks[index].seq
+        if not seq.is_finished and self.scheduler.finish(seq.seq_id, "stop", stop) is None:
+            seq.set_finished("stop", stop)
+        if req.finished:
+            self.metrics.on_finished(_request_reason(req), time.time() - req.arrival_time)
+            self._retire(req)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -217,72 +234,49 @@ class LLMEngine:
         return self.metrics.snapshot(s.stats(), s.num_running, s.num_waiting)
 
     # ---- the step -----------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput] | list[CoreOutput]:
         scheduled = self.scheduler.schedule()
         ran = self.runner.execute(scheduled, self._states)
         return self._postprocess(scheduled, ran)
 
-    def _postprocess(self, scheduled: SchedulerOutput, ran: ModelRunnerOutput) -> list[RequestOutput]:
+    def _postprocess(self, scheduled: SchedulerOutput, ran: ModelRunnerOutput) -> list:
         now = time.time()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, list[SeqUpdate]] = {}
         for seq in self.scheduler.update(scheduled, ran):
             req = self._requests[self._request_of[seq.seq_id]]
-            self._advance(req, self._tracks[seq.seq_id], ran.logprobs.get(seq.seq_id), now)
-            touched[req.request_id] = req
-        outputs = [self._output(req) for req in touched.values()]
-        for req in touched.values():
+            track = self._tracks[seq.seq_id]
+            update = self._advance(req, track, ran.logprobs.get(seq.seq_id), now)
+            touched.setdefault(req.request_id, []).append(update)
+            if req.text is not None:
+                stop = req.text.update(update)
+                if stop is not None and self.scheduler.finish(seq.seq_id, "stop", stop) is None:
+                    seq.set_finished("stop", stop)  # already ended on this token
+        reqs = [self._requests[rid] for rid in touched]
+        outputs = [self._output(req, touched[req.request_id]) for req in reqs]
+        for req in reqs:
             if req.finished:
                 self.metrics.on_finished(_request_reason(req), now - req.arrival_time)
                 self._retire(req)
         return outputs
 
-    def _advance(self, req: _Request, track: _SeqTrack, lp: TokenLogprobs | None, now: float) -> None:
-        seq, params = track.seq, track.sampling.params
-        new_ids = seq.output_token_ids[track.num_seen :]
+    def _advance(self, req: _Request, track: _SeqTrack, lp: TokenLogprobs | None, now: float) -> SeqUpdate:
+        seq = track.seq
+        new_ids = tuple(seq.output_token_ids[track.num_seen :])
         track.num_seen = seq.num_output_tokens
         if req.first_token_time is None:
             req.first_token_time = now
+            if req.text is not None:
+                req.text.first_token_time = now
             self.metrics.on_first_token(len(req.prompt_token_ids), now - req.arrival_time)
         gap = None if track.last_token_time is None else now - track.last_token_time
         self.metrics.on_tokens(len(new_ids), gap)
         track.last_token_time = now
-        if lp is not None and track.logprobs is not None:
-            track.logprobs.append(self._logprob_dict(new_ids[-1], lp))
-            track.cumulative_logprob = (track.cumulative_logprob or 0.0) + lp.logprob
-        new_text = track.detok.step(new_ids)
-        if seq.is_finished:
-            new_text += track.detok.flush()
-        if params.stop and track.cut is None and seq.num_output_tokens >= params.min_tokens:
-            hit = find_stop_string(
-                track.detok.text, len(new_text), params.stop, params.include_stop_str_in_output
-            )
-            if hit is not None:
-                track.cut = hit[1]
-                if self.scheduler.finish(seq.seq_id, "stop", hit[0]) is None:  # already ended on this token
-                    seq.set_finished("stop", hit[0])
+        return SeqUpdate(track.index, new_ids, lp, seq.finish_reason, seq.stop_reason)
 
-    def _logprob_dict(self, token_id: int, lp: TokenLogprobs) -> dict[int, Logprob]:
-        decode = self.tokenizer.decode
-        entries = {tid: Logprob(val, rank + 1, decode([tid])) for rank, (tid, val) in enumerate(lp.top)}
-        entries[token_id] = Logprob(lp.logprob, lp.rank, decode([token_id]))
-        return entries
-
-    def _output(self, req: _Request) -> RequestOutput:
-        completions = []
-        for index, t in enumerate(req.tracks):
-            text = t.text
-            hold = stop_holdback(t.sampling.params.stop)
-            if hold and not t.seq.is_finished:  # a stop string may still complete: do not stream its prefix
-                text = text[: max(0, len(text) - hold)]
-            completions.append(CompletionOutput(
-                index=index, text=text, token_ids=list(t.seq.output_token_ids),
-                cumulative_logprob=t.cumulative_logprob,
-                logprobs=None if t.logprobs is None else list(t.logprobs),
-                finish_reason=t.seq.finish_reason, stop_reason=t.seq.stop_reason,
-            ))  # fmt: skip
-        finished = req.finished
-        metrics = RequestMetrics(req.arrival_time, req.first_token_time, time.time() if finished else None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished, metrics)
+    def _output(self, req: _Request, updates: list[SeqUpdate]) -> RequestOutput | CoreOutput:
+        if req.text is not None:
+            return req.text.output()
+        return CoreOutput(req.request_id, tuple(updates), req.first_token_time)
 
     def _retire(self, req: _Request) -> None:
         del self._requests[req.request_id]
