@@ -1,8 +1,8 @@
 """`qserve serve MODEL`: validate the checkpoint, load it into the engine, serve the OpenAI API.
 
-Flags carry vLLM's names so a command line moves between the two. SIGTERM (or Ctrl-C) drains: uvicorn
-stops accepting connections and waits for in-flight responses, then the app's lifespan shuts the
-engine down with drain=True.
+Flags carry vLLM's names so a command line moves between the two. SIGTERM (or Ctrl-C) drains: new
+requests and /health get 503, in-flight responses (streams included) finish within --shutdown-timeout,
+then the engine stops and the process exits 0 (serve/api/shutdown.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from typing import Any
 import click
 
 from qserve.errors import CheckpointError, ConfigError, RecipeError
-from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, TOOL_CALL_PARSERS
+from qserve.serve.api.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    TOOL_CALL_PARSERS,
+)
 
 
 class CheckpointRefused(CheckpointError):
@@ -131,9 +136,8 @@ def run_server(cfg) -> None:
     model_dir = Path(resolve_model(cfg.model))
     verdict = check_checkpoint(model_dir)  # before the heavy imports: a refusal is quick
 
-    import uvicorn
-
     from qserve.serve.api.app import DEFAULT_STATS_INTERVAL, create_app
+    from qserve.serve.api.shutdown import serve_app
     from qserve.serve.async_engine import AsyncLLMEngine
 
     interval = stats_interval(DEFAULT_STATS_INTERVAL)
@@ -177,7 +181,7 @@ def run_server(cfg) -> None:
         + """"max_tokens": 32}'"""
     )
     # uvicorn's own access log stays off: the app's AccessLog writes one line per request with its id.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+    serve_app(app, cfg.host, cfg.port, cfg.shutdown_timeout, log_level=cfg.log_level, access_log=False)
 
 
 @click.command()
@@ -231,6 +235,10 @@ def run_server(cfg) -> None:
 @click.option("--disable-log-requests", is_flag=True, help="No access-log line per request.")
 @click.option("--disable-log-stats", is_flag=True,
               help="No periodic throughput / queue / KV-cache line (every 10 s while busy).")  # fmt: skip
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=DEFAULT_SHUTDOWN_TIMEOUT,
+              show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM (new ones get 503); keep it below "
+                   "the pod's terminationGracePeriodSeconds minus its preStop time.")  # fmt: skip
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML of serve options (keys as the flags, '_' for '-'); flags given here override it.")  # fmt: skip
 @click.pass_context

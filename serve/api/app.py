@@ -18,7 +18,7 @@ from qserve import __version__
 from qserve.serve.api.config import DEFAULT_MAX_BODY_BYTES
 from qserve.serve.api.errors import APIError, install_error_handlers
 from qserve.serve.api.metrics import ServerMetrics
-from qserve.serve.api.middleware import AccessLog, BearerAuth, BodyLimit
+from qserve.serve.api.middleware import AccessLog, BearerAuth, BodyLimit, Draining, DrainState
 from qserve.serve.api.protocol import request_field_names
 from qserve.serve.api.serving import OpenAIServing
 from qserve.serve.metrics import StatsLogger
@@ -59,11 +59,19 @@ def create_app(
         if stats_task is not None:
             stats_task.cancel()
         # uvicorn calls this after its graceful shutdown has let in-flight responses finish; the
-        # engine then completes whatever it still holds before its loop stops.
-        await engine.shutdown(drain=True)
-        log.info("engine stopped after draining its requests")
+        # engine then completes whatever it still holds before its loop stops (or aborts it, when the
+        # drain was cut short: the grace period of `qserve serve --shutdown-timeout` ran out).
+        await engine.shutdown(drain=not drain.cut_short)
+        if drain.cut_short:
+            log.warning(
+                "engine stopped; the requests still running when the drain was cut short were aborted"
+            )
+        else:
+            log.info("engine stopped after draining its requests")
 
+    drain = DrainState()  # the server starts the drain on SIGTERM (serve/api/shutdown.py)
     app = FastAPI(title="qserve", version=__version__, lifespan=lifespan)
+    app.state.drain = drain
     app.state.serving = serving
     app.state.metrics = metrics
     install_error_handlers(app, request_field_names())
@@ -71,6 +79,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(Draining, state=drain)
     app.add_middleware(AccessLog, enabled=log_requests)  # outermost: refused requests are logged too
 
     @app.post("/v1/completions")

@@ -19,6 +19,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_QUEUE = 256
 # Generous for chat histories (a 32k-token prompt is ~130 kB of text) yet far below memory trouble.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Seconds in-flight requests get after SIGTERM: inside Kubernetes' default terminationGracePeriodSeconds
+# (30 s) with time left to stop the engine; a pod with a longer grace period passes more.
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 _INT_FIELDS = ("port", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
                "max_queue", "max_body_bytes", "seed", "long_prefill_token_threshold")  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
@@ -67,6 +70,7 @@ class ServeConfig:
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     disable_log_requests: bool = False  # no access-log line per request (vLLM's flag)
     disable_log_stats: bool = False  # no periodic throughput/queue line (vLLM's flag)
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds of draining after SIGTERM
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -79,6 +83,11 @@ class ServeConfig:
         ):
             raise ConfigError(
                 f"gpu_memory_utilization: expected a number, found {self.gpu_memory_utilization!r}"
+            )
+        if (isinstance(self.shutdown_timeout, bool) or not isinstance(self.shutdown_timeout, (int, float))
+                or not self.shutdown_timeout >= 0):  # fmt: skip
+            raise ConfigError(
+                f"shutdown_timeout: expected a number of seconds >= 0, found {self.shutdown_timeout!r}"
             )
         for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):

@@ -1,5 +1,5 @@
-"""ASGI middleware that runs before any body is parsed: request ids and the access log, bearer-token
-auth and the request-size limit.
+"""ASGI middleware that runs before any body is parsed: request ids and the access log, the shutdown
+drain (503 for new requests after SIGTERM), bearer-token auth and the request-size limit.
 
 All are plain ASGI (not BaseHTTPMiddleware) so a rejected request is answered without reading its
 body, the size limit holds for chunked uploads that carry no Content-Length, and a streamed response
@@ -168,3 +168,55 @@ class AccessLog:
             raise
         finally:
             log_line(status if status is not None else 499)
+
+
+class DrainState:
+    """Shared by `Draining` (which counts requests) and the server (which starts the drain on SIGTERM
+    and exits once nothing is in flight or the grace period is over)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.deadline: float | None = None  # time.monotonic() by which in-flight requests must end
+        self.cut_short = False  # the drain ended with requests still in flight (they are aborted)
+
+    def begin(self, timeout: float) -> None:
+        """Stop taking new requests; the in-flight ones have `timeout` seconds. Safe in a signal handler
+        (attribute writes only)."""
+        if not self.draining:
+            self.deadline = time.monotonic() + timeout
+            self.draining = True
+
+
+# Open while draining: Prometheus keeps scraping a replica until it is gone.
+DRAIN_OPEN_PATHS = ("/metrics", "/version")
+
+
+class Draining:
+    """Counts the HTTP requests in flight; once `state.begin()` was called (the server got SIGTERM), every
+    new request gets 503 with a JSON error, `/health` included (so the readiness probe fails and load
+    balancers send traffic elsewhere), while the requests already in flight (streams included) go on."""
+
+    def __init__(self, app: ASGIApp, state: DrainState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining and scope["path"] not in DRAIN_OPEN_PATHS:
+            error = APIError(
+                503,
+                "The server is shutting down: it is finishing the requests it already has and takes no "
+                "new ones. Send the request to another replica, or retry once this one has restarted.",
+                code="server_shutting_down",
+                headers={"Connection": "close", "Retry-After": "5"},
+            )
+            await _reply(scope, receive, send, error)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1

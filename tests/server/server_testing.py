@@ -10,6 +10,8 @@ import time
 
 import uvicorn
 
+from qserve.serve.api.shutdown import uvicorn_config
+
 MODEL = "tiny"
 
 
@@ -22,7 +24,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_in_thread(app, timeout: float = 20.0):
     """Runs `app` under uvicorn on a free port in a background thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    # The event loop and HTTP parser `qserve serve` pins, whatever else is installed.
+    config = uvicorn_config(app, "127.0.0.1", free_port(), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -230,6 +230,5 @@ def test_sigterm_drains_in_flight_stream(server):
     tokens = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
     assert tokens[-2]["choices"][0]["finish_reason"] == "length"
     assert tokens[-1]["usage"]["completion_tokens"] == 48  # every token, though chunks may coalesce
-    # uvicorn re-raises the captured SIGTERM once its graceful shutdown is done: exit by that signal.
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+    assert proc.wait(30) == 0  # a drained shutdown is a clean exit (serve/api/shutdown.py)
     assert "engine stopped after draining" in proc.stdout.read()
