@@ -164,6 +164,11 @@ def test_server_command_line_is_one_qserve_serve_accepts(rendered, overlay, tmp_
     assert cfg.model == f"/models/{env['MODEL_NAME']}"
     assert cfg.model_names == [env["SERVED_MODEL_NAME"]]
     assert cfg.device == overlay.replace("gpu", "cuda")
+    # SIGTERM comes after preStop; the drain (--shutdown-timeout) and the engine's stop must end before
+    # the kubelet's SIGKILL at terminationGracePeriodSeconds, or streams are cut without their end.
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert cfg.shutdown_timeout >= 60  # LLM streams run for minutes; the 25 s default is for plain pods
+    assert pre_stop + cfg.shutdown_timeout + 10 <= spec["terminationGracePeriodSeconds"]
 
 
 def test_gpu_overlay_requests_a_gpu_and_cpu_overlay_does_not(rendered):
