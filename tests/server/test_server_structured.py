@@ -31,8 +31,7 @@ from qserve.serve.api.tools import (
     HermesParser,
     Llama3JsonParser,
     MistralParser,
-    ToolPlan,
-    ToolStreamer,
+    ParsedCall,
     choose_parser,
     conversation,
 )
@@ -225,13 +224,14 @@ def test_named_tool_call_arguments_always_parse(client):
 
 def test_required_tool_calls_name_given_functions_with_valid_arguments(client):
     """With parallel calls a random model may append calls until max_tokens: such a choice ends with
-    "length" and its text as content (no tool_calls); every choice that finished is checked."""
+    "length" and its calls as far as they were generated (as OpenAI's do); every choice that finished
+    is checked."""
     body = chat(client, tools=[WEATHER, TIME], tool_choice="required", n=4, temperature=1.0, seed=1)
     finished = [c for c in body["choices"] if c["finish_reason"] != "length"]
     assert finished
     for c in body["choices"]:
         if c["finish_reason"] == "length":
-            assert c["message"]["content"].startswith('[{"name": "get_') and "tool_calls" not in c["message"]
+            assert c["message"]["content"] is None and c["message"]["tool_calls"]
     for c in finished:
         assert c["finish_reason"] == "tool_calls", c
         calls = c["message"]["tool_calls"]
@@ -244,25 +244,86 @@ def test_required_tool_calls_name_given_functions_with_valid_arguments(client):
     assert all(len(c["message"]["tool_calls"]) == 1 for c in single["choices"])
 
 
-def test_streamed_tool_calls_reassemble_to_the_whole_response(client):
-    for tool_choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
-        # One call at most: a random model may otherwise keep appending calls until max_tokens.
-        request = {"tools": [WEATHER, TIME], "tool_choice": tool_choice, "temperature": 1.0, "seed": 5,
-                   "parallel_tool_calls": False}  # fmt: skip
-        whole = chat(client, **request)["choices"][0]
-        with client.stream("POST", "/v1/chat/completions",
-                           json={"messages": USER, "max_tokens": 300, "stream": True, **request}) as r:  # fmt: skip
-            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-        calls: dict[int, dict] = {}
-        for e in events:
-            for d in e["choices"][0]["delta"].get("tool_calls", []):
-                slot = calls.setdefault(d["index"], {"name": "", "arguments": ""})
-                slot["name"] += d.get("function", {}).get("name") or ""
-                slot["arguments"] += d.get("function", {}).get("arguments") or ""
-        assert events[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "tool_calls"
-        expected = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                    for c in whole["message"]["tool_calls"]]  # fmt: skip
-        assert [calls[i] for i in sorted(calls)] == expected
+def stream_events(client, body: dict) -> list[dict]:
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": USER, "max_tokens": 300, "stream": True, **body}) as r:  # fmt: skip
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def reassemble(events: list[dict]) -> tuple[str | None, list[dict], str, int]:
+    """(content, calls, finish_reason, most argument deltas of one call) as an OpenAI client sums them."""
+    content, calls, deltas, reason = None, {}, {}, None
+    for e in events:
+        (choice,) = e["choices"]
+        delta = choice["delta"]
+        if delta.get("content"):
+            assert not calls, "content after a tool call opened"
+            content = (content or "") + delta["content"]
+        for d in delta.get("tool_calls", []):
+            if d["index"] not in calls:  # opens with id, type and name
+                assert d["id"].startswith("call_") and d["type"] == "function" and d["function"]["name"]
+                assert d["index"] == len(calls)
+                calls[d["index"]] = {"name": d["function"]["name"], "arguments": ""}
+            else:
+                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
+                deltas[d["index"]] = deltas.get(d["index"], 0) + 1
+            calls[d["index"]]["arguments"] += d["function"].get("arguments", "")
+        reason = choice["finish_reason"] or reason
+    return content, [calls[i] for i in sorted(calls)], reason, max(deltas.values(), default=0)
+
+
+def assert_stream_matches(client, request: dict) -> tuple[dict, int]:
+    """Streams `request` and compares it with the whole response; returns that and the most argument
+    deltas one call had."""
+    whole = chat(client, **request)["choices"][0]
+    content, calls, reason, most = reassemble(stream_events(client, request))
+    expected = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in whole["message"].get("tool_calls") or []]  # fmt: skip
+    assert (content, calls, reason) == (whole["message"]["content"], expected, whole["finish_reason"])
+    return whole, most
+
+
+def test_streamed_forced_tool_calls_reassemble_to_the_whole_response(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for tool_choice, parallel in ((named, None), ("required", False), ("required", True)):
+        for seed in (5, 6):
+            request = {"tools": [WEATHER, TIME], "tool_choice": tool_choice, "temperature": 1.0, "seed": seed,
+                       "parallel_tool_calls": parallel}  # fmt: skip
+            whole, _ = assert_stream_matches(client, request)
+            assert whole["message"]["tool_calls"], whole
+
+
+LONG_CITY = "[a-z]{40,50}"
+AUTO_OUTPUTS = {  # (regex forcing the output, content before the calls)
+    "hermes": (r"Let me check\.\n<tool_call>\n\{\"name\": \"get_weather\", \"arguments\": \{\"city\": \""
+               + LONG_CITY + r"\", \"unit\": \"celsius\"\}\}\n</tool_call>\n<tool_call>\n"
+               r"\{\"name\": \"get_time\", \"arguments\": \{\"zone\": -?[1-9]\}\}\n</tool_call>", "Let me check.\n"),
+    "llama3_json": (r"<\|python_tag\|>\{\"name\": \"get_weather\", \"parameters\": \{\"city\": \""
+                    + LONG_CITY + r"\", \"unit\": \"celsius\"\}\}; \{\"name\": \"get_time\", "
+                    r"\"parameters\": \{\"zone\": [0-9]\}\}", None),
+    "mistral": (r"Sure\.\[TOOL_CALLS\]\[\{\"name\": \"get_weather\", \"arguments\": \{\"city\": \""
+                + LONG_CITY + r"\", \"unit\": \"celsius\"\}\}, \{\"name\": \"get_time\", "
+                r"\"arguments\": \{\"zone\": [0-9]\}\}\]", "Sure."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("parser", sorted(AUTO_OUTPUTS))
+def test_streamed_auto_tool_calls_reassemble_for_every_parser(engine, client, parser):
+    """tool_choice auto with the output forced by a regex into each parser's format: content, then two
+    calls; the long argument arrives in many deltas and the stream equals the whole response."""
+    pattern, content = AUTO_OUTPUTS[parser]
+    if parser != "hermes":  # no `with`: the app's lifespan would shut down the engine the tests share
+        client = TestClient(create_app(engine, [MODEL], log_stats_interval=None, tool_call_parser=parser))
+    request = {"tools": [WEATHER, TIME], "tool_choice": "auto", "temperature": 1.0, "seed": 3,
+               "structured_outputs": {"regex": pattern}}  # fmt: skip
+    whole, most = assert_stream_matches(client, request)
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == content
+    weather, time_ = whole["message"]["tool_calls"]
+    assert [weather["function"]["name"], time_["function"]["name"]] == ["get_weather", "get_time"]
+    assert len(json.loads(weather["function"]["arguments"])["city"]) >= 40
+    check_time(json.loads(time_["function"]["arguments"]))
+    assert most > 5, "a long argument arrives in several deltas"
 
 
 def test_auto_and_none_answer_in_text_and_render_the_tools(client, app):
@@ -333,6 +394,19 @@ def test_openai_client_parse_and_tool_round_trip(app):
             oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, response_format={
                 "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 2}}})  # fmt: skip
         assert httpx.get(f"{url}/v1/models").status_code == 200
+        # The client's streaming helper: content, then each call's arguments in deltas, then the calls.
+        request = {"tools": [WEATHER, TIME], "tool_choice": "auto", "temperature": 1.0, "seed": 3,
+                   "extra_body": {"structured_outputs": {"regex": AUTO_OUTPUTS["hermes"][0]}}}  # fmt: skip
+        whole = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=300, **request)
+        with oai.chat.completions.stream(model=MODEL, messages=USER, max_tokens=300, **request) as s:
+            events = [e.type for e in s]
+            final = s.get_final_completion()
+        assert events.count("tool_calls.function.arguments.delta") > 10
+        assert events.count("tool_calls.function.arguments.done") == 2 and "content.done" in events
+        message = final.choices[0].message
+        assert final.choices[0].finish_reason == "tool_calls" and message.content == "Let me check.\n"
+        assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
+            (c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls]  # fmt: skip
 
 
 # ---- parsers and the streamer (no model) ------------------------------------------------------------
@@ -350,8 +424,10 @@ def test_hermes_parser():
         "",
         p.parse('<tool_call>{"name": "f"}')[1],
     )
-    broken = 'Hi <tool_call>{"name": "f", "arguments": {</tool_call>'
-    assert p.parse(broken) == (broken, [])
+    broken = 'Hi <tool_call>{"name": "f", "arguments": {</tool_call>'  # a named call keeps its arguments
+    assert p.parse(broken) == ("Hi ", [ParsedCall("f", "{")])
+    nameless = 'Hi <tool_call>{"arguments": {}}</tool_call>'
+    assert p.parse(nameless) == (nameless, [])
     assert p.parse("no calls") == ("no calls", [])
 
 
@@ -370,38 +446,7 @@ def test_llama3_and_mistral_parsers():
         choose_parser("nope", None)
 
 
-class _Req:
-    def __init__(self, **kw):
-        self.tools = [ToolDefinition.model_validate(t) for t in kw.get("tools", [WEATHER])]
-        self.tool_choice = kw.get("tool_choice", "auto")
-        self.parallel_tool_calls = kw.get("parallel_tool_calls")
-
-
-def _stream(plan: ToolPlan, text: str, finish_reason: str, step: int = 3):
-    streamer, deltas = ToolStreamer(plan), []
-    for end in range(step, len(text), step):
-        deltas += streamer.step(text[:end], None)[0]
-    last, reason = streamer.step(text, finish_reason)
-    return deltas + last, reason
-
-
-def test_auto_streaming_holds_back_the_marker_and_reassembles():
-    plan = ToolPlan.from_request(_Req(), HermesParser())
-    text = 'Checking the weather.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    deltas, reason = _stream(plan, text, "stop")
-    content = "".join(d.content or "" for d in deltas)
-    calls = [tc for d in deltas for tc in d.tool_calls or []]
-    whole_content, whole_calls, whole_reason = plan.result(text, "stop")
-    assert content == whole_content == "Checking the weather.\n" and reason == whole_reason == "tool_calls"
-    assert [(c.function.name, c.function.arguments) for c in calls] == [
-        (c.function.name, c.function.arguments) for c in whole_calls]  # fmt: skip
-    assert all("<" not in (d.content or "") for d in deltas)  # no partial marker leaked as content
-    plain = "Just text, < not a tag."
-    deltas, reason = _stream(plan, plain, "stop")
-    assert "".join(d.content or "" for d in deltas) == plain and reason == "stop"
-    broken = "x <tool_call>{oops"
-    deltas, reason = _stream(plan, broken, "length")
-    assert "".join(d.content or "" for d in deltas) == broken and reason == "length"
+# Streamed tool calls without a model: tests/server/test_tool_call_streaming.py.
 
 
 def test_conversation_native_templates_get_tools_and_structured_calls():
