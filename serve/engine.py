@@ -229,6 +229,9 @@ class LLMEngine:
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
+    def prompt_token_ids(self, request_id: str) -> list[int]:
+        return self._requests[request_id].prompt_token_ids
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         return self.metrics.snapshot(s.stats(), s.num_running, s.num_waiting)

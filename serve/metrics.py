@@ -39,6 +39,16 @@ class EngineStats:
         return self.tokens_stored / self.slots_allocated if self.slots_allocated else 1.0
 
 
+@dataclass(frozen=True)
+class MetricsUpdate:
+    prompt_tokens: int
+    generation_tokens: int
+    finished: dict[str, int]
+    ttft: list[float]
+    itl: list[float]
+    e2e: list[float]
+
+
 class EngineMetrics:
     """Accumulates counters and latency samples; safe to snapshot from another thread."""
 
@@ -51,22 +61,44 @@ class EngineMetrics:
         self.itl: deque[float] = deque(maxlen=max_samples)
         self.e2e: deque[float] = deque(maxlen=max_samples)
         self.resident_weight_bytes = 0  # set once by the engine after loading the model
+        self._new: tuple[list[float], list[float], list[float]] | None = None  # see export()
 
     def on_first_token(self, num_prompt_tokens: int, ttft: float) -> None:
         with self._lock:
             self.prompt_tokens += num_prompt_tokens
             self.ttft.append(ttft)
+            if self._new is not None:
+                self._new[0].append(ttft)
 
     def on_tokens(self, count: int, inter_token: float | None) -> None:
         with self._lock:
             self.generation_tokens += count
             if inter_token is not None:
                 self.itl.append(inter_token)
+                if self._new is not None:
+                    self._new[1].append(inter_token)
 
     def on_finished(self, reason: str, e2e: float) -> None:
         with self._lock:
             self.finished[reason] += 1
             self.e2e.append(e2e)
+            if self._new is not None:
+                self._new[2].append(e2e)
+
+    def export(self) -> MetricsUpdate:
+        """The counters, and the latency samples recorded since the previous export: what an engine
+        core process sends the API process's mirror (`absorb`) so its `EngineStats` stay whole."""
+        with self._lock:
+            new, self._new = self._new or ([], [], []), ([], [], [])
+            return MetricsUpdate(self.prompt_tokens, self.generation_tokens, dict(self.finished), *new)
+
+    def absorb(self, update: MetricsUpdate) -> None:
+        with self._lock:
+            self.prompt_tokens, self.generation_tokens = update.prompt_tokens, update.generation_tokens
+            self.finished = Counter(update.finished)
+            self.ttft.extend(update.ttft)
+            self.itl.extend(update.itl)
+            self.e2e.extend(update.e2e)
 
     def snapshot(self, sched: SchedulerStats, num_running: int, num_waiting: int) -> EngineStats:
         with self._lock:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from qserve.errors import CheckpointError, ConfigError, RecipeError
+from qserve.errors import CheckpointError, ConfigError, QserveError, RecipeError
 from qserve.serve.api.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
@@ -27,6 +27,10 @@ class CheckpointRefused(CheckpointError):
     """The validator found errors: serving it would give garbage or crash mid-request."""
 
     exit_code = 1  # as `qserve validate` exits for a checkpoint with error findings
+
+
+class EngineCoreDied(QserveError):
+    """The engine core process died while serving: the server stops and exits non-zero."""
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -139,9 +143,14 @@ def run_server(cfg) -> None:
     from qserve.serve.api.app import DEFAULT_STATS_INTERVAL, create_app
     from qserve.serve.api.shutdown import serve_app
     from qserve.serve.async_engine import AsyncLLMEngine
+    from qserve.serve.engine_core import EngineCoreClient
 
     interval = stats_interval(DEFAULT_STATS_INTERVAL)
-    engine = AsyncLLMEngine(dataclasses.replace(cfg.engine_args(), model=str(model_dir)))
+    args = dataclasses.replace(cfg.engine_args(), model=str(model_dir))
+    if cfg.engine_in_process:
+        engine = AsyncLLMEngine(args)
+    else:  # the step loop in its own process (serve/engine_core.py)
+        engine = EngineCoreClient(args, log_level="debug" if cfg.log_level == "trace" else cfg.log_level)
     app = create_app(
         engine,
         cfg.model_names,
@@ -158,6 +167,10 @@ def run_server(cfg) -> None:
     url = f"http://{cfg.host}:{cfg.port}"
     click.echo(f"model:         {model_dir} (served as {', '.join(cfg.model_names)})")
     click.echo(f"checkpoint:    {verdict}; quantization: {engine.quantization or 'none'}")
+    if isinstance(engine, EngineCoreClient):
+        click.echo(f"engine core:   process {engine.core_pid} (ZeroMQ IPC; --engine-in-process runs it in a thread)")
+    else:
+        click.echo("engine core:   a thread of this process (--engine-in-process)")
     click.echo(f"KV cache:      {engine.kv_cache_tokens} tokens (block size {cfg.block_size}); "
                f"max model len {engine.max_model_len} ({max_len_source(cfg, model_dir)}); "
                f"max num seqs {cfg.max_num_seqs}; max queue {cfg.max_queue}")  # fmt: skip
@@ -181,7 +194,12 @@ def run_server(cfg) -> None:
         + """"max_tokens": 32}'"""
     )
     # uvicorn's own access log stays off: the app's AccessLog writes one line per request with its id.
+    if isinstance(engine, EngineCoreClient):
+        # A dead core has failed every open request; stop serving now (new requests would get 503).
+        engine.on_death(lambda: app.state.drain.begin(0.0))
     serve_app(app, cfg.host, cfg.port, cfg.shutdown_timeout, log_level=cfg.log_level, access_log=False)
+    if isinstance(engine, EngineCoreClient) and engine.death is not None:
+        raise EngineCoreDied(f"{engine.death}; the server has stopped (the log above has the cause)")
 
 
 @click.command()
@@ -232,6 +250,10 @@ def run_server(cfg) -> None:
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--enforce-eager", is_flag=True,
               help="CUDA: no decode CUDA graphs (captured per batch size at start-up otherwise).")  # fmt: skip
+@click.option("--engine-in-process", is_flag=True,
+              help="Run the engine's step loop in a thread of the API process instead of its own process "
+                   "(for debugging; the default split keeps HTTP, tokenization and detokenization off the "
+                   "step loop's GIL).")  # fmt: skip
 @click.option("--disable-log-requests", is_flag=True, help="No access-log line per request.")
 @click.option("--disable-log-stats", is_flag=True,
               help="No periodic throughput / queue / KV-cache line (every 10 s while busy).")  # fmt: skip

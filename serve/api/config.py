@@ -68,6 +68,7 @@ class ServeConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    engine_in_process: bool = False  # the step loop in a thread of the API process, not its own process
     disable_log_requests: bool = False  # no access-log line per request (vLLM's flag)
     disable_log_stats: bool = False  # no periodic throughput/queue line (vLLM's flag)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds of draining after SIGTERM
@@ -89,7 +90,8 @@ class ServeConfig:
             raise ConfigError(
                 f"shutdown_timeout: expected a number of seconds >= 0, found {self.shutdown_timeout!r}"
             )
-        for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats", "enforce_eager"):
+        for name in ("enable_prefix_caching", "disable_log_requests", "disable_log_stats", "enforce_eager",
+                     "engine_in_process"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, found {getattr(self, name)!r}")
         for name in ("model", "host", "log_level", "dtype", "device"):
