@@ -58,6 +58,7 @@ if __name__ != "qserve.kernels":
 else:
     from qserve.kernels.ops import (
         FUSED_MAX_TOKENS,
+        StackedPacked,
         dequant_gemm,
         dequantize_weight,
         fused_moe,
@@ -70,6 +71,7 @@ else:
 
     __all__ = [
         "FUSED_MAX_TOKENS",
+        "StackedPacked",
         "dequant_gemm",
         "dequantize_weight",
         "fused_moe",

@@ -9,6 +9,7 @@ CUDA call, so importing `qserve.kernels` does not need triton.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -117,6 +118,31 @@ def dequant_gemm(
     return y + bias.to(x.dtype) if bias is not None else y
 
 
+@dataclass(frozen=True)
+class StackedPacked:
+    """One projection of every expert, packed tensors stacked on a leading expert dim (see the module
+    docstring); g_idx None means contiguous groups for every expert."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.scales.shape[0]
+
+    def shape(self, fmt: str, bits: int) -> tuple[int, int]:
+        """(in_features, out_features) of each expert, after checking the stacked tensors agree."""
+        e = self.num_experts
+        for name, t in (("qweight", self.qweight), ("qzeros", self.qzeros), ("g_idx", self.g_idx)):
+            if t is not None and (t.dim() < 2 or t.shape[0] != e):
+                raise ValueError(f"stacked {name}: expected a leading expert dim of {e} (from scales "
+                                 f"{list(self.scales.shape)}), found {list(t.shape)}")  # fmt: skip
+        return reference.packed_shape(fmt, bits, self.qweight[0], self.qzeros[0], self.scales[0],
+                            None if self.g_idx is None else self.g_idx[0])  # fmt: skip
+
+
 def fused_moe(
     x: torch.Tensor,
     gate_up: list,
@@ -135,7 +161,7 @@ def fused_moe(
     e = topk_ids[t, j]; x [T, H] -> [T, H] in x.dtype.
 
     `gate_up` (a list of one stack of gate|up, or two stacks gate and up) and `down` are
-    `triton_moe.StackedPacked`: every expert's packed tensors with a leading expert dim. On CUDA (or
+    `StackedPacked`: every expert's packed tensors with a leading expert dim. On CUDA (or
     backend "triton": CPU tensors then need TRITON_INTERPRET=1) the fused Triton kernel runs, one
     launch per projection for all experts; on CPU (backend "torch") the reference, which dequantizes
     every routed expert on every call (the CPU engine keeps its experts as `CpuQuantLinear` instead).

@@ -175,7 +175,7 @@ def fused_moe_reference(
     activation,
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, j], each
-    expert dequantized from its stacked packed tensors (`triton_moe.StackedPacked`: qweight, qzeros,
+    expert dequantized from its stacked packed tensors (`qserve.kernels.StackedPacked`: qweight, qzeros,
     scales, g_idx with a leading expert dim) and applied in fp32; x [T, H] -> [T, H] in x.dtype."""
     kw = dict(fmt=fmt, bits=bits, group_size=group_size, checkpoint_format=checkpoint_format)
 

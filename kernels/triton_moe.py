@@ -18,40 +18,14 @@ Importing this module needs triton. On CPU tensors it only runs under TRITON_INT
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from qserve.kernels.reference import packed_shape
+from qserve.kernels.ops import StackedPacked
 from qserve.kernels.triton_common import dot_operands
 from qserve.kernels.triton_gemm import TileConfig, _format_constants, _weight_tile
-
-
-@dataclass(frozen=True)
-class StackedPacked:
-    """One projection of every expert, packed tensors stacked on a leading expert dim (see the module
-    docstring); g_idx None means contiguous groups for every expert."""
-
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.scales.shape[0]
-
-    def shape(self, fmt: str, bits: int) -> tuple[int, int]:
-        """(in_features, out_features) of each expert, after checking the stacked tensors agree."""
-        e = self.num_experts
-        for name, t in (("qweight", self.qweight), ("qzeros", self.qzeros), ("g_idx", self.g_idx)):
-            if t is not None and (t.dim() < 2 or t.shape[0] != e):
-                raise ValueError(f"stacked {name}: expected a leading expert dim of {e} (from scales "
-                                 f"{list(self.scales.shape)}), found {list(t.shape)}")  # fmt: skip
-        return packed_shape(fmt, bits, self.qweight[0], self.qzeros[0], self.scales[0],
-                            None if self.g_idx is None else self.g_idx[0])  # fmt: skip
 
 
 @triton.jit

@@ -5,7 +5,8 @@ padding between sequences; attention finds each token's context through the page
 (`AttentionMetadata`). Attention and the KV write go through `qserve.kernels`, so the same model runs
 the Triton kernels on CUDA and their torch paths on CPU. What a family changes is a named switch in
 `ModelConfig`, read from its table in quantize/arch.py (`qk_norm`: Qwen3's per-head q/k RMSNorm;
-`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE, Mixtral; Gemma 3's (1 + w)
+`num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE, Mixtral, Qwen2-MoE, whose
+quantized experts run the fused MoE kernel on CUDA; Gemma 3's (1 + w)
 norms, sandwich norms, scaled embeddings, GELU MLP and local/global RoPE: `norm_offset`, `sandwich_norms`,
 `embed_scale`, `hidden_act`, `local_rope` / `sliding_layers`).
 """
@@ -23,6 +24,7 @@ from qserve import kernels
 from qserve.errors import ConfigError
 from qserve.kernels import cpu_gemm
 from qserve.quantize.arch import arch_for_config
+from qserve.serve.quant_linear import fuse_experts
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -378,10 +380,15 @@ class Router(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed experts (softmax over all experts, top k, optionally renormalised), each expert an
-    `MLP` run once over the tokens routed to it: the (token, slot) pairs are sorted by expert so that
-    an expert's tokens are one contiguous gather and one GEMM per projection; experts that receive no
-    token are skipped, so a step costs the active experts only."""
+    """Top-k routed experts (softmax over all experts, top k, optionally renormalised).
+
+    CPU (and unquantized experts): each expert an `MLP` run once over the tokens routed to it; the
+    (token, slot) pairs are sorted by expert so that an expert's tokens are one contiguous gather and
+    one GEMM per projection; experts that receive no token are skipped, so a step costs the active
+    experts only. CUDA with quantized experts (`QuantLinear`): the experts are stacked at load
+    (`fuse_experts`) and `FusedExperts` runs the fused MoE kernel, one launch per projection for every
+    expert, with no read back to the host, so a CUDA graph capture of the decode step is not refused
+    (scripts/gpu_check.py's moe stage compares graph and eager decoding on a GPU)."""
 
     def __init__(self, cfg: ModelConfig, experts: list[MLP], shared_expert: MLP | None = None) -> None:
         super().__init__()
@@ -391,23 +398,31 @@ class SparseMoE(nn.Module):
         self.shared_expert = shared_expert  # Qwen2-MoE: out += sigmoid(x . g) * shared_expert(x)
         if shared_expert is not None:
             self.shared_expert_gate = Router(1, cfg.hidden_size)
+        self.fused = fuse_experts(experts)  # None unless the experts are CUDA-layout QuantLinears
 
     def _with_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.shared_expert is None:
             return out
         return out + torch.sigmoid(self.shared_expert_gate(x)).to(x.dtype) * self.shared_expert(x)
 
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights (float32) and expert ids, [n, k] each."""
+        probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self._with_shared(x, self.fused(x, *self._route(x)))
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # Routing reads expert counts on the host, which a CUDA graph cannot hold: stop the capture
             # here, before any illegal synchronisation, so the engine decodes eagerly (serve/cuda_graphs.py).
             raise RuntimeError("mixture-of-experts routing cannot be captured in a CUDA graph")
         if x.shape[0] == 1:
             return self._with_shared(x, self._one_token(x))
-        probs = torch.softmax(self.gate(x), dim=-1)  # [n, experts] float32
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self._route(x)
         flat = chosen.flatten()
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # one host read per layer

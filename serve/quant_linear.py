@@ -4,7 +4,8 @@ The model fuses q/k/v and gate/up into one layer each, so a layer is built from 
 Linears ("parts") whose outputs are concatenated.
 
 On CUDA a quantized layer keeps the packed tensors and calls `qserve.kernels.dequant_gemm` (fused
-dequantize + GEMM: the 4-bit weights are what is read from memory). On CPU a 4-bit layer is repacked
+dequantize + GEMM: the 4-bit weights are what is read from memory); a MoE block's experts are stacked
+(`fuse_experts`) and run by `qserve.kernels.fused_moe`, one launch per projection for all experts. On CPU a 4-bit layer is repacked
 once at load into the CPU kernels' own 4-bit layout (`qserve.kernels.cpu_packed`: still 4-bit, groups
 made contiguous, act-order folded into an input permutation) and runs qserve's C++ kernels: a fused
 dequant-GEMV for decode-sized batches, tile-by-tile dequantization into a GEMM for prefill. Only
@@ -274,6 +275,90 @@ def build_linear(
     return DenseLinear(weight.to(device=device, dtype=dtype).contiguous(), bias)
 
 
+class FusedExperts(nn.Module):
+    """Every routed expert of a MoE block as stacked packed tensors, computed by `kernels.fused_moe`:
+    on CUDA one Triton launch per projection for all experts (no per-expert loop, no host read).
+
+    Built from the experts' `QuantLinear`s by `fuse_experts`, which then points each expert's parts at
+    views of the stacks, so the weights are held once. `backend` None picks by device; tests set
+    "triton" to run the CUDA path's kernels on CPU tensors under TRITON_INTERPRET=1."""
+
+    def __init__(self, gate_up: list[kernels.StackedPacked], down: kernels.StackedPacked, spec: QuantSpec,
+                 activation) -> None:  # fmt: skip
+        super().__init__()
+        self.gate_up, self.down, self.spec, self.activation = gate_up, down, spec, activation
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return kernels.fused_moe(
+            x, self.gate_up, self.down, topk_weights, topk_ids, fmt=self.spec.method, bits=self.spec.bits,
+            group_size=self.spec.group_size, checkpoint_format=self.spec.checkpoint_format,
+            activation=self.activation, backend=self.backend,
+        )  # fmt: skip
+
+
+def _split_columns(p: PackedLinear, n0: int, spec: QuantSpec) -> list[PackedLinear]:
+    """A concatenated gate|up packed Linear cut back into gate (its first n0 outputs) and up."""
+    per_word = 32 // spec.bits
+    qcut = n0 if spec.method == "gptq" else n0 // per_word  # GPTQ qweight [in/8, out], AWQ [in, out/8]
+    return [
+        PackedLinear(p.qweight[:, :qcut], p.qzeros[:, : n0 // per_word], p.scales[:, :n0], p.g_idx),
+        PackedLinear(p.qweight[:, qcut:], p.qzeros[:, n0 // per_word :], p.scales[:, n0:], p.g_idx),
+    ]
+
+
+def _stack(parts: list[PackedLinear], group_size: int) -> kernels.StackedPacked:
+    """One projection of every expert stacked on a new leading dim. When some experts have act-order
+    g_idx and others contiguous groups (None: e.g. a starved expert rounded to nearest), the latter get
+    their explicit i // group_size, so one kernel variant serves all."""
+    g_idx = None
+    if any(p.g_idx is not None for p in parts):
+        in_features = next(p.g_idx.numel() for p in parts if p.g_idx is not None)
+        gs = in_features if group_size == -1 else group_size
+        device = parts[0].scales.device
+        trivial = torch.arange(in_features, device=device, dtype=torch.int32) // gs
+        g_idx = torch.stack([trivial if p.g_idx is None else p.g_idx.to(torch.int32) for p in parts])
+    return kernels.StackedPacked(
+        torch.stack([p.qweight for p in parts]),
+        torch.stack([p.qzeros for p in parts]),
+        torch.stack([p.scales for p in parts]),
+        g_idx,
+    )
+
+
+def fuse_experts(experts: list[nn.Module]) -> FusedExperts | None:
+    """The stacked form of a MoE block's experts (each an MLP with `gate_up_proj`, `down_proj` and
+    `act`), or None unless every expert's Linears are bias-free `QuantLinear`s (the CUDA layout) with
+    one spec; CPU layers (`CpuQuantLinear`, `DenseLinear`) are never fused, so the CPU path is unchanged.
+
+    Each expert's QuantLinear is then re-pointed at views of the stacks: it still computes the same
+    thing (tests compare the two) and the packed weights are held once."""
+    layers = [(m.gate_up_proj, m.down_proj) for m in experts]
+    if not layers or not all(isinstance(q, QuantLinear) and q.bias is None for pair in layers for q in pair):
+        return None
+    spec = layers[0][0].spec
+    if any(q.spec != spec for pair in layers for q in pair) or any(len(d.parts) != 1 for _, d in layers):
+        return None
+    gate_ups = [list(g.parts) for g, _ in layers]
+    if len({len(parts) for parts in gate_ups}) > 1 or len(gate_ups[0]) > 2:
+        # some experts' gate and up were concatenated and others' not (different act-order g_idx):
+        # cut the concatenated ones so every expert has a gate and an up stack
+        gate_ups = [parts if len(parts) == 2 else _split_columns(parts[0], parts[0].out_features // 2, spec)
+                    for parts in gate_ups]  # fmt: skip
+        if any(len(parts) != 2 for parts in gate_ups):
+            return None
+    gate_up = [_stack([parts[i] for parts in gate_ups], spec.group_size) for i in range(len(gate_ups[0]))]
+    down = _stack([d.parts[0] for _, d in layers], spec.group_size)
+    for e, (g, d) in enumerate(layers):
+        g.parts = [_expert_view(s, e, gate_ups[e][i].g_idx is not None) for i, s in enumerate(gate_up)]
+        d.parts = [_expert_view(down, e, d.parts[0].g_idx is not None)]
+    return FusedExperts(gate_up, down, spec, experts[0].act)
+
+
+def _expert_view(s: kernels.StackedPacked, e: int, act_order: bool) -> PackedLinear:
+    return PackedLinear(s.qweight[e], s.qzeros[e], s.scales[e], s.g_idx[e] if act_order else None)
+
+
 def resident_weight_bytes(model: nn.Module) -> int:
     """Bytes the model's weights occupy in memory: its parameters (each storage once) plus the packed
     tensors and biases that quantized layers hold as plain attributes. RoPE tables and the KV cache
@@ -299,6 +384,10 @@ def resident_weight_bytes(model: nn.Module) -> int:
                 for t in (w.qdata, w.scales, w.zeros, w.perm):
                     add(t)
             add(module.bias)
+        elif isinstance(module, FusedExperts):
+            for st in (*module.gate_up, module.down):
+                for t in (st.qweight, st.qzeros, st.scales, st.g_idx):
+                    add(t)
         elif isinstance(module, QuantLinear):
             for p in module.parts:
                 for t in (p.qweight, p.qzeros, p.scales, p.g_idx):

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from kernel_testing import TRITON_DEVICES
 
-from qserve.kernels import fused_moe, packing
+from qserve.kernels import StackedPacked, fused_moe, packing
 from qserve.kernels.reference import fused_moe_reference
 
 triton_moe = pytest.importorskip("qserve.kernels.triton_moe", reason="triton is not installed")
-StackedPacked, TileConfig = triton_moe.StackedPacked, triton_moe.TileConfig
+TileConfig = triton_moe.TileConfig
 
 
 def stack_experts(fmt, num_experts, k, n, group_size, gen, *, bits=4, sym=True, act_order=False,
