@@ -3,7 +3,7 @@
     python -m qserve.kernels.compile_check --arch 80,89,90 [--subset ci|full] [--json OUT] [--md OUT]
 
 Each variant (a kernel with one set of constexprs, num_warps and num_stages, exactly as the wrappers in
-`triton_gemm` / `triton_attention` launch it) goes through `triton.compile` for `GPUTarget("cuda", arch,
+`triton_gemm` / `triton_attention` / `triton_moe` launch it) goes through `triton.compile` for `GPUTarget("cuda", arch,
 32)`: Triton's own passes, then the `ptxas` bundled with the triton wheel. The cubin is read back with
 the bundled `cuobjdump` (`-res-usage`: registers, stack, local memory; `-sass`: the machine code).
 
@@ -298,10 +298,55 @@ def attention_variants(arch: int, subset: str) -> list[Variant]:
     return variants
 
 
+def moe_variants(arch: int, subset: str) -> list[Variant]:
+    """The fused MoE dequant-GEMM (kernels/triton_moe.py): both launch configurations, each in its two
+    roles (gate|up: rows gathered per token; down: rows per pair, routing weights in the epilogue)."""
+    from qserve.kernels import triton_gemm, triton_moe
+
+    variants = []
+    dtypes = DTYPES if subset == "full" else ("bf16",)
+    formats = [(f, b, a, g) for f, b, a in _gemm_formats(subset) for g in ((128, 32) if f == "awq" else (128,))]
+    if subset == "ci":
+        formats = [(f, b, a, 128) for f, b, a in _gemm_formats(subset)]
+    roles = {"gateup": (False, False), "down": (True, True)}  # A_PER_PAIR, MUL_WEIGHT
+    for dname in dtypes:
+        for fmt, bits, act_order, group in formats:
+            consts = triton_gemm._format_constants(fmt, bits, group, 4096, object() if act_order else None, "gptq")
+            fmt_label = f"{fmt}{bits}{'-actorder' if act_order else ''}-g{group}-{dname}"
+            for size, cfg in triton_moe.MOE_CONFIGS.items():
+                for role, (per_pair, mul_weight) in roles.items():
+                    if subset == "ci" and (size == "small") != (role == "gateup"):
+                        continue  # ci: the small tiles as gate|up, the large ones as down
+                    variants.append(Variant(
+                        kernel="_fused_moe_kernel", family=f"moe-{size}", arch=arch,
+                        label=f"{fmt_label}-{size}-{role}",
+                        types={
+                            "a_ptr": f"*{dname}", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+                            "g_idx_ptr": "*i32" if act_order else "*fp16", "out_ptr": f"*{dname}",
+                            # the wrapper passes the fp32 routing weights to down, the scales (unused) to gate|up
+                            "topk_weights_ptr": "*fp32" if mul_weight else "*fp16",
+                            "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
+                            "N": "i32", "K": "i32", "num_pairs": "i32", "num_m_blocks": "i32", "stride_qw": "i32",
+                            "stride_qz": "i32", "stride_s": "i32", "stride_g": "i32",
+                        },
+                        constexprs={
+                            **consts, "DOT_DTYPE": f"tl.{_tl_name(dname)}", "DOT_PRECISION": "tf32",
+                            "TOP_K": 8, "A_PER_PAIR": per_pair, "MUL_WEIGHT": mul_weight,
+                            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": 8,
+                        },
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        divisible=("a_ptr", "qweight_ptr", "qzeros_ptr", "scales_ptr", "g_idx_ptr", "out_ptr",
+                                   "topk_weights_ptr", "sorted_ids_ptr", "expert_ids_ptr", "N", "K",
+                                   "stride_qw", "stride_qz", "stride_s", "stride_g"),
+                        needs_mma=True,
+                    ))  # fmt: skip
+    return variants
+
+
 def all_variants(archs: list[int], subset: str, kernels: set[str] | None = None) -> list[Variant]:
     out = []
     for arch in archs:
-        out += gemm_variants(arch, subset) + attention_variants(arch, subset)
+        out += gemm_variants(arch, subset) + attention_variants(arch, subset) + moe_variants(arch, subset)
     if kernels:
         out = [v for v in out if v.kernel in kernels or v.family in kernels]
     return out
@@ -326,9 +371,9 @@ def tool_path(name: str) -> str:
 
 
 def _kernel_fn(name: str):
-    from qserve.kernels import triton_attention, triton_gemm
+    from qserve.kernels import triton_attention, triton_gemm, triton_moe
 
-    for module in (triton_gemm, triton_attention):
+    for module in (triton_gemm, triton_attention, triton_moe):
         fn = getattr(module, name, None)
         if fn is not None:
             return fn
@@ -469,7 +514,7 @@ def _commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        files = ["triton_gemm.py", "triton_attention.py", "triton_common.py", "compile_check.py"]
+        files = ["triton_gemm.py", "triton_attention.py", "triton_moe.py", "triton_common.py", "compile_check.py"]
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], capture_output=True, text=True,
                                check=True, cwd=here)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):

@@ -80,7 +80,7 @@ def test_bad_arch_is_exit_2(capsys):
 
 
 def test_full_matrix_covers_what_the_engine_launches():
-    from qserve.kernels import triton_attention, triton_gemm
+    from qserve.kernels import triton_attention, triton_gemm, triton_moe
 
     variants = cc.all_variants([80, 90], "full")
     ids = [v.id for v in variants]
@@ -106,6 +106,18 @@ def test_full_matrix_covers_what_the_engine_launches():
         assert {v.constexprs["HEAD_DIM"] for v in decode} == {64, 128}
         prefill = [v for v in variants if v.arch == arch and v.kernel == "_prefill_kernel"]
         assert {v.constexprs["BLOCK_M"] for v in prefill} == {16, 64}
+        moe = [v for v in variants if v.arch == arch and v.kernel == "_fused_moe_kernel"]
+        tiles = {(v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"], v.constexprs["BLOCK_K"], v.num_warps,
+                  v.num_stages) for v in moe}  # fmt: skip
+        assert tiles == {(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+                         for c in triton_moe.MOE_CONFIGS.values()}  # fmt: skip  # every launch config
+        # both roles (gate|up gathers token rows; down reads pair rows and applies the routing weights)
+        # for every weight format and both activation dtypes
+        assert {(v.constexprs["A_PER_PAIR"], v.constexprs["MUL_WEIGHT"]) for v in moe} == {(False, False), (True, True)}
+        assert {(v.constexprs["AWQ"], v.constexprs["BITS"], v.constexprs["ACT_ORDER"]) for v in moe} == {
+            (True, 4, False), (False, 4, False), (False, 4, True), (False, 8, False)}  # fmt: skip
+        assert {v.constexprs["DOT_DTYPE"] for v in moe} == {"tl.float16", "tl.bfloat16"}
+        assert all(v.needs_mma for v in moe)
 
 
 def _pick(variants, kernel, label_part):
@@ -143,6 +155,21 @@ def test_representative_variants_compile_clean_for_sm80_and_sm90(fresh_triton_ca
     report = {"summary": cc.summary(results)}
     assert report["summary"]["failures"] == 0 and report["summary"]["variants"] == 8
     json.dumps(report)  # the report is plain JSON
+
+
+def test_fused_moe_variants_compile_clean(fresh_triton_cache):
+    """The fused MoE kernel's two launch configurations, each in the role the ci subset gives it, for
+    Ampere and Hopper: no spill, shared memory within the limit, tensor-core instructions."""
+    variants = [
+        _pick(cc.all_variants([80], "ci"), "_fused_moe_kernel", "gptq4-actorder-g128-bf16-small-gateup"),
+        _pick(cc.all_variants([90], "ci"), "_fused_moe_kernel", "awq4-g128-bf16-large-down"),
+    ]
+    results = cc.run_check(variants, jobs=2)
+    assert [r.failures for r in results] == [[], []]
+    for r in results:
+        assert r.stack_bytes == 0 and r.local_ops == 0 and 0 < r.shared_bytes <= cc.SMEM_LIMITS[r.arch]
+    assert any(m.startswith("HMMA.16816.F32.BF16") for m in results[0].mma)
+    assert any(m.startswith(("HGMMA.", "HMMA.")) for m in results[1].mma)
 
 
 def test_real_spill_and_shared_memory_overflow_are_failures(fresh_triton_cache):
