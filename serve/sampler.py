@@ -1,9 +1,9 @@
 """Turn the step's logits into one token per sampling row, vectorised over the batch.
 
 Order follows vLLM: logprobs are taken from the raw model logits; then the min_tokens mask, the
-repetition / presence / frequency penalties, the grammar bitmask of structured-output rows (which
-accept their sampled token afterwards), and for non-greedy rows temperature, min-p, top-k and
-top-p. Sampling uses the exponential-race form of the categorical draw, argmax(p / q) with
+repetition / presence / frequency penalties, the grammar bitmask of structured-output rows (applied
+on the logits' device by a GrammarMasker; the rows accept their sampled token afterwards), and for
+non-greedy rows temperature, min-p, top-k and top-p. Sampling uses the exponential-race form of the categorical draw, argmax(p / q) with
 q ~ Exp(1), so a seeded request draws exactly one vector from its own `torch.Generator` per token:
 its tokens do not depend on which other requests share the batch.
 """
@@ -17,7 +17,7 @@ import torch
 from qserve.serve.outputs import TokenLogprobs
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.sequence import Sequence
-from qserve.serve.structured import GrammarState, apply_grammar_masks
+from qserve.serve.structured import GrammarMasker, GrammarState
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         # Unseeded requests share this stream: reproducible per engine run, not per request.
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.grammar_masker = GrammarMasker()  # keeps its bitmask buffers from step to step
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingState]
@@ -47,7 +48,7 @@ class Sampler:
         if any(p.uses_penalties for p in params):
             logits = apply_penalties(logits, rows)
         constrained = [(i, r.grammar, r.seq.output_token_ids) for i, r in enumerate(rows) if r.grammar]
-        apply_grammar_masks(logits, constrained)  # disallowed tokens -> -inf, before any filtering
+        self.grammar_masker(logits, constrained)  # disallowed tokens -> -inf, before any filtering
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

@@ -302,30 +302,95 @@ class GrammarState:
             bitmask[row] &= self.extra_mask
 
 
-def apply_grammar_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState, list[int]]]) -> None:
-    """Mask `logits` in place: `rows` is (logits row, grammar state, that sequence's output tokens)."""
-    if not rows:
-        return
-    xgr = import_xgrammar()
-    vocab = rows[0][1].vocab_size
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
-    for row, state, outputs in rows:
-        state.sync(outputs)
-        state.fill(bitmask, row)
-    width = min(vocab, logits.shape[1])
-    indices = [r for r, _, _ in rows]
-    if logits.device.type != "cpu":
-        xgr.apply_token_bitmask_inplace(
-            logits, bitmask.to(logits.device, non_blocking=True), vocab_size=width, indices=indices
+class GrammarMasker:
+    """Masks the structured rows of each step's logits on the logits' device.
+
+    The matchers run on the host, so each step's bitmask is filled there, into a buffer kept from step
+    to step. On CPU it is applied in place (`_apply_on_cpu`). On an accelerator the filled rows and
+    their row numbers go to the device in one non-blocking copy each (from pinned memory on CUDA), into
+    device buffers also kept, and xgrammar's kernel masks the logits there (Triton on CUDA): nothing is
+    read back and the host does not wait for the device. Before the host buffers are refilled, a CUDA
+    event makes sure the previous step's copies out of them have finished (normally they have: the
+    sampler reads its tokens back in between).
+
+    `kernel` (xgrammar's backend name) defaults from the logits' device: cpu, triton on CUDA,
+    torch_native elsewhere. Any kernel but "cpu" takes the device path, whatever the logits' device
+    (the tests run it on CPU tensors, with Triton's interpreter for the CUDA kernel)."""
+
+    def __init__(self, kernel: str | None = None) -> None:
+        self.kernel = kernel
+        self._host: torch.Tensor | None = None  # int32 [rows, words]; pinned for CUDA
+        self._host_rows: torch.Tensor | None = None  # int32 [rows]: the constrained rows' numbers
+        self._device: torch.Tensor | None = None
+        self._device_rows: torch.Tensor | None = None
+        self._copied = None  # CUDA event recorded after the last copies out of the host buffers
+
+    def __call__(self, logits: torch.Tensor, rows: list[tuple[int, GrammarState, list[int]]]) -> None:
+        """Mask `logits` in place: `rows` is (logits row, grammar state, that sequence's output tokens)."""
+        if not rows:
+            return
+        vocab = rows[0][1].vocab_size
+        n = logits.shape[0]
+        host = self._host_buffers(n, (vocab + 31) // 32, logits.device.type == "cuda")
+        for row, state, outputs in rows:
+            state.sync(outputs)
+            state.fill(host, row)
+        width = min(vocab, logits.shape[1])
+        indices = [r for r, _, _ in rows]
+        kernel = self.kernel or {"cpu": "cpu", "cuda": "triton"}.get(logits.device.type, "torch_native")
+        if kernel == "cpu":
+            _apply_on_cpu(logits, host[:n], indices, width)
+        else:
+            self._apply_on_device(logits, n, indices, width, kernel)
+
+    def _host_buffers(self, n: int, words: int, pin: bool) -> torch.Tensor:
+        if self._copied is not None and not self._copied.query():
+            self._copied.synchronize()  # the previous step's copies still read these buffers
+        host = self._host
+        if host is None or host.shape[0] < n or host.shape[1] != words or host.is_pinned() != pin:
+            rows = max(n, 2 * host.shape[0] if host is not None and host.shape[1] == words else n)
+            self._host = torch.full((rows, words), -1, dtype=torch.int32, pin_memory=pin)
+            self._host_rows = torch.zeros(rows, dtype=torch.int32, pin_memory=pin)
+            self._device = self._device_rows = None
+        return self._host
+
+    def _apply_on_device(
+        self, logits: torch.Tensor, n: int, indices: list[int], width: int, kernel: str
+    ) -> None:
+        host, host_rows = self._host, self._host_rows
+        if self._device is None or self._device.device != logits.device:
+            self._device = torch.empty(host.shape, dtype=torch.int32, device=logits.device)
+            self._device_rows = torch.empty(host_rows.shape, dtype=torch.int32, device=logits.device)
+        bitmask = self._device[:n]
+        bitmask.copy_(host[:n], non_blocking=True)
+        rows = None  # every row is constrained
+        if len(indices) < n:
+            host_rows[: len(indices)] = torch.tensor(indices, dtype=torch.int32)
+            rows = self._device_rows[: len(indices)]
+            rows.copy_(host_rows[: len(indices)], non_blocking=True)
+        if logits.device.type == "cuda":
+            self._copied = self._copied or torch.cuda.Event()
+            self._copied.record()
+        import_xgrammar().apply_token_bitmask_inplace(
+            logits, bitmask, vocab_size=width, indices=rows, backend=kernel
         )
-        return
-    # On CPU xgrammar's kernel costs about one write per disallowed token: cheap for a mostly-open mask
-    # (inside a string), ~2x the vectorised unpack below for a mostly-closed one (a number, a key).
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState, list[int]]]) -> None:
+    """One step's masks with a masker of its own (the sampler keeps one, with its buffers)."""
+    GrammarMasker()(logits, rows)
+
+
+def _apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int], width: int) -> None:
+    """On CPU xgrammar's kernel costs about one write per disallowed token: cheap for a mostly-open mask
+    (inside a string), ~2x the vectorised unpack of `_apply_unpacked` for a mostly-closed one (a number,
+    a key). Each row goes to the cheaper one."""
+    xgr = import_xgrammar()
     open_words = (bitmask[indices] == -1).float().mean(dim=1).tolist()
     mostly_open = [r for r, share in zip(indices, open_words, strict=True) if share >= 0.5]
     mostly_closed = [r for r, share in zip(indices, open_words, strict=True) if share < 0.5]
     if mostly_open:
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=mostly_open)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=mostly_open, backend="cpu")
     if mostly_closed:
         _apply_unpacked(logits, bitmask, mostly_closed, width)
 

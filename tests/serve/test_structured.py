@@ -439,3 +439,103 @@ def test_cpu_mask_paths_equal_xgrammars_kernel(open_share):
     xgr.apply_token_bitmask_inplace(expected, full_mask, vocab_size=vocab, indices=chosen, backend="cpu")
     apply_grammar_masks(logits, [(r, Fixed(r % rows), []) for r in chosen])
     assert torch.equal(logits, expected)
+
+
+class _FixedMask:
+    """A GrammarState stand-in whose mask is one fixed row of bitmask words."""
+
+    def __init__(self, words: torch.Tensor, vocab: int):
+        self.words, self.vocab_size = words, vocab
+
+    def sync(self, outputs):
+        pass
+
+    def fill(self, out, row):
+        out[row] = self.words
+
+
+def _masked_pair(seed: int, batch: int, chosen: list[int], vocab: int = 1000):
+    """(logits, rows for a masker, the logits xgrammar's CPU kernel masks) for random masks of mixed
+    openness on the `chosen` rows of a batch."""
+    import xgrammar as xgr
+
+    gen = torch.Generator().manual_seed(seed)
+    words = (vocab + 31) // 32
+    masks = torch.randint(-(2**31), 2**31 - 1, (batch, words), generator=gen, dtype=torch.int32)
+    masks[torch.rand(batch, words, generator=gen) < 0.5] = -1
+    logits = torch.randn(batch, vocab, generator=gen)
+    expected = logits.clone()
+    xgr.apply_token_bitmask_inplace(expected, masks, vocab_size=vocab, indices=chosen, backend="cpu")
+    return logits, [(r, _FixedMask(masks[r], vocab), []) for r in chosen], expected
+
+
+def test_device_mask_path_on_cpu_tensors_equals_the_cpu_path():
+    """The path CUDA logits take (host buffers kept between steps, one copy of the bitmask and one of
+    the row numbers to the device buffers, xgrammar's kernel there) run on CPU tensors with xgrammar's
+    torch kernel: the same logits as xgrammar's CPU kernel, over steps that reuse and grow the buffers,
+    with some rows unconstrained and with all constrained."""
+    from qserve.serve.structured import GrammarMasker
+
+    masker = GrammarMasker(kernel="torch_native")
+    for step, (batch, chosen) in enumerate([(3, [0, 2]), (3, [1]), (7, [0, 1, 2, 3, 4, 5, 6]), (5, [4, 0])]):
+        logits, rows, expected = _masked_pair(step, batch, chosen)
+        masker(logits, rows)
+        assert torch.equal(logits, expected), step
+        assert masker._device is not masker._host and masker._device.shape[0] >= batch
+
+
+def test_cuda_mask_kernel_under_the_triton_interpreter():
+    """The kernel CUDA logits get (xgrammar's Triton kernel, through GrammarMasker's device path) run by
+    Triton's interpreter on CPU tensors: the same logits as xgrammar's CPU kernel."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import types, torch
+# The interpreter runs the kernel on CPU tensors; the launcher only asks the GPU for its SM count.
+torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(multi_processor_count=4, gcnArchName="")
+import sys
+sys.path.insert(0, "tests/serve")
+from test_structured import _masked_pair
+from qserve.serve.structured import GrammarMasker
+masker = GrammarMasker(kernel="triton")
+for step, (batch, chosen) in enumerate([(4, [0, 1, 2, 3]), (4, [0, 3]), (6, [5, 1])]):
+    logits, rows, expected = _masked_pair(step, batch, chosen, vocab=5000)
+    masker(logits, rows)
+    assert torch.equal(logits, expected), step
+print("triton-interpreted masks equal")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "masks equal" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_cuda_masks_stay_on_the_device(compiler):
+    """On CUDA: the sampler's masks equal the CPU path's, the host bitmask is pinned and reused, and a
+    masked step makes no synchronizing CUDA call (no read-back, no blocking copy)."""
+    from qserve.serve.structured import GrammarMasker
+
+    masker = GrammarMasker()
+    for step, (batch, chosen) in enumerate([(8, [0, 3, 5]), (8, list(range(8))), (32, [31, 2])]):
+        logits, rows, expected = _masked_pair(step, batch, chosen, vocab=49152)
+        on_gpu = logits.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            masker(on_gpu, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(on_gpu.cpu(), expected), step
+        assert masker._host.is_pinned() and masker._device.is_cuda
+    spec = compiler.prepare(StructuredOutputsParams(regex="[0-9]{2}"))
+    logits = torch.randn(2, 384, device="cuda")
+    masker(logits, [(1, compiler.new_state(spec), [])])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    tok = make_tiny_tokenizer()
+    assert allowed and all(tok.decode([t]).isdigit() for t in allowed)
+    assert torch.isfinite(logits[0]).all()
