@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -188,12 +189,15 @@ def throughput(llm, batch: int, max_tokens: int, repeats: int) -> dict:
 
 
 def mask_cost(llm, batch: int, steps: int) -> dict:
-    """Milliseconds per decode step that the grammar masks of `batch` rows cost (fill + apply, CPU),
-    in a mostly-closed state (inside a number) and a mostly-open one (inside a free string)."""
-    from qserve.serve.structured import StructuredOutputsParams, apply_grammar_masks
+    """Milliseconds per decode step that the grammar masks of `batch` rows cost (fill + apply, on the
+    engine's device, with the sampler's kept buffers), in a mostly-closed state (inside a number) and a
+    mostly-open one (inside a free string)."""
+    from qserve.serve.structured import GrammarMasker, StructuredOutputsParams
 
     tok, compiler = llm.get_tokenizer(), llm.engine.structured
     vocab = llm.engine.model_config.vocab_size
+    device = torch.device(llm.engine.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cases = {"json_int_array (in a number)": ("json_int_array", "[12, 7"),
              "json_object_array (in a string)": ("json_object_array", '[{"name": "Paris is a')}  # fmt: skip
     out = {}
@@ -205,20 +209,24 @@ def mask_cost(llm, batch: int, steps: int) -> dict:
             state = compiler.new_state(spec)
             state.sync(ids)
             rows.append((i, state, ids))
-        logits = torch.randn(batch, vocab)
-        apply_grammar_masks(logits, rows)
+        logits = torch.randn(batch, vocab, device=device)
+        masker = GrammarMasker()
+        masker(logits, rows)
         times = []
         for _ in range(steps):
+            sync()
             start = time.perf_counter()
-            apply_grammar_masks(logits, rows)
+            masker(logits, rows)
+            sync()
             times.append((time.perf_counter() - start) * 1e3)
         out[label] = statistics.median(times)
-    return {"batch": batch, "steps": steps, "ms_per_step_median": out}
+    return {"batch": batch, "steps": steps, "device": str(device), "ms_per_step_median": out}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
     ap.add_argument("--num-schemas", type=int, default=100, help="0: skip the validity part")
     ap.add_argument("--validity-max-tokens", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32, help="0: skip the throughput part")
@@ -236,10 +244,15 @@ def main() -> None:
     from qserve.provenance import describe_run
 
     llm = LLM(
-        str(resolve_model(args.model)), max_num_seqs=max(args.batch, args.num_schemas, 1), max_model_len=2048
+        str(resolve_model(args.model)),
+        max_num_seqs=max(args.batch, args.num_schemas, 1),
+        max_model_len=2048,
+        device=args.device,
     )
-    result = {"model": args.model, "threads": args.threads, "provenance": describe_run(),
-              "note": "shared 2-core CPU: absolute rates are noisy; the ratios come from interleaved runs"}  # fmt: skip
+    device = str(llm.engine.device)
+    note = "absolute rates depend on the machine's load; the ratios come from interleaved runs"
+    result = {"model": args.model, "device": device, "threads": args.threads, "provenance": describe_run(),
+              "command": "python bench/structured.py " + " ".join(sys.argv[1:]), "note": note}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.num_schemas:
         v = result["validity"] = validity(llm, args.num_schemas, args.seed, args.validity_max_tokens)

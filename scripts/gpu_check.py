@@ -6,6 +6,8 @@ Stages, each a subprocess with its exit status and wall time recorded:
   kernels   bench/kernels.py                                              (fused GEMM vs fp16 matmul, attention)
   quantize  qserve quantize smollm2-135m --method awq                     (the AWQ checkpoint, once)
   engine    offline throughput, SmolLM2-135M fp16 and AWQ, CUDA graphs on and off
+  structured  bench/structured.py on CUDA: JSON-schema validity, grammar-mask cost per step, decode
+            throughput at batch 32 with a JSON schema vs unconstrained
 
 Prints one table and writes one JSON (default bench/results/gpu_check.json) with the command, commit,
 GPU and every stage's figures. Exit 0 when every stage passed, 1 otherwise, 2 without a GPU.
@@ -127,6 +129,11 @@ def _figures(stages: dict, out_dir: Path) -> dict:
                 f"{max(r['fused_speedup'] for r in m1):.2f}x, {100 * min(r['fraction_of_copy'] for r in m1):.0f}-"
                 f"{100 * max(r['fraction_of_copy'] for r in m1):.0f}% of copy bandwidth"
             )
+    r = stages.get("structured", {}).get("result", {})
+    if "validity" in r and "throughput" in r:
+        v, ratios = r["validity"], r["throughput"]["ratio_vs_unconstrained"]
+        figs["structured"] = f"{v['valid']}/{v['num_schemas']} schemas valid; decode vs unconstrained: " + ", ".join(
+            f"{k} {x:.2f}x" for k, x in ratios.items())  # fmt: skip
     for name, st in stages.items():
         if name.startswith("engine") and "result" in st:
             r = st["result"]
@@ -184,6 +191,13 @@ def main(argv=None) -> int:
                                           str(args.max_tokens)], args.work, 600)  # fmt: skip
                 if res.exists():
                     stages[name]["result"] = json.loads(res.read_text())
+    if "structured" not in skip:
+        res = args.work / "structured.json"
+        stages["structured"] = run("structured", [py, "bench/structured.py", "--device", "cuda", "--num-schemas",
+                                                  "50", "--batch", "32", "--max-tokens", "64", "--repeats", "3",
+                                                  "--threads", "4", "--out", str(res)], args.work, 900)  # fmt: skip
+        if res.exists():
+            stages["structured"]["result"] = json.loads(res.read_text())
     figures = _figures(stages, args.work)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     report = {
