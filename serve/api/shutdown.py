@@ -30,6 +30,8 @@ EVENT_LOOP = "asyncio"
 HTTP_PROTOCOL = "h11"
 # After the grace period, how long uvicorn waits for the cancelled requests' connections to close.
 _CANCEL_WAIT = 2.0
+# Signals closer together than this count as one: a person's second Ctrl-C comes later than that.
+_SAME_SIGNAL_S = 0.5
 
 
 def uvicorn_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
@@ -52,9 +54,14 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._announced = False
         self.signals: list[int] = []
+        self._last_signal = float("-inf")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler: only flag changes here; on_tick (on the loop) logs and decides.
+        now = time.monotonic()
+        if now - self._last_signal < _SAME_SIGNAL_S:
+            return  # one signal delivered twice (uvloop does that), not a second one
+        self._last_signal = now
         self.signals.append(sig)
         if not self.drain.draining:
             self.drain.begin(self.shutdown_timeout)
