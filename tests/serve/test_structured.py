@@ -539,3 +539,23 @@ def test_cuda_masks_stay_on_the_device(compiler):
     tok = make_tiny_tokenizer()
     assert allowed and all(tok.decode([t]).isdigit() for t in allowed)
     assert torch.isfinite(logits[0]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_mask_of_every_row_with_a_padded_vocabulary(dtype):
+    """All rows constrained, logits wider than the tokenizer's vocabulary (padded embedding): the CPU path
+    masks exactly as xgrammar's kernel and leaves the padding columns alone; bfloat16 logits too."""
+    import xgrammar as xgr
+
+    from qserve.serve.structured import GrammarMasker
+
+    for step in range(2):  # mostly-closed masks, then mostly-open ones
+        logits, rows, _ = _masked_pair(step, 4, [0, 1, 2, 3], vocab=1000)
+        for _, state, _ in rows:
+            state.words = state.words if step else state.words & 0x0F0F0F0F
+        logits = torch.cat([logits, torch.randn(4, 24)], dim=1).to(dtype)
+        expected = logits.float()
+        masks = torch.stack([state.words for _, state, _ in rows])
+        xgr.apply_token_bitmask_inplace(expected, masks, vocab_size=1000, backend="cpu")
+        GrammarMasker()(logits, rows)
+        assert torch.equal(logits.float(), expected), step
