@@ -6,7 +6,8 @@ EBNF grammar (`StructuredOutputsParams`). `StructuredOutputCompiler` turns that 
 thread before the request reaches the engine loop). Each output sequence then owns a `GrammarState`:
 a matcher that the sampler asks for a token bitmask every step (disallowed tokens get -inf logits) and
 that accepts each sampled token. When the grammar is complete only the stop (EOS) tokens stay allowed,
-so the sequence ends on EOS.
+so the sequence ends on EOS. `GrammarMasker` applies the masks where the logits are: on CPU in place,
+on CUDA with xgrammar's Triton kernel after one non-blocking copy of the step's bitmask.
 
 The matcher is kept in step with the sequence's output tokens, not with the sampler's calls: before a
 mask is filled it catches up on outputs it has not seen and rolls back any it accepted that the
