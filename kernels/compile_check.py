@@ -271,7 +271,8 @@ def attention_variants(arch: int, subset: str) -> list[Variant]:
                         label=f"{layout}-bs{bs}-splits{splits}",
                         types={"q_ptr": f"*{dname}", "k_cache_ptr": f"*{dname}", "v_cache_ptr": f"*{dname}",
                                "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dname}",
-                               "part_acc_ptr": part, "part_ml_ptr": part, "scale": "fp32", "max_blocks": "i32"},
+                               "part_acc_ptr": part, "part_ml_ptr": part, "scale": "fp32", "max_blocks": "i32",
+                               "window": "i32"},
                         constexprs={**ta.decode_meta(heads, kv_heads, dim, bs, splits), **dot},
                         num_warps=4, num_stages=3, divisible=(*aligned, "part_acc_ptr", "part_ml_ptr"),
                         needs_mma=True,
@@ -282,7 +283,7 @@ def attention_variants(arch: int, subset: str) -> list[Variant]:
                         label=f"{layout}-bs{bs}-bm{ta.prefill_meta(heads, kv_heads, dim, bs, max_q, True)['BLOCK_M']}",
                         types={"q_ptr": f"*{dname}", "k_cache_ptr": f"*{dname}", "v_cache_ptr": f"*{dname}",
                                "block_tables_ptr": "*i32", "query_start_ptr": "*i32", "seq_lens_ptr": "*i32",
-                               "out_ptr": f"*{dname}", "scale": "fp32", "max_blocks": "i32"},
+                               "out_ptr": f"*{dname}", "scale": "fp32", "max_blocks": "i32", "window": "i32"},
                         constexprs={**ta.prefill_meta(heads, kv_heads, dim, bs, max_q, True), **dot},
                         num_warps=4, num_stages=3, divisible=(*aligned, "query_start_ptr"), needs_mma=True,
                     ))  # fmt: skip
@@ -293,6 +294,60 @@ def attention_variants(arch: int, subset: str) -> list[Variant]:
                     label=f"d{dim}-splits{splits}-{dname}",
                     types={"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": f"*{dname}"},
                     constexprs=ta.combine_meta(dim, splits), num_warps=4, num_stages=3,
+                    divisible=("part_acc_ptr", "part_ml_ptr", "out_ptr"),
+                ))  # fmt: skip
+    return variants
+
+
+# Layouts of the sliding-window families (query heads, kv heads, head dim): Mistral-7B-v0.1, Gemma 3 1B,
+# 4B and 27B. Gemma 3's 256-dim heads are also compiled without the window (its global layers).
+WINDOW_LAYOUTS = ((32, 8, 128), (4, 1, 256), (8, 4, 256), (32, 16, 128))
+
+
+def window_variants(arch: int, subset: str) -> list[Variant]:
+    """Attention with SLIDING on (and the 256-dim head layouts with it off), block size 16."""
+    from qserve.kernels import triton_attention as ta
+
+    variants = []
+    dtypes = DTYPES if subset == "full" else ("bf16",)
+    layouts = WINDOW_LAYOUTS if subset == "full" else WINDOW_LAYOUTS[2:3]
+    aligned = ("q_ptr", "k_cache_ptr", "v_cache_ptr", "block_tables_ptr", "seq_lens_ptr", "out_ptr")
+    for dname in dtypes:
+        dot = {"DOT_DTYPE": f"tl.{_tl_name(dname)}", "DOT_PRECISION": "tf32"}
+        for heads, kv_heads, dim in layouts:
+            for sliding in (True, False) if dim > 128 else (True,):
+                layout = f"h{heads}-kv{kv_heads}-d{dim}-{dname}{'-sliding' if sliding else ''}"
+                for splits in (1, 4):
+                    part = "*fp32" if splits > 1 else f"*{dname}"
+                    variants.append(Variant(
+                        kernel="_decode_kernel", family="attention-decode-window", arch=arch,
+                        label=f"{layout}-bs16-splits{splits}",
+                        types={"q_ptr": f"*{dname}", "k_cache_ptr": f"*{dname}", "v_cache_ptr": f"*{dname}",
+                               "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "out_ptr": f"*{dname}",
+                               "part_acc_ptr": part, "part_ml_ptr": part, "scale": "fp32", "max_blocks": "i32",
+                               "window": "i32"},
+                        constexprs={**ta.decode_meta(heads, kv_heads, dim, 16, splits, sliding), **dot},
+                        num_warps=4, num_stages=3, divisible=(*aligned, "part_acc_ptr", "part_ml_ptr"),
+                        needs_mma=True,
+                    ))  # fmt: skip
+                for max_q in (16, 512):
+                    meta = ta.prefill_meta(heads, kv_heads, dim, 16, max_q, True, sliding)
+                    variants.append(Variant(
+                        kernel="_prefill_kernel", family="attention-prefill-window", arch=arch,
+                        label=f"{layout}-bs16-bm{meta['BLOCK_M']}",
+                        types={"q_ptr": f"*{dname}", "k_cache_ptr": f"*{dname}", "v_cache_ptr": f"*{dname}",
+                               "block_tables_ptr": "*i32", "query_start_ptr": "*i32", "seq_lens_ptr": "*i32",
+                               "out_ptr": f"*{dname}", "scale": "fp32", "max_blocks": "i32", "window": "i32"},
+                        constexprs={**meta, **dot}, num_warps=ta.prefill_warps(dim), num_stages=3,
+                        divisible=(*aligned, "query_start_ptr"), needs_mma=True,
+                    ))  # fmt: skip
+        if subset == "full":  # the split merge at head dim 256 (64 and 128 are in attention_variants)
+            for splits in (4, 16):
+                variants.append(Variant(
+                    kernel="_combine_splits_kernel", family="attention-combine-window", arch=arch,
+                    label=f"d256-splits{splits}-{dname}",
+                    types={"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": f"*{dname}"},
+                    constexprs=ta.combine_meta(256, splits), num_warps=4, num_stages=3,
                     divisible=("part_acc_ptr", "part_ml_ptr", "out_ptr"),
                 ))  # fmt: skip
     return variants
@@ -346,7 +401,8 @@ def moe_variants(arch: int, subset: str) -> list[Variant]:
 def all_variants(archs: list[int], subset: str, kernels: set[str] | None = None) -> list[Variant]:
     out = []
     for arch in archs:
-        out += gemm_variants(arch, subset) + attention_variants(arch, subset) + moe_variants(arch, subset)
+        out += (gemm_variants(arch, subset) + attention_variants(arch, subset) + moe_variants(arch, subset)
+                + window_variants(arch, subset))
     if kernels:
         out = [v for v in out if v.kernel in kernels or v.family in kernels]
     return out

@@ -247,16 +247,25 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence: q [S, H, D] over each sequence's seq_lens[i] cached positions."""
+    """One query token per sequence: q [S, H, D] over each sequence's seq_lens[i] cached positions,
+    or with `window` (sliding-window attention) over the last `window` of them."""
     _check_heads(q, key_cache)
+    _check_window(window)
     if q.is_cuda:
         from qserve.kernels import triton_attention
 
         return triton_attention.paged_attention_decode_triton(
-            q, key_cache, value_cache, block_tables, seq_lens, scale
+            q, key_cache, value_cache, block_tables, seq_lens, scale, window=window
         )
-    return torch_attention.paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
+    return torch_attention.paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale, window)
+
+
+def _check_window(window: int | None) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of positions or None, got {window!r}")
 
 
 def paged_attention(
@@ -270,6 +279,7 @@ def paged_attention(
     *,
     causal: bool = True,
     max_query_len: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Mixed batch of prefill chunks and decodes: q [T, H, D] -> [T, H, D] in q.dtype.
 
@@ -278,18 +288,20 @@ def paged_attention(
     `write_kv_cache`. Query j of sequence i sits at position seq_lens[i] - q_len_i + j and, if causal,
     sees positions <= its own. block_tables int32 [S, max_blocks] (padding entries ignored).
     `max_query_len`, the longest chunk, sizes the CUDA kernel's grid; without it the CUDA path reads
-    it back from query_start_loc (a device-to-host sync per call).
+    it back from query_start_loc (a device-to-host sync per call). `window` (sliding-window attention,
+    as transformers defines it): query position p sees only key positions > p - window as well.
     """
     if q.shape[0] == seq_lens.shape[0]:  # T == S with q_len >= 1 each: all decodes, no host sync
-        return paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale)
+        return paged_attention_decode(q, key_cache, value_cache, block_tables, seq_lens, scale, window=window)
     _check_heads(q, key_cache)
+    _check_window(window)
     if not q.is_cuda:
         return torch_attention.paged_attention_torch(
-            q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal
+            q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal, window=window
         )
     from qserve.kernels import triton_attention
 
     return triton_attention.paged_attention_prefill_triton(
         q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, causal=causal,
-        max_query_len=max_query_len,
+        max_query_len=max_query_len, window=window,
     )  # fmt: skip

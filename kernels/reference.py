@@ -133,11 +133,13 @@ def paged_attention_reference(
     scale: float,
     *,
     causal: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's new tokens over its whole cached context, one sequence at a time.
 
     q [num_tokens, H, D]; caches [num_blocks, block_size, KVH, D]; the new tokens of sequence i are the
     last q_len_i of its seq_lens[i] positions, so query j attends to positions <= seq_lens[i] - q_len_i + j.
+    With `window` (sliding-window attention) a query at position p sees only positions > p - window.
     """
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     num_heads = q.shape[1]
@@ -153,10 +155,12 @@ def paged_attention_reference(
         v = flat_v[slots].float().repeat_interleave(num_heads // num_kv_heads, dim=1).transpose(0, 1)
         qi = q[lo:hi].float().transpose(0, 1)  # [H, q_len, D]
         scores = qi @ k.transpose(1, 2) * scale  # [H, q_len, ctx]
+        q_pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
+        key_pos = torch.arange(ctx, device=q.device)
         if causal:
-            q_pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
-            key_pos = torch.arange(ctx, device=q.device)
             scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        if window is not None:
+            scores = scores.masked_fill(key_pos[None, :] <= q_pos[:, None] - window, float("-inf"))
         out[lo:hi] = (scores.softmax(dim=-1) @ v).transpose(0, 1).to(q.dtype)
     return out
 

@@ -122,19 +122,29 @@ def _decode_padded(
     seq_lens: torch.Tensor,
     num_blocks: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [S, H, D] over contexts padded to `num_blocks` blocks: one SDPA call."""
+    """q [S, H, D] over contexts padded to `num_blocks` blocks: one SDPA call. With `window`, each
+    query sees only the last `window` positions of its context."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     ids = block_tables[:, :num_blocks]  # padding entries are clamped, then masked
-    k = _gather_blocks(key_cache, ids, slot=0).to(q.dtype)  # [S, KVH, L, D]
-    v = _gather_blocks(value_cache, ids, slot=1).to(q.dtype)
-    if num_seqs == 1:  # batch-1 decode: cut the context to its length instead of masking
+    if num_seqs == 1:  # batch-1 decode: gather only the blocks it reads, cut instead of masking
         length = int(seq_lens[0])
-        k, v, valid = k[:, :, :length], v[:, :, :length], None
+        first = 0 if window is None else max(0, length - window) // block_size
+        k = _gather_blocks(key_cache, ids[:, first:], slot=0).to(q.dtype)  # [1, KVH, L, D]
+        v = _gather_blocks(value_cache, ids[:, first:], slot=1).to(q.dtype)
+        lo = 0 if window is None else max(0, length - window) - first * block_size
+        k, v, valid = k[:, :, lo : length - first * block_size], v[:, :, lo : length - first * block_size], None
     else:
+        k = _gather_blocks(key_cache, ids, slot=0).to(q.dtype)  # [S, KVH, L, D]
+        v = _gather_blocks(value_cache, ids, slot=1).to(q.dtype)
         pos = torch.arange(num_blocks * block_size, device=q.device)
-        valid = (pos[None, :] < seq_lens.long()[:, None])[:, None, None, :]  # [S, 1, 1, L]
+        lens = seq_lens.long()[:, None]
+        valid = pos[None, :] < lens
+        if window is not None:
+            valid &= pos[None, :] >= lens - window
+        valid = valid[:, None, None, :]  # [S, 1, 1, L]
     # A decode has no causal structure among its query heads, so the G = H / KVH heads that share a kv
     # head ride in SDPA's query-length dim: [S, H, D] -> [S, KVH, G, D]. This is GQA without repeating
     # K/V, and measured faster on CPU than SDPA's enable_gqa (which is slow in bf16).
@@ -155,17 +165,22 @@ def paged_decode_torch(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [S, H, D] -> [S, H, D], in length buckets of padded SDPA calls.
+    With `window` (sliding-window attention), a query sees only the last `window` positions.
 
     In fp32 with qserve's C++ kernels built, they read the blocks in place instead (no gathers, no
     padding); measured at batch 1 (SmolLM2's heads, 100-token context, 2 threads, one call):
-    49 us this way, 14 us through the C++ kernel.
+    49 us this way, 14 us through the C++ kernel. The C++ kernel attends to the whole context, so a
+    window shorter than some context takes the torch path.
     """
     if q.shape[0] == 0:
         return torch.empty_like(q)
     q = q.contiguous()
-    if cpu_ext.usable(q, key_cache, value_cache):
+    if window is not None and int(seq_lens.max()) <= window:
+        window = None  # every context fits its window: plain causal attention
+    if window is None and cpu_ext.usable(q, key_cache, value_cache):
         return cpu_ext.paged_decode(
             q,
             key_cache,
@@ -178,12 +193,12 @@ def paged_decode_torch(
     blocks = [-(-n // block_size) for n in seq_lens.tolist()]
     buckets = decode_buckets(blocks)
     if len(buckets) == 1:
-        return _decode_padded(q, key_cache, value_cache, block_tables, seq_lens, max(blocks), scale)
+        return _decode_padded(q, key_cache, value_cache, block_tables, seq_lens, max(blocks), scale, window)
     out = torch.empty_like(q)
     for bucket in buckets:
         idx = torch.tensor(bucket, device=q.device)
         out[idx] = _decode_padded(
-            q[idx], key_cache, value_cache, block_tables[idx], seq_lens[idx], blocks[bucket[0]], scale
+            q[idx], key_cache, value_cache, block_tables[idx], seq_lens[idx], blocks[bucket[0]], scale, window
         )
     return out
 
@@ -196,14 +211,19 @@ def _attend_one(
     context_len: int,
     scale: float,
     causal: bool,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [q_len, H, D], the last q_len of context_len positions, over one sequence's cache."""
+    """q [q_len, H, D], the last q_len of context_len positions, over one sequence's cache; with
+    `window` each query sees only the last `window` positions up to its own."""
     q_len, num_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     num_blocks = -(-context_len // block_size)
-    k = _gather_blocks(key_cache, block_table[:num_blocks])[:, :context_len].to(q.dtype)  # [KVH, ctx, D]
-    v = _gather_blocks(value_cache, block_table[:num_blocks])[:, :context_len].to(q.dtype)
+    # keys before the first query's window are read by no query: skip their whole blocks
+    first = 0 if window is None else max(0, context_len - q_len - window + 1) // block_size
+    start = first * block_size  # position of the first gathered key
+    k = _gather_blocks(key_cache, block_table[first:num_blocks])[:, : context_len - start].to(q.dtype)
+    v = _gather_blocks(value_cache, block_table[first:num_blocks])[:, : context_len - start].to(q.dtype)
     # [q_len, H, D] -> [KVH, G * q_len, D]: fold the query heads of a kv head into the query dim (GQA)
     qf = (
         q.reshape(q_len, num_kv_heads, group, head_dim)
@@ -211,12 +231,15 @@ def _attend_one(
         .reshape(num_kv_heads, -1, head_dim)
     )
     mask = None
-    if causal and q_len > 1:
+    if (causal and q_len > 1) or window is not None:
         # SDPA's is_causal aligns the mask top-left; chunked prefill needs it bottom-right (the queries
         # are the last q_len positions), so the mask is explicit, repeated for each folded head.
         q_pos = torch.arange(context_len - q_len, context_len, device=q.device)
-        mask = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, ctx]
-        mask = mask.repeat(group, 1)  # [G * q_len, ctx]
+        key_pos = torch.arange(start, context_len, device=q.device)[None, :]
+        mask = key_pos <= q_pos[:, None] if causal else torch.ones_like(key_pos, dtype=torch.bool)
+        if window is not None:
+            mask = mask & (key_pos > q_pos[:, None] - window)  # [q_len, ctx - start]
+        mask = mask.repeat(group, 1)  # [G * q_len, ctx - start]
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [KVH, G * q_len, D]
     return (
         out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
@@ -233,25 +256,26 @@ def paged_attention_torch(
     scale: float,
     *,
     causal: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Mixed batch of prefill chunks and decodes; same contract as `qserve.kernels.paged_attention`."""
     starts = query_start_loc.long()
     q_lens = starts[1:] - starts[:-1]
     is_decode = q_lens == 1
     if bool(is_decode.all()):
-        return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale)
+        return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale, window)
     out = torch.empty_like(q)
     decode_ids = torch.nonzero(is_decode).flatten()
     if decode_ids.numel():
         rows = starts[decode_ids]  # token index of each decode's single query
         out[rows] = paged_decode_torch(
-            q[rows], key_cache, value_cache, block_tables[decode_ids], seq_lens[decode_ids], scale
+            q[rows], key_cache, value_cache, block_tables[decode_ids], seq_lens[decode_ids], scale, window
         )
     start_list, len_list = starts.tolist(), seq_lens.tolist()
     for i in torch.nonzero(~is_decode).flatten().tolist():
         lo, hi = start_list[i], start_list[i + 1]
         if hi > lo:
             out[lo:hi] = _attend_one(
-                q[lo:hi], key_cache, value_cache, block_tables[i], len_list[i], scale, causal
+                q[lo:hi], key_cache, value_cache, block_tables[i], len_list[i], scale, causal, window
             )
     return out

@@ -13,6 +13,8 @@ prefill: one program per (sequence, kv head, BLOCK_M // GROUP query tokens) serv
          head; queries are the last q_len positions of the context, with a bottom-right causal mask.
          It serves decodes in a mixed batch; the engine passes the longest chunk (max_query_len) from
          the scheduler, so sizing the grid needs no device-to-host copy.
+Sliding-window attention (Gemma 3's local layers, Mistral): with `window`, a query at position p sees
+only keys > p - window; both kernels start at the key tile holding the first visible key.
 Softmax is online (running max and sum in fp32), as in FlashAttention.
 
 Importing this module needs triton. On CPU tensors it only runs under TRITON_INTERPRET=1 (tests).
@@ -46,12 +48,13 @@ def _write_kv_kernel(
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, ctx, q_pos,
+    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, start, ctx, q_pos, window,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step of q [R, D] (pre-scaled) over key positions start..start+BLOCK_N."""
+    """One online-softmax step of q [R, D] (pre-scaled) over key positions start..start+BLOCK_N;
+    SLIDING: row r sees only keys > q_pos[r] - window."""
     pos = start + tl.arange(0, BLOCK_N)
     in_ctx = pos < ctx
     block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
@@ -65,9 +68,15 @@ def _attend_tile(
     visible = in_ctx[None, :]
     if CAUSAL:
         visible = visible & (pos[None, :] <= q_pos[:, None])
+    if SLIDING:
+        visible = visible & (pos[None, :] > q_pos[:, None] - window)
     s = tl.where(visible, s, float("-inf"))
-    # every row sees position 0 in the first tile, so m_new is finite from the first step on
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if SLIDING:
+        # a row whose window starts past this tile has seen no key yet (m = -inf): subtract 0
+        # instead, so its p and alpha are exp(-inf) = 0, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # without a window every row sees position 0 in the first tile, so m_new is finite from the start
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -78,14 +87,15 @@ def _attend_tile(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    scale, max_blocks,
+    scale, max_blocks, window,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Attention of q [S, H, D] (one token per sequence) for the heads of one kv head over one of
-    NUM_SPLITS slices of the context. One slice writes out; several write fp32 partials (running
-    max m, sum l, unnormalised acc) that _combine_splits_kernel merges."""
+    NUM_SPLITS slices of the context (SLIDING: of its last `window` positions, from the key tile that
+    holds the first of them). One slice writes out; several write fp32 partials (running max m, sum
+    l, unnormalised acc) that _combine_splits_kernel merges."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,13 +110,16 @@ def _decode_kernel(
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
     q_pos = tl.zeros((GROUP_PAD,), dtype=tl.int32) + ctx - 1
-    span = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles per slice
-    first = split * span
+    lo = 0
+    if SLIDING:  # the key tile holding position ctx - window: earlier tiles are invisible
+        lo = tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
+    span = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole key tiles per slice
+    first = lo + split * span
     for start in range(first, tl.minimum(ctx, first + span), BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * max_blocks,
-            kv_head, start, ctx, q_pos, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N,
-            False, DOT_DTYPE, DOT_PRECISION,
+            kv_head, start, ctx, q_pos, window, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N,
+            False, SLIDING, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
     if NUM_SPLITS == 1:
         tl.store(out_ptr + offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
@@ -140,10 +153,10 @@ def _combine_splits_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr, scale,
-    max_blocks,
+    max_blocks, window,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out for BLOCK_M // GROUP query tokens of one sequence and all GROUP query heads of one kv head;
     q/out [T, H, D]. Rows are (token, head) pairs, token-major, so each K/V tile is read once for the
@@ -171,15 +184,20 @@ def _prefill_kernel(
         end = ctx
         if CAUSAL:  # keys after this program's last query token are invisible to all of its rows
             end = tl.minimum(ctx, ctx - q_len + first + TOKENS)
+        lo = 0
+        if SLIDING:  # keys before the first token's window are invisible to all of its rows
+            lo = tl.maximum(ctx - q_len + first - window + 1, 0) // BLOCK_N * BLOCK_N
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM_PAD), dtype=tl.float32)
-        for start in range(0, end, BLOCK_N):
+        for start in range(lo, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq.to(tl.int64) * max_blocks,
-                kv_head, start, ctx, q_pos, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N,
-                CAUSAL, DOT_DTYPE, DOT_PRECISION,
+                kv_head, start, ctx, q_pos, window, NUM_KV_HEADS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N,
+                CAUSAL, SLIDING, DOT_DTYPE, DOT_PRECISION,
             )  # fmt: skip
+        if SLIDING:  # a padding row past the chunk may have seen no key at all (it is never stored)
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(out_ptr + offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -194,14 +212,16 @@ def write_kv_meta(num_kv_heads: int, head_dim: int) -> dict:
     return {"ROW": row, "ROW_PAD": triton.next_power_of_2(row)}
 
 
-def decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_splits: int) -> dict:
+def decode_meta(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, num_splits: int, sliding: bool = False
+) -> dict:
     """Constexprs of _decode_kernel (less the dot operand dtype) for one cache and head layout."""
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
     return {
         "NUM_KV_HEADS": num_kv_heads, "GROUP": group, "GROUP_PAD": max(16, triton.next_power_of_2(group)),
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad, "BLOCK_SIZE": block_size,
-        "BLOCK_N": 64 if head_dim_pad <= 128 else 32, "NUM_SPLITS": num_splits,
+        "BLOCK_N": 64 if head_dim_pad <= 128 else 32, "NUM_SPLITS": num_splits, "SLIDING": sliding,
     }  # fmt: skip
 
 
@@ -214,8 +234,9 @@ def combine_meta(head_dim: int, num_splits: int) -> dict:
 
 
 def prefill_meta(
-    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int, causal: bool
-) -> dict:
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, max_query_len: int, causal: bool,
+    sliding: bool = False,
+) -> dict:  # fmt: skip
     """Constexprs of _prefill_kernel (less the dot operand dtype). BLOCK_M rows hold BLOCK_M // GROUP
     query tokens of one kv head's GROUP query heads: 64 for long chunks, 16 (tl.dot's minimum) when
     the longest chunk is short, and never fewer than GROUP."""
@@ -227,8 +248,15 @@ def prefill_meta(
         "HEAD_DIM_PAD": head_dim_pad, "BLOCK_SIZE": block_size, "BLOCK_M": block_m,
         # 64 keys per tile only for small tiles: BLOCK_M 64 x BLOCK_N 64 at head dim 64 spills on sm_80
         # (compile check: 168 registers, 8 B stack); 32 keys fit every arch without spills
-        "BLOCK_N": 64 if head_dim_pad <= 64 and block_m <= 16 else 32, "CAUSAL": causal,
+        "BLOCK_N": 64 if head_dim_pad <= 64 and block_m <= 16 else 32, "CAUSAL": causal, "SLIDING": sliding,
     }  # fmt: skip
+
+
+def prefill_warps(head_dim: int) -> int:
+    """num_warps of _prefill_kernel launches: 8 for heads wider than 128 (Gemma 3's 256), where the
+    64-row tile's fp32 accumulator spilled at 4 warps (compile check: 80-120 B of stack at 255
+    registers on sm_80/89) and fits at 8 without spills."""
+    return 8 if triton.next_power_of_2(head_dim) > 128 else 4
 
 
 def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
@@ -267,10 +295,11 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
 
 def paged_attention_decode_triton(
     q, key_cache, value_cache, block_tables, seq_lens, scale, *, out: torch.Tensor | None = None,
-    num_splits: int | None = None,
+    num_splits: int | None = None, window: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [S, H, D] (one token per sequence) -> [S, H, D], into `out` when given; `num_splits` pins
-    the context split (tests), else `decode_splits` picks it without a host sync."""
+    the context split (tests), else `decode_splits` picks it without a host sync; `window`: each
+    query sees only the last `window` positions (sliding-window attention)."""
     _check_cache(key_cache, value_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -281,16 +310,17 @@ def paged_attention_decode_triton(
     dot_dtype, precision = dot_operands(q.dtype, q.device)
     head_dim_pad = triton.next_power_of_2(head_dim)
     if num_splits is None:  # the block table width bounds every context: no sync needed
-        num_splits = decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        longest = block_tables.shape[1] * block_size
+        num_splits = decode_splits(num_seqs, num_kv_heads, min(longest, window or longest), q.device)
     part_acc = part_ml = out  # placeholders: unused when there is one split
     if num_splits > 1:
         part_acc = torch.empty((num_seqs * num_heads * num_splits, head_dim_pad), device=q.device)
         part_ml = torch.empty((num_seqs * num_heads * num_splits, 2), device=q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q.contiguous(), key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
-        seq_lens.to(torch.int32).contiguous(), out, part_acc, part_ml, scale, block_tables.shape[1],
-        **decode_meta(num_heads, num_kv_heads, head_dim, block_size, num_splits), DOT_DTYPE=dot_dtype,
-        DOT_PRECISION=precision,
+        seq_lens.to(torch.int32).contiguous(), out, part_acc, part_ml, scale, block_tables.shape[1], window or 0,
+        **decode_meta(num_heads, num_kv_heads, head_dim, block_size, num_splits, window is not None),
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs * num_heads,)](
@@ -301,7 +331,7 @@ def paged_attention_decode_triton(
 
 def paged_attention_prefill_triton(
     q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, *, causal=True,
-    max_query_len: int | None = None, out: torch.Tensor | None = None,
+    max_query_len: int | None = None, out: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Mixed batch: q [T, H, D] concatenated per sequence; see `qserve.kernels.paged_attention`."""
     _check_cache(key_cache, value_cache)
@@ -315,12 +345,13 @@ def paged_attention_prefill_triton(
     if max_query_len is None:  # one host sync; callers that know it (the scheduler does) pass it
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     dot_dtype, precision = dot_operands(q.dtype, q.device)
-    meta = prefill_meta(num_heads, num_kv_heads, head_dim, block_size, max_query_len, causal)
+    meta = prefill_meta(num_heads, num_kv_heads, head_dim, block_size, max_query_len, causal, window is not None)
     tokens_per_program = meta["BLOCK_M"] // (num_heads // num_kv_heads)
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, tokens_per_program))
     _prefill_kernel[grid](
         q.contiguous(), key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
         query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), out, scale,
-        block_tables.shape[1], **meta, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        block_tables.shape[1], window or 0, **meta, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        num_warps=prefill_warps(head_dim),
     )  # fmt: skip
     return out

@@ -6,6 +6,9 @@ Stages, each a subprocess with its exit status and wall time recorded:
   kernels   bench/kernels.py                                              (fused GEMM vs fp16 matmul, attention)
   quantize  qserve quantize smollm2-135m --method awq                     (the AWQ checkpoint, once)
   engine    offline throughput, SmolLM2-135M fp16 and AWQ, CUDA graphs on and off
+  moe       the fused MoE kernel in the engine: tiny Qwen3-MoE (AWQ) and Mixtral (GPTQ) checkpoints,
+            greedy tokens on CUDA fp32 with the fused kernel = the per-expert loop = the CPU engine,
+            fp16 with CUDA graphs = eager, and fp16 decode speed (batch 1 and 16) fused vs per-expert
   structured  bench/structured.py on CUDA: JSON-schema validity, grammar-mask cost per step, decode
             throughput at batch 32 with a JSON schema vs unconstrained
 
@@ -95,6 +98,83 @@ def engine_throughput(model: str, eager: bool, num_prompts: int, max_tokens: int
     return 0
 
 
+MOE_PROMPTS = ["the quick brown fox", "a lazy dog while many requests", "over the", "jumps over a lazy dog " * 6]
+
+
+def _moe_tokens(model: str, device: str, dtype: str, *, eager: bool = True, fused: bool = True,
+                max_tokens: int = 24) -> dict:  # fmt: skip
+    """Greedy tokens of MOE_PROMPTS, the fused-layer count and the batch-1 / batch-16 decode speed of
+    one engine configuration; the engine is released before returning."""
+    import gc
+
+    import torch
+
+    from qserve import LLM, SamplingParams
+
+    llm = LLM(model, device=device, dtype=dtype, enforce_eager=eager, gpu_memory_utilization=0.3, max_model_len=256,
+              validate=False)  # fmt: skip
+    layers = llm.engine.runner.model.layers
+    fused_layers = sum(getattr(layer.mlp, "fused", None) is not None for layer in layers)
+    if not fused:
+        for layer in layers:
+            layer.mlp.fused = None  # the per-expert loop over the same (stacked) QuantLinears
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    tokens = [o.outputs[0].token_ids for o in llm.generate(MOE_PROMPTS, params, use_tqdm=False)]
+    speed = {}
+    if device == "cuda":
+        long = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+        for batch in (1, 16):
+            llm.generate(MOE_PROMPTS[:1] * batch, long, use_tqdm=False)  # warm
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            llm.generate(MOE_PROMPTS[:1] * batch, long, use_tqdm=False)
+            torch.cuda.synchronize()
+            speed[f"batch{batch}_tok_s"] = round(128 * batch / (time.perf_counter() - start), 1)
+    graphs = llm.engine.runner.graphs is not None
+    del llm, layers
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"tokens": tokens, "fused_layers": fused_layers, "graphs_captured": graphs, **speed}
+
+
+def moe_check(work: Path, out: Path) -> int:
+    """Tiny MoE checkpoints quantized here (round to nearest: no calibration data needed), each served
+    on CUDA with the fused MoE kernel and compared with the per-expert loop and the CPU engine."""
+    from qserve.testing import make_tiny_model
+
+    result: dict = {"checkpoints": {}}
+    ok = True
+    for family, fmt in (("qwen3_moe", "awq"), ("mixtral", "gptq")):
+        src = work / f"moe-{family}"
+        ckpt = work / f"moe-{family}-{fmt}"
+        if not (ckpt / "config.json").exists():
+            make_tiny_model(src, family, seed=1, tie_word_embeddings=False)
+            subprocess.run(["qserve", "quantize", str(src), "--method", "rtn", "--format", fmt, "--group-size", "32",
+                            "--no-eval", "--output", str(ckpt)], check=True, cwd=REPO)  # fmt: skip
+        runs = {
+            "cpu_fp32": _moe_tokens(str(ckpt), "cpu", "float32"),
+            "cuda_fp32_fused": _moe_tokens(str(ckpt), "cuda", "float32"),
+            "cuda_fp32_loop": _moe_tokens(str(ckpt), "cuda", "float32", fused=False),
+            "cuda_fp16_eager": _moe_tokens(str(ckpt), "cuda", "float16"),
+            "cuda_fp16_loop": _moe_tokens(str(ckpt), "cuda", "float16", fused=False),
+            "cuda_fp16_graphs": _moe_tokens(str(ckpt), "cuda", "float16", eager=False),
+        }
+        checks = {
+            "fused_on_cuda": runs["cuda_fp32_fused"]["fused_layers"] > 0 and runs["cpu_fp32"]["fused_layers"] == 0,
+            "fused_equals_cpu_fp32": runs["cuda_fp32_fused"]["tokens"] == runs["cpu_fp32"]["tokens"],
+            "fused_equals_loop_fp32": runs["cuda_fp32_fused"]["tokens"] == runs["cuda_fp32_loop"]["tokens"],
+            "graphs_captured": runs["cuda_fp16_graphs"]["graphs_captured"],
+            "graphs_equal_eager_fp16": runs["cuda_fp16_graphs"]["tokens"] == runs["cuda_fp16_eager"]["tokens"],
+        }  # fmt: skip
+        ok &= all(checks.values())
+        result["checkpoints"][ckpt.name] = {"checks": checks, "runs": runs}
+        print(ckpt.name, json.dumps(checks), {k: {m: v for m, v in r.items() if m != "tokens"} for k, r in runs.items()})
+    result["passed"] = ok
+    out.write_text(json.dumps(result, indent=1))
+    return 0 if ok else 1
+
+
 def _prompts(tokenizer, n: int) -> list[str]:
     data = Path(os.environ.get("QSERVE_DATA", REPO.parent / "shared" / "data"))
     path = data / "prompts" / "sharegpt" / "sharegpt_v3_first500.json"
@@ -134,6 +214,19 @@ def _figures(stages: dict, out_dir: Path) -> dict:
         v, ratios = r["validity"], r["throughput"]["ratio_vs_unconstrained"]
         figs["structured"] = f"{v['valid']}/{v['num_schemas']} schemas valid; decode vs unconstrained: " + ", ".join(
             f"{k} {x:.2f}x" for k, x in ratios.items())  # fmt: skip
+    moe = stages.get("moe", {}).get("result")
+    if moe:
+        parts = []
+        for name, c in moe["checkpoints"].items():
+            runs = c["runs"]
+            speed = ", ".join(
+                f"batch {b}: {runs['cuda_fp16_eager'].get(f'batch{b}_tok_s')} fused vs "
+                f"{runs['cuda_fp16_loop'].get(f'batch{b}_tok_s')} per-expert tok/s (fp16 eager), "
+                f"{runs['cuda_fp16_graphs'].get(f'batch{b}_tok_s')} with graphs"
+                for b in (1, 16)
+            )
+            parts.append(f"{name}: {sum(c['checks'].values())}/{len(c['checks'])} checks, {speed}")
+        figs["moe"] = "; ".join(parts)
     for name, st in stages.items():
         if name.startswith("engine") and "result" in st:
             r = st["result"]
@@ -147,12 +240,16 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check", help="logs, checkpoints")
     ap.add_argument("--num-prompts", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--skip", default="", help="stages to skip, comma separated")
+    ap.add_argument("--skip", default="", help="stages to skip, comma separated (compile, tests, kernels, "
+                    "quantize, engine, moe)")
     ap.add_argument("--engine-one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--moe-one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.engine_one:  # a child process: one engine configuration, its own GPU memory
         model, mode = args.engine_one
         return engine_throughput(model, mode == "eager", args.num_prompts, args.max_tokens, args.out)
+    if args.moe_one:  # a child process: the fused-MoE stage
+        return moe_check(args.work, args.out)
 
     gpu, arch = gpu_or_exit()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -198,6 +295,12 @@ def main(argv=None) -> int:
                                                   "--threads", "4", "--out", str(res)], args.work, 900)  # fmt: skip
         if res.exists():
             stages["structured"]["result"] = json.loads(res.read_text())
+    if "moe" not in skip:
+        res = args.work / "moe.json"
+        stages["moe"] = run("moe", [py, __file__, "--moe-one", "--work", str(args.work), "--out", str(res)],
+                            args.work, 900)  # fmt: skip
+        if res.exists():
+            stages["moe"]["result"] = json.loads(res.read_text())
     figures = _figures(stages, args.work)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     report = {

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: set up (scripts/bootstrap.sh, with the test tools),
 # then compile check for this GPU's arch, the gpu-marked tests, bench/kernels.py and engine throughput
-# (SmolLM2-135M fp16 and AWQ, CUDA graphs on and off); prints one table, writes one JSON
+# (SmolLM2-135M fp16 and AWQ, CUDA graphs on and off) and the fused MoE stage; prints one table, writes one JSON
 # (bench/results/gpu_check.json; --out elsewhere). Arguments go to scripts/gpu_check.py
-# (--skip compile,tests,kernels,quantize,engine; --num-prompts N; --max-tokens N).
+# (--skip compile,tests,kernels,quantize,engine,moe; --num-prompts N; --max-tokens N).
 # Exit 0: every stage passed; 1: a stage failed (see the table and runs/gpu-check/*.log); 2: no GPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -38,7 +38,7 @@ class EngineArgs:
 
     model: str
     dtype: str = "auto"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings (and sliding window)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -97,13 +97,12 @@ class LLMEngine:
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device, hf_config)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        limit = min(
-            hf_config.get("max_position_embeddings") or 2048, hf_config.get("sliding_window") or math.inf
-        )
+        # a sliding window is no limit: the attention kernels honour it (ModelConfig.layer_window)
+        limit = hf_config.get("max_position_embeddings") or 2048
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ConfigError(
                 f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} tokens "
-                "(config.json max_position_embeddings / sliding_window); lower it"
+                "(config.json max_position_embeddings); lower it"
             )
         self.max_model_len = int(args.max_model_len or limit)
         loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate)

@@ -8,7 +8,9 @@ the Triton kernels on CUDA and their torch paths on CPU. What a family changes i
 `num_experts`: a mixture-of-experts MLP, `SparseMoE`, in every block: Qwen3-MoE, Mixtral, Qwen2-MoE, whose
 quantized experts run the fused MoE kernel on CUDA; Gemma 3's (1 + w)
 norms, sandwich norms, scaled embeddings, GELU MLP and local/global RoPE: `norm_offset`, `sandwich_norms`,
-`embed_scale`, `hidden_act`, `local_rope` / `sliding_layers`).
+`embed_scale`, `hidden_act`, `local_rope` / `sliding_layers`). Sliding-window attention (Gemma 3's
+local layers, Mistral, Mixtral, Phi-3, Qwen with use_sliding_window) is honoured per layer
+(`ModelConfig.layer_window`): the attention kernels mask keys older than the window.
 """
 
 from __future__ import annotations
@@ -103,6 +105,16 @@ class ModelConfig:
     # with the frequencies past rotary_dim / 2 zero (no rotation): q k^T is unchanged by the permutation.
     rotary_dim: int = 0
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a gated dense expert beside the routed ones
+    # Sliding-window attention: the layers that attend to only their last `sliding_window` positions
+    # (empty: every layer, when sliding_window is set). From config.json's layer_types, else the
+    # family's rule as transformers applies it (`_window_layers`).
+    window_layers: tuple[bool, ...] = ()
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer`, or None for full causal attention."""
+        if self.sliding_window is None or (self.window_layers and not self.window_layers[layer]):
+            return None
+        return self.sliding_window
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -116,8 +128,9 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         is_qwen2 = cfg.get("model_type") == "qwen2"
         attention_bias = bool(cfg.get("attention_bias", False))
-        # Qwen2 declares a sliding window but only uses it when use_sliding_window is set.
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not is_qwen2) else None
+        # The Qwen families declare a sliding window but only use it when use_sliding_window is set.
+        qwen = cfg.get("model_type") in QWEN_WINDOW_FLAG
+        window = (cfg.get("sliding_window") or None) if cfg.get("use_sliding_window", not qwen) else None
         spec = arch_for_config(cfg)
         rope_params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
         partial = rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
@@ -147,6 +160,7 @@ class ModelConfig:
             o_bias=attention_bias and spec.o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
+            window_layers=_window_layers(cfg) if window is not None else (),
             qk_norm=spec.qk_norm,
             hidden_act=_activation(cfg),
             sandwich_norms=spec.sandwich_norms,
@@ -156,6 +170,32 @@ class ModelConfig:
         if spec.family == "gemma3":
             fields.update(_gemma3_fields(cfg, spec))
         return cls(**fields)
+
+
+QWEN_WINDOW_FLAG = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding_window needs use_sliding_window
+
+
+def _window_layers(cfg: dict) -> tuple[bool, ...]:
+    """Which layers use the sliding window, as transformers decides: config.json's layer_types when it
+    has them (transformers 5 writes them; Gemma 3's sliding_window_pattern is read in `_gemma3_fields`
+    and here alike); Qwen2/Qwen3: layers from max_window_layers on; Qwen2-MoE: the even layers below
+    max_window_layers; every other family (Mistral, Mixtral, Phi-3, Qwen3-MoE): every layer."""
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types:
+        if len(types) != layers:
+            raise ConfigError(f"config.json layer_types has {len(types)} entries for {layers} layers")
+        return tuple(t == "sliding_attention" for t in types)
+    model_type = cfg.get("model_type")
+    if model_type in ("gemma3", "gemma3_text"):
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        return tuple(bool((i + 1) % pattern) for i in range(layers))
+    limit = int(cfg.get("max_window_layers", 28))
+    if model_type in ("qwen2", "qwen3"):
+        return tuple(i >= limit for i in range(layers))
+    if model_type == "qwen2_moe":
+        return tuple(bool((i + 1) % 2) and i < limit for i in range(layers))
+    return ()
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -296,6 +336,7 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        self.window: int | None = None  # this layer's sliding window; set by CausalLM from its index
         if cfg.qk_norm:  # weights loaded, like every norm
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -337,7 +378,7 @@ class Attention(nn.Module):
         q = kernels.rope_and_write_kv(qkv, *rope, key_cache, value_cache, meta.slot_mapping, heads)
         out = kernels.paged_attention(
             q, key_cache, value_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale,
-            max_query_len=meta.max_query_len,
+            max_query_len=meta.max_query_len, window=self.window,
         )
         return self.o_proj(out.reshape(n, self.q_size))  # [n, heads * head_dim]
 
@@ -492,6 +533,8 @@ class CausalLM(nn.Module):
         self.rotary_local = rotary_local  # the sliding layers' RoPE (Gemma 3), else None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")  # loaded
         self.layers = nn.ModuleList(layers)
+        for i, layer in enumerate(layers):
+            layer.self_attn.window = cfg.layer_window(i)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = lm_head  # None: tied to the embedding
 

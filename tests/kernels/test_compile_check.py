@@ -103,7 +103,7 @@ def test_full_matrix_covers_what_the_engine_launches():
         decode = [v for v in variants if v.arch == arch and v.kernel == "_decode_kernel"]
         assert {v.constexprs["BLOCK_SIZE"] for v in decode} == set(triton_attention.BLOCK_SIZES)
         assert {v.constexprs["GROUP"] for v in decode} >= {1, 4, 8}
-        assert {v.constexprs["HEAD_DIM"] for v in decode} == {64, 128}
+        assert {v.constexprs["HEAD_DIM"] for v in decode} == {64, 128, 256}  # 256: Gemma 3
         prefill = [v for v in variants if v.arch == arch and v.kernel == "_prefill_kernel"]
         assert {v.constexprs["BLOCK_M"] for v in prefill} == {16, 64}
         moe = [v for v in variants if v.arch == arch and v.kernel == "_fused_moe_kernel"]
@@ -118,6 +118,15 @@ def test_full_matrix_covers_what_the_engine_launches():
             (True, 4, False), (False, 4, False), (False, 4, True), (False, 8, False)}  # fmt: skip
         assert {v.constexprs["DOT_DTYPE"] for v in moe} == {"tl.float16", "tl.bfloat16"}
         assert all(v.needs_mma for v in moe)
+        # sliding-window attention for Mistral's and Gemma 3's layouts; Gemma 3's 256-dim heads without
+        # the window too (its global layers), prefill at the warps the wrapper launches with
+        window = [v for v in variants if v.arch == arch and v.family.endswith("-window")]
+        assert {(v.kernel, v.constexprs.get("HEAD_DIM"), v.constexprs.get("SLIDING")) for v in window} >= {
+            ("_decode_kernel", 128, True), ("_decode_kernel", 256, True), ("_decode_kernel", 256, False),
+            ("_prefill_kernel", 128, True), ("_prefill_kernel", 256, True), ("_prefill_kernel", 256, False)}  # fmt: skip
+        assert all(v.num_warps == triton_attention.prefill_warps(v.constexprs["HEAD_DIM"])
+                   for v in window if v.kernel == "_prefill_kernel")  # fmt: skip
+        assert not any(v.constexprs.get("SLIDING") for v in variants if v.family in ("attention-decode", "attention-prefill"))
 
 
 def _pick(variants, kernel, label_part):

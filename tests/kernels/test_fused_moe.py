@@ -52,7 +52,7 @@ def moe_tolerances(dtype, ref):
     return {"rtol": 4 * eps, "atol": 4 * eps * float(ref.abs().max())}
 
 
-SMALL, LARGE = TileConfig(16, 64, 128), TileConfig(64, 32, 64)
+SMALL, LARGE = TileConfig(16, 64, 128), triton_moe.MOE_CONFIGS["large"]  # None: moe_config's choice
 # (fmt, tokens, experts, top_k, hidden, inter, group, dtype, act_order, bits, sym, split gate/up, config)
 CASES = [
     ("gptq", 1, 4, 2, 64, 64, 32, torch.float16, False, 4, True, False, None),  # batch-1 decode

@@ -1,13 +1,16 @@
 """The engine's MoE layer on its CUDA path: experts built as CUDA-layout `QuantLinear`s are stacked at
-construction (`fuse_experts`) and `SparseMoE` runs `kernels.fused_moe`. Here the kernels run under
-TRITON_INTERPRET=1 on CPU tensors (tests/kernels/conftest.py), with backend "triton" forced, and the
-output is compared with the per-expert loop over the same QuantLinears and with the CPU engine's
-layers built from the same packed tensors, which stay unfused."""
+construction (`fuse_experts`) and `SparseMoE` runs `kernels.fused_moe`. Without a GPU the kernels run
+under TRITON_INTERPRET=1 on CPU tensors (tests/kernels/conftest.py), with backend "triton" forced; with
+one, on CUDA as the engine runs them. The output is compared with the per-expert loop over the same
+QuantLinears and with the CPU engine's layers built from the same packed tensors, which stay unfused
+(dequantized at load, QSERVE_CPU_PACKED=0: exact fp32 math, where the packed CPU kernels may quantize
+decode activations to int8)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import TRITON_DEVICES
 
 from qserve.kernels import packing
 from qserve.serve import quant_linear
@@ -51,9 +54,10 @@ def packed(out_f: int, in_f: int, spec: QuantSpec, act_order: bool, gen) -> Pack
     return PackedLinear(p.qweight, p.qzeros, p.scales, p.g_idx if act_order else None)
 
 
-def build_moe(cfg: ModelConfig, spec: QuantSpec, act_order: bool, seed: int):
-    """Two SparseMoE blocks over the same packed experts and router: the CUDA layout (QuantLinear) and
-    the CPU engine's (build_linear on the CPU). Expert 0 keeps contiguous groups under act-order."""
+def build_moe(cfg: ModelConfig, spec: QuantSpec, act_order: bool, seed: int, device: str = "cpu"):
+    """Two SparseMoE blocks over the same packed experts and router: the CUDA layout (QuantLinear, on
+    `device`) and the CPU engine's (build_linear on the CPU). Expert 0 keeps contiguous groups under
+    act-order. The CUDA-layout block runs its Triton kernels (interpreted on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
     experts = [(packed(INTER, HIDDEN, spec, act_order and e, gen), packed(INTER, HIDDEN, spec, act_order and e, gen),
                 packed(HIDDEN, INTER, spec, act_order and e, gen)) for e in range(EXPERTS)]  # fmt: skip
@@ -66,20 +70,27 @@ def build_moe(cfg: ModelConfig, spec: QuantSpec, act_order: bool, seed: int):
     shared_gate = torch.randn(1, HIDDEN, generator=gen)
     cpu = torch.device("cpu")
 
+    def to(p: PackedLinear) -> PackedLinear:
+        return PackedLinear(
+            *(None if t is None else t.to(device) for t in (p.qweight, p.qzeros, p.scales, p.g_idx))
+        )
+
     def cuda_layout(g, u, d):
-        return MLP(QuantLinear([g, u], None, spec), QuantLinear([d], None, spec))
+        return MLP(QuantLinear([to(g), to(u)], None, spec), QuantLinear([to(d)], None, spec))
 
     def cpu_layout(g, u, d):
         return MLP(build_linear([g, u], [None, None], spec, cpu, torch.float32),
                    build_linear([d], [None], spec, cpu, torch.float32))  # fmt: skip
 
     blocks = []
-    for layout in (cuda_layout, cpu_layout):
+    for layout, on in ((cuda_layout, device), (cpu_layout, "cpu")):
         moe = SparseMoE(cfg, [layout(*e) for e in experts], shared and layout(*shared))
-        moe.gate.weight = torch.nn.Parameter(router, requires_grad=False)
+        moe.gate.weight = torch.nn.Parameter(router.to(on), requires_grad=False)
         if shared is not None:
-            moe.shared_expert_gate.weight = torch.nn.Parameter(shared_gate, requires_grad=False)
+            moe.shared_expert_gate.weight = torch.nn.Parameter(shared_gate.to(on), requires_grad=False)
         blocks.append(moe)
+    if device == "cpu":
+        blocks[0].fused.backend = "triton"  # what CUDA tensors select; here interpreted
     return blocks
 
 
@@ -94,14 +105,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(("family", "spec", "act_order"), CASES)
-def test_cuda_path_glue_matches_the_expert_loop_and_the_cpu_engine(family, spec, act_order, monkeypatch):
+def test_cuda_path_glue_matches_the_expert_loop_and_the_cpu_engine(
+    family, spec, act_order, device, monkeypatch
+):
+    monkeypatch.setenv("QSERVE_CPU_PACKED", "0")  # the CPU engine's dequantized fp32 layers: exact math
     cfg = moe_config(family)
-    fused, cpu = build_moe(cfg, spec, act_order, seed=3)
+    fused, cpu = build_moe(cfg, spec, act_order, seed=3, device=device)
     assert isinstance(fused.fused, FusedExperts) and cpu.fused is None  # the CPU engine never fuses
     assert len(fused.fused.gate_up) == (2 if act_order else 1)
     assert (fused.fused.down.g_idx is not None) == act_order
-    fused.fused.backend = "triton"  # what CUDA tensors select; here interpreted
     calls = []
     real = triton_moe.fused_moe_triton
     monkeypatch.setattr(
@@ -110,11 +124,11 @@ def test_cuda_path_glue_matches_the_expert_loop_and_the_cpu_engine(family, spec,
     x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for rows in (x, x[:1]):  # a batch and a batch-1 decode (the CPU path routes that in Python)
-            got = fused(rows)
-            assert_same(got, cpu(rows))
+            got = fused(rows.to(device))
+            assert_same(got.cpu(), cpu(rows))
             loop = fused.fused
             fused.fused = None  # the same QuantLinears, now views of the stacks, one expert at a time
-            assert_same(got, fused(rows))
+            assert_same(got, fused(rows.to(device)))
             fused.fused = loop
     assert calls == [(6, HIDDEN), (1, HIDDEN)]
 
@@ -138,11 +152,13 @@ def test_stacking_holds_the_weights_once():
     ) + sum(p.untyped_storage().nbytes() for p in fused.parameters())
 
 
-def test_mixed_concatenation_is_cut_into_gate_and_up_stacks():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_mixed_concatenation_is_cut_into_gate_and_up_stacks(device, monkeypatch):
     """Experts whose gate and up were concatenated next to experts whose were not (act-order with
     different g_idx) still fuse: the concatenated ones are cut back into a gate and an up part."""
+    monkeypatch.setenv("QSERVE_CPU_PACKED", "0")  # the CPU engine's dequantized fp32 layers: exact math
     spec = QuantSpec("gptq", 4, 32, desc_act=True)
-    fused, cpu = build_moe(moe_config("qwen3_moe"), spec, True, seed=5)
+    fused, cpu = build_moe(moe_config("qwen3_moe"), spec, True, seed=5, device=device)
     cut = quant_linear._split_columns(  # expert 0 (contiguous groups) as a concatenated gate|up part
         quant_linear._concat_parts(fused.experts[0].gate_up_proj.parts, spec)[0], INTER, spec
     )
@@ -151,9 +167,10 @@ def test_mixed_concatenation_is_cut_into_gate_and_up_stacks():
                for m in fused.experts]  # fmt: skip
     assert len(experts[0].gate_up_proj.parts) == 1 and len(experts[1].gate_up_proj.parts) == 2
     moe = SparseMoE(moe_config("qwen3_moe"), experts)
-    moe.gate = cpu.gate
+    moe.gate = fused.gate
     assert moe.fused is not None and len(moe.fused.gate_up) == 2
-    moe.fused.backend = "triton"
+    if device == "cpu":
+        moe.fused.backend = "triton"  # interpreted
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        assert_same(moe(x), cpu(x))
+        assert_same(moe(x.to(device)).cpu(), cpu(x))
