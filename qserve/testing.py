@@ -100,7 +100,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64)
     if family == "gemma3":
         # 4 layers alternating sliding / global (own RoPE bases), q k^T scaled by 24^-0.5 rather than
-        # head_dim^-0.5; the window (128) covers every test context, as the engine caps it there.
+        # head_dim^-0.5; window 128 (tests/serve/test_sliding_window_engine.py narrows it below the prompt).
         common.update(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=128,
                       layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
         common.pop("rope_theta")

@@ -109,8 +109,6 @@ def max_len_source(cfg, model_dir: Path) -> str:
     from qserve.serve.loader import read_json
 
     hf = read_json(model_dir / "config.json")
-    if hf.get("sliding_window") and hf["sliding_window"] < (hf.get("max_position_embeddings") or 2048):
-        return "the model's sliding_window; lower it with --max-model-len"
     if hf.get("max_position_embeddings"):
         return "the model's max_position_embeddings; lower it with --max-model-len"
     return "config.json has no max_position_embeddings: 2048 assumed; set --max-model-len"
