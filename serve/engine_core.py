@@ -129,8 +129,11 @@ def run_engine_core(
     )
     ctx = zmq.Context(io_threads=1)
     inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_addr)
     outbox = ctx.socket(zmq.PUSH)
+    for sock in (inbox, outbox):
+        sock.setsockopt(zmq.SNDHWM, 0)  # no high-water mark: the step loop never waits for the API
+        sock.setsockopt(zmq.RCVHWM, 0)
+    inbox.connect(input_addr)
     outbox.connect(output_addr)
     code = 1
     try:
@@ -143,7 +146,7 @@ def run_engine_core(
         except BaseException as exc:
             if not isinstance(exc, QserveError):
                 log.exception("the engine core could not start")
-            outbox.send(_dumps(("failed", _portable(exc))))
+            _post(outbox, ("failed", _portable(exc)))
             return
         engine.metrics.export()  # from here on the metrics keep the samples each report carries
         info = CoreInfo(
@@ -151,19 +154,28 @@ def run_engine_core(
             engine.model_config.vocab_size, tuple(sorted(engine.eos_token_ids)), engine.resident_weight_bytes,
         )  # fmt: skip
         loop = _CoreLoop(engine, inbox, outbox, parent_pid)
-        outbox.send(_dumps(("ready", info, loop.stats())))
+        _post(outbox, ("ready", info, loop.stats()))
         try:
             loop.run()
             code = 0
         except BaseException as exc:  # the step loop died: say so, the client fails every request
             log.error("the engine core's step loop failed; every open request fails", exc_info=exc)
-            outbox.send(_dumps(("dead", f"{type(exc).__name__}: {exc}")))
+            _post(outbox, ("dead", f"{type(exc).__name__}: {exc}"))
     finally:
         outbox.close(linger=2000)  # let the last message out
         inbox.close(linger=0)
         ctx.term()
         if code:
             sys.exit(code)
+
+
+def _post(outbox: zmq.Socket, message: tuple) -> bool:
+    """Queue `message` for the API process without ever blocking; False when nobody is connected."""
+    try:
+        outbox.send(_dumps(message), zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
 
 
 class _CoreLoop:
@@ -204,14 +216,15 @@ class _CoreLoop:
                     break
                 commands += 1
                 if command[0] == "shutdown":
-                    self.outbox.send(_dumps(("step", admissions, outputs, self.stats())))
+                    _post(self.outbox, ("step", admissions, outputs, self.stats()))
                     return
                 self._apply(command, admissions, outputs)
             if engine.has_unfinished():
                 outputs += engine.step()
                 self.steps += 1
-            if commands or busy:
-                self.outbox.send(_dumps(("step", admissions, outputs, self.stats())))
+            if (commands or busy) and not _post(self.outbox, ("step", admissions, outputs, self.stats())):
+                log.warning("the API process is not reading; the engine core exits")
+                return
             if self._parent_gone():
                 return
 
@@ -275,6 +288,8 @@ class EngineCoreClient:
         self._output = self._ctx.socket(zmq.PULL)
         for sock in (self._input, self._output):
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # no high-water mark: a send never waits for the core
+            sock.setsockopt(zmq.RCVHWM, 0)
         input_addr, output_addr = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
         self._input.bind(input_addr)
         self._output.bind(output_addr)
@@ -420,10 +435,13 @@ class EngineCoreClient:
     # ---- internals ----------------------------------------------------------------------------------
 
     def _send(self, command: tuple) -> None:
+        """Never blocks the caller (the event loop): the message goes to ZeroMQ's unbounded queue. Only
+        a core that has gone can refuse it (no peer on the socket), and then there is nobody to tell."""
         data = _dumps(command)
         with self._send_lock:
             if not self._input.closed:
-                self._input.send(data)
+                with contextlib.suppress(zmq.Again):
+                    self._input.send(data, zmq.NOBLOCK)
 
     def _kill(self) -> None:
         if self._proc.is_alive():
