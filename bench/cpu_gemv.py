@@ -7,12 +7,18 @@ ceiling is measured with). Weights rotate through >= 256 MB per shape, so every 
 memory as a real forward does, not from cache.
 
     python bench/cpu_gemv.py --rows 1,2,4,8,16,64,256 --threads 2 --out bench/results/cpu_gemv.json
+
+With --packed, the 4-bit layers are timed twice in the same run where the CPU has an int8 body:
+`packed_fp32` (QSERVE_CPU_ACT_INT8=0, fp32 activations) and `packed_int8` (QSERVE_CPU_ACT_INT8=1, int8
+activations); `packed` is what the default (`auto`) takes, and each has its fraction of `sum_packed`'s
+bandwidth. --skip-dense leaves out the fp32-weight implementations (less memory and time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import date
 from pathlib import Path
@@ -51,6 +57,7 @@ def main() -> None:
     ap.add_argument("--packed", action="store_true", help="also time the 4-bit kernels (and bf16 LM head)")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--only-packed", action="store_true", help="skip F.linear and the split")
+    ap.add_argument("--skip-dense", action="store_true", help="time only the packed kernels and sum_packed")
     ap.add_argument(
         "--clock",
         choices=("wall", "process"),
@@ -67,7 +74,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_ext.available():
         raise SystemExit(f"qserve's C++ CPU kernels are not available: {cpu_ext.unavailable_reason()}")
-    weights = {s: [torch.randn(*s) for _ in range(max(4, (256 << 20) // (s[0] * s[1] * 4)))] for s in SHAPES}
+    if args.skip_dense and not args.packed:
+        raise SystemExit("--skip-dense leaves nothing to time without --packed")
+    copies_dense = 1 if args.skip_dense else None
+    weights = {
+        s: [torch.randn(*s) for _ in range(copies_dense or max(4, (256 << 20) // (s[0] * s[1] * 4)))]
+        for s in SHAPES
+    }
     nbytes = sum(o * i * 4 * n for (o, i), n in SHAPES.items())
     packed, packed_bytes, sum_packed = {}, 0, {}
     if args.packed:
@@ -101,15 +114,41 @@ def main() -> None:
     impls = {"F.linear": F.linear, "split": split, "cpp": cpu_ext.linear_small_m, "sum": None}
     if args.only_packed:
         impls = {"cpp": cpu_ext.linear_small_m, "sum": None}
+    if args.skip_dense:
+        impls = {}
+
+    def with_int8(mode, fn):
+        def call(*a):
+            previous = os.environ.get("QSERVE_CPU_ACT_INT8")
+            if mode is not None:
+                os.environ["QSERVE_CPU_ACT_INT8"] = mode
+            try:
+                return fn(*a)
+            finally:
+                if previous is None:
+                    os.environ.pop("QSERVE_CPU_ACT_INT8", None)
+                else:
+                    os.environ["QSERVE_CPU_ACT_INT8"] = previous
+
+        return call
 
     def packed_fn(x, w):
         if isinstance(w, torch.Tensor):
             return cpu_packed.linear_bf16_weight(x, w)
         return cpu_packed.linear(x, w)
 
+    # the default path, and both numerics side by side where the CPU has an int8 body
+    int8_body = cpu_packed.Q8_BODIES[cpu_packed._q8_isa()] if args.packed else None
+    packed_variants = {"packed": with_int8(None, packed_fn)}
+    if args.packed and int8_body != "scalar":
+        packed_variants["packed_fp32"] = with_int8("0", packed_fn)
+        packed_variants["packed_int8"] = with_int8("1", packed_fn)
+
+    load_start = list(os.getloadavg())
     results = []
     for m in [int(r) for r in args.rows.split(",")]:
         ms = dict.fromkeys(impls, 0.0)
+        per_shape: dict[str, dict[str, float]] = {}  # packed variants: ms per forward by weight shape
         for shape, count in SHAPES.items():
             ws, x, k = weights[shape], torch.randn(m, shape[1]), [0]
 
@@ -121,20 +160,28 @@ def main() -> None:
                 call = (lambda: nxt().sum()) if fn is None else (lambda fn=fn, x=x: fn(x, nxt()))
                 ms[name] += best_us(call, args.calls) * count / 1e3
             if args.packed:
-                for name, pool in (("packed", packed[shape]), ("sum_packed", sum_packed[shape])):
+                timed = [(name, packed[shape], fn) for name, fn in packed_variants.items()]
+                for name, pool, fn in [*timed, ("sum_packed", sum_packed[shape], None)]:
                     k2 = [0]
 
                     def nxt2(pool=pool, k2=k2):
                         k2[0] = (k2[0] + 1) % len(pool)
                         return pool[k2[0]]
 
-                    call = (lambda: nxt2().sum()) if name == "sum_packed" else (lambda x=x: packed_fn(x, nxt2()))
-                    ms[name] = ms.get(name, 0.0) + best_us(call, args.calls) * count / 1e3
-        sizes = {k: (packed_bytes if k in ("packed", "sum_packed") else nbytes) for k in ms}
+                    call = (lambda: nxt2().sum()) if fn is None else (lambda x=x, fn=fn: fn(x, nxt2()))
+                    t_ms = best_us(call, args.calls) * count / 1e3
+                    ms[name] = ms.get(name, 0.0) + t_ms
+                    per_shape.setdefault(name, {})[f"{shape[0]}x{shape[1]}"] = t_ms
+        sizes = {k: (packed_bytes if k.startswith(("packed", "sum_packed")) else nbytes) for k in ms}
         row = {"rows": m, "ms_per_forward": ms, "gb_s": {k: sizes[k] / v / 1e6 for k, v in ms.items()}}
         if args.packed:
-            row["packed_bw_fraction"] = ms["sum_packed"] / ms["packed"]
-            row["packed_speedup_vs_cpp_fp32"] = ms["cpp"] / ms["packed"]
+            row["packed_ms_by_shape"] = per_shape
+            for name in packed_variants:
+                row[f"{name}_bw_fraction"] = ms["sum_packed"] / ms[name]
+            if "cpp" in ms:
+                row["packed_speedup_vs_cpp_fp32"] = ms["cpp"] / ms["packed"]
+            if "packed_int8" in ms:
+                row["int8_speedup_vs_fp32"] = ms["packed_fp32"] / ms["packed_int8"]
         results.append(row)
         print(
             f"M={m:<4d} " + "  ".join(f"{k} {v:7.2f} ms ({row['gb_s'][k]:5.1f} GB/s)" for k, v in ms.items()),
@@ -152,6 +199,10 @@ def main() -> None:
                         ["git", "rev-parse", "HEAD"], capture_output=True, text=True
                     ).stdout.strip(),
                     "isa": cpu_packed.isa_name() if args.packed else None,
+                    "int8_default": cpu_packed.int8_activations() if args.packed else None,
+                    "int8_body": int8_body,
+                    "int8_max_rows": cpu_packed.INT8_MAX_ROWS if args.packed else None,
+                    "loadavg_start_end": [load_start, list(os.getloadavg())],
                     "group_size": args.group_size if args.packed else None,
                     "weight_mb": nbytes / 1e6,
                     "packed_weight_mb": packed_bytes / 1e6,

@@ -8,8 +8,21 @@ have their input rows permuted, and each call permutes the activations to match)
 stored and uint8 zero points. It stays 4-bit: about 0.55 bytes per weight at group size 64, against
 0.54 in the checkpoint and 4 for the dense fp32 weight the CPU engine used to hold.
 
-The kernel path is chosen at run time: AVX-512 when the CPU reports AVX-512F/BW/VL, else a portable
-C++ loop; `QSERVE_CPU_ISA=avx512|scalar` forces one (tests run both), `auto` (the default) detects.
+The kernel path is chosen at run time from what the CPU reports: `avx512_vnni` (AVX-512F/BW/VL and
+AVX512-VNNI), `avx512`, `avx2` (AVX2 and FMA, no AVX-512) or `scalar` (a portable C++ loop);
+`QSERVE_CPU_ISA=avx512_vnni|avx512|avx2|scalar` forces one (tests run each the CPU has), `auto` (the
+default) detects. The fp32 4-bit kernels have AVX-512 and portable bodies (`avx2` runs the portable
+one); the bf16-weight kernel has AVX-512, AVX2 and portable bodies.
+
+Decode-sized calls (at most INT8_MAX_ROWS activation rows) can instead quantize the activations to int8
+once per call, per row and block of gcd(group_size, 32) inputs with an fp32 scale, and sum nibble x int8
+products in int32 (AVX512-VNNI vpdpbusd, AVX2 vpmaddubsw/vpmaddwd, or portable), the llama.cpp Q4 x Q8
+scheme: the 4-bit weights are then read at close to memory bandwidth instead of being widened to fp32
+FMAs. The result is exactly the fp32 product of the weights with the dequantized int8 activations (up to
+fp32 rounding), i.e. each activation moves by at most half its block's step max|x| / 127; typical
+outputs differ from the fp32 path by about 0.5% of their scale. `QSERVE_CPU_ACT_INT8=1|0` forces it on or
+off (0: exact fp32 math everywhere); `auto` (the default) turns it on where it was measured faster, the
+`avx512_vnni` and `avx2` paths. Layers whose group size is not a multiple of 4 always run the fp32 kernel.
 """
 
 from __future__ import annotations
@@ -22,26 +35,78 @@ import torch
 from qserve.kernels import cpu_ext, packing
 
 BLOCK = 64  # output columns per block of the resident layout
-ISAS = ("auto", "avx512", "scalar")
-_ISA_CODES = {"scalar": 0, "avx512": 1}
+ISAS = ("auto", "avx512_vnni", "avx512", "avx2", "scalar")
+_ISA_CODES = {"scalar": 0, "avx2": 2, "avx512": 1, "avx512_vnni": 1}  # the fp32 kernels' bodies
+_Q8_CODES = {"scalar": 0, "avx2": 2, "avx512": 2, "avx512_vnni": 3}  # the int8 kernel's bodies
+Q8_BODIES = {0: "scalar", 2: "avx2", 3: "avx512_vnni"}
+INT8_MODES = ("auto", "1", "0")
+# Rows up to which the int8 path runs (when on): at M = 8 it was still 1.6-2x faster than the fp32 kernel
+# on an AVX2 CPU; above, the fp32 kernels (and from 33 rows the dequantized tiles into at::mm).
+INT8_MAX_ROWS = 8
 
 
 def isa_name() -> str:
-    """The kernel body calls take: QSERVE_CPU_ISA if set, else AVX-512 where the CPU has it."""
+    """The kernel bodies calls take: QSERVE_CPU_ISA if set, else the best the CPU has."""
     choice = os.environ.get("QSERVE_CPU_ISA", "auto").strip().lower() or "auto"
     if choice not in ISAS:
         raise ValueError(f"QSERVE_CPU_ISA={choice!r} is not one of {', '.join(ISAS)}; unset it or pick one")
     if choice != "auto":
         return choice
-    return "avx512" if cpu_ext.available() and torch.ops.qserve_cpu.has_avx512() else "scalar"
+    return _detected_isa()
 
 
-def _isa() -> int:
+_detected: list[str] = []  # the CPU's best path, detected once (a few microseconds per call otherwise)
+
+
+def _detected_isa() -> str:
+    if not _detected:
+        if not cpu_ext.available():
+            return "scalar"
+        ops = torch.ops.qserve_cpu
+        if ops.has_avx512_vnni():
+            _detected.append("avx512_vnni")
+        elif ops.has_avx512():
+            _detected.append("avx512")
+        else:
+            _detected.append("avx2" if ops.has_avx2() else "scalar")
+    return _detected[0]
+
+
+def int8_activations(isa: str | None = None) -> bool:
+    """Whether decode-sized calls quantize activations to int8: QSERVE_CPU_ACT_INT8 if set, else on for the
+    avx512_vnni and avx2 paths (where it was measured faster than the fp32 kernels). isa: isa_name()."""
+    choice = os.environ.get("QSERVE_CPU_ACT_INT8", "auto").strip().lower() or "auto"
+    if choice not in INT8_MODES:
+        raise ValueError(
+            f"QSERVE_CPU_ACT_INT8={choice!r} is not one of {', '.join(INT8_MODES)}; unset it or pick one "
+            "(0: exact fp32 activations)"
+        )
+    if choice != "auto":
+        return choice == "1"
+    return (isa or isa_name()) in ("avx512_vnni", "avx2")
+
+
+def _check_available() -> None:
     if not cpu_ext.available():
         raise RuntimeError(
             f"the C++ CPU kernels are unavailable ({cpu_ext.unavailable_reason()}); 4-bit CPU layers need them"
         )
+
+
+def _isa() -> int:
+    _check_available()
     return _ISA_CODES[isa_name()]
+
+
+def _q8_isa() -> int:
+    _check_available()
+    return _Q8_CODES[isa_name()]
+
+
+def int8_body() -> str | None:
+    """The int8 body a decode-sized call takes now (None: the fp32 kernel runs)."""
+    _check_available()
+    return Q8_BODIES[_q8_isa()] if int8_activations() else None
 
 
 @dataclass(frozen=True)
@@ -139,16 +204,49 @@ def from_checkpoint(
 
 def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
     """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32."""
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"x has {x.shape[-1]} input features; this 4-bit layer takes {w.in_features}")
-    x2 = x.reshape(-1, w.in_features)
+    k = w.qdata.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features; this 4-bit layer takes {k}")
+    flat = x.dim() == 2  # the engine's case: no reshape or view (a few microseconds each, per layer)
+    x2 = x if flat else x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    isa = _isa()  # before torch.ops is touched: it loads the library
-    y = torch.ops.qserve_cpu.packed_linear(
-        x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, isa
+    _check_available()  # before torch.ops is touched: it loads the library
+    name = isa_name()
+    if x2.shape[0] <= INT8_MAX_ROWS and w.group_size % 4 == 0 and int8_activations(name):
+        y = torch.ops.qserve_cpu.packed_linear_q8(
+            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _Q8_CODES[name]
+        )
+    else:
+        y = torch.ops.qserve_cpu.packed_linear(
+            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[name]
+        )
+    return y if flat else y.view(*x.shape[:-1], w.out_features)
+
+
+def linear_int8(x: torch.Tensor, w: CpuPackedWeight, body: str | None = None) -> torch.Tensor:
+    """x [..., in] @ W'^T through the int8-activation kernel at any row count, whatever QSERVE_CPU_ACT_INT8
+    says; body: "avx512_vnni", "avx2" or "scalar" (default: the one QSERVE_CPU_ISA selects)."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features; this 4-bit layer takes {w.in_features}")
+    code = _q8_isa()
+    if body is not None:
+        codes = {v: k for k, v in Q8_BODIES.items()}
+        if body not in codes:
+            raise ValueError(f"body={body!r} is not one of {', '.join(codes)}")
+        code = codes[body]
+    x2 = x.reshape(-1, w.in_features).contiguous()
+    y = torch.ops.qserve_cpu.packed_linear_q8(
+        x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, code
     )
     return y.view(*x.shape[:-1], w.out_features)
+
+
+def quantize_activations(x: torch.Tensor, w: CpuPackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q int8 [M, in], scales fp32 [M, in / block]) as the int8 kernel quantizes x [M, in] for w, in w's
+    resident input order (permuted for act-order); x_q * scale (per block) is what it multiplies."""
+    _check_available()
+    return torch.ops.qserve_cpu.quantize_activations_q8(x.contiguous(), w.perm, w.group_size)
 
 
 def dequantize(w: CpuPackedWeight) -> torch.Tensor:

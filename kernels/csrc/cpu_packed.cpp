@@ -21,9 +21,24 @@
 // linear_bf16w: y = x @ w^T for a bf16 weight [N, K] (the LM head and embeddings of a quantized model),
 // fp32 accumulation; few rows stream the bf16 rows, many rows go through fp32 tiles and at::mm.
 //
+// packed_linear_q8, decode-sized rows (the llama.cpp Q4 x Q8 scheme): each activation row is quantized
+// once per call to int8 in blocks of kb = gcd(group_size, 32) inputs, symmetric, one fp32 scale per block
+// (xs = max|x| / 127, q = round-to-nearest-even(x * 127 / max|x|)), and the kernel sums nibble x int8
+// products exactly in int32, per block and column. Per block it adds
+//     s * (xs * sum_k q_k x_k  -  z * xs * sum_k x_k)      (the second sum over the int8 x: exact)
+// to the output in fp32, so the result is exactly the fp32 GEMM of the weights with the dequantized int8
+// activations xs * x_q, up to fp32 rounding of those per-block terms. Every body (AVX512-VNNI vpdpbusd,
+// AVX2 vpmaddubsw + vpmaddwd, portable) runs the same integer sums and the same fp32 operations in the
+// same order, so their outputs are bit-identical. Reading the resident layout: two rows p, p + 1 hold
+// inputs 2p .. 2p + 3 of a column in their nibbles; two byte unpacks and two 16-bit unpacks turn them into
+// 32-bit lanes of four consecutive inputs of one column, in a column order that is a 4x4 transpose of
+// 128-bit lanes (W order) of the natural one: scales and zero points are transposed into it once per
+// group and the output back once per block.
+//
 // Each kernel has an AVX-512 body (compiled with a target attribute and used when the CPU reports
 // AVX-512F/BW/VL at run time) and a portable body; the caller picks one through `isa`
-// (qserve/kernels/cpu_packed.py: auto-detected, or forced with QSERVE_CPU_ISA=avx512|scalar).
+// (qserve/kernels/cpu_packed.py: auto-detected, or forced with QSERVE_CPU_ISA). The int8 path has
+// AVX512-VNNI, AVX2 and portable bodies (isa 3, 2, 0).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,11 +47,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(QSERVE_SIMDE)
+// Tests only (tests/kernels/q8_simde_check.cpp): the x86 bodies compiled on SIMDe's portable versions of
+// the intrinsics, so that the AVX-512 and VNNI bodies can be checked on a CPU without them.
+#define QSERVE_X86 1
+#define QSERVE_NO_TARGET 1
+#include "q8_simde_shims.h"
+#elif defined(__x86_64__) || defined(_M_X64)
 #define QSERVE_X86 1
 #include <immintrin.h>
 #endif
@@ -48,9 +74,13 @@ constexpr int64_t kFusedMaxM = 32;    // rows up to which the fused kernel runs;
 constexpr int64_t kTileBytes = 512 * 1024;  // per-thread dequantized tile
 constexpr int64_t kIsaScalar = 0;
 constexpr int64_t kIsaAvx512 = 1;
+constexpr int64_t kIsaAvx2 = 2;        // int8 path only
+constexpr int64_t kIsaAvx512Vnni = 3;  // int8 path only
 
 bool cpu_has_avx512_impl() {
-#if defined(QSERVE_X86) && (defined(__GNUC__) || defined(__clang__))
+#if defined(QSERVE_SIMDE)
+  return true;
+#elif defined(QSERVE_X86) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
@@ -63,6 +93,32 @@ bool cpu_has_avx512() {
   static const bool has = cpu_has_avx512_impl();
   return has;
 }
+
+bool cpu_has_avx512_vnni() {
+#if defined(QSERVE_SIMDE)
+  return true;
+#elif defined(QSERVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(QSERVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Calls of packed_linear_q8 per body (index = isa code), so that tests can see which one ran.
+std::atomic<int64_t> q8_calls_by_isa[4];
 
 // Everything one call needs, in plain pointers.
 struct Packed {
@@ -133,11 +189,99 @@ void dequant_scalar(const Packed& w, int64_t b0, int64_t b1, float* t, int64_t l
 }
 
 // ---------------------------------------------------------------------------------------------------
+// int8 activations (packed_linear_q8)
+// ---------------------------------------------------------------------------------------------------
+
+// Inputs per activation scale: gcd(group_size, 32), so that blocks never straddle a weight group; the
+// kernels consume four inputs at a time, so it must be a multiple of 4 (0: the int8 path cannot run).
+int64_t q8_block(int64_t group_size) {
+  const int64_t kb = std::gcd(group_size, static_cast<int64_t>(32));
+  return kb % 4 == 0 ? kb : 0;
+}
+
+struct Q8Act {
+  std::vector<int8_t> q;  // [M, K] in -127..127
+  std::vector<float> xs;  // [M, nb] scale per block
+  std::vector<float> c;   // [M, nb] xs * (sum of the block's q): the zero-point term
+  int64_t K = 0, kb = 0, nb = 0;
+  const int8_t* row(int64_t m) const { return q.data() + m * K; }
+};
+
+// Symmetric per-block quantization of x [M, K] (fp32, contiguous). A block holding a NaN or an infinity
+// gets a NaN scale, so that the outputs it touches are NaN, as the fp32 path's would be.
+void quantize_q8(const float* x, int64_t M, int64_t K, int64_t kb, Q8Act& a) {
+  a.K = K, a.kb = kb, a.nb = K / kb;
+  a.q.resize(M * K);
+  a.xs.resize(M * a.nb);
+  a.c.resize(M * a.nb);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xr = x + m * K + b * kb;
+      int8_t* qr = a.q.data() + m * K + b * kb;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < kb; ++k) {
+        finite = finite && std::isfinite(xr[k]);
+        amax = std::max(amax, std::fabs(xr[k]));
+      }
+      const float inv = (amax > 0.f && finite) ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kb; ++k) {
+        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(xr[k] * inv)));
+        qr[k] = static_cast<int8_t>(v);
+        sum += qr[k];
+      }
+      const float xs = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      a.xs[m * a.nb + b] = xs;
+      a.c[m * a.nb + b] = xs * static_cast<float>(sum);
+    }
+}
+
+// The per-block epilogue every body runs, lane by lane: out += s * (acc * xs - z * c), two roundings
+// (the product, then each fused multiply-add) in this order.
+inline float q8_term(float out, int32_t acc, float xs, float c, float s, float z) {
+  const float t = std::fma(-z, c, static_cast<float>(acc) * xs);
+  return std::fma(s, t, out);
+}
+
+void block_q8_scalar(const Packed& w, int64_t b, const Q8Act& a, int64_t M, float* y, int64_t ldy) {
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const int64_t col0 = b * kBlock, ncols = std::min<int64_t>(kBlock, w.N - col0);
+  const int64_t per_group = w.gs / a.kb;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.row(m);
+    float out[kBlock] = {0.f};
+    for (int64_t g = 0; g < w.G; ++g) {
+      float s[kBlock], z[kBlock];
+      for (int64_t c = 0; c < kBlock; ++c) {
+        s[c] = scale_at(w, g, col0 + c);
+        z[c] = static_cast<float>(w.zeros[g * w.Np + col0 + c]);
+      }
+      for (int64_t xb = g * per_group; xb < (g + 1) * per_group; ++xb) {
+        int32_t acc[kBlock] = {0};
+        for (int64_t p = xb * a.kb / 2; p < (xb + 1) * a.kb / 2; ++p) {
+          const uint8_t* row = qb + p * kBlock;
+          const int32_t x0 = xq[2 * p], x1 = xq[2 * p + 1];
+          for (int64_t c = 0; c < kBlock; ++c) acc[c] += (row[c] & 15) * x0 + (row[c] >> 4) * x1;
+        }
+        const float xs = a.xs[m * a.nb + xb], cz = a.c[m * a.nb + xb];
+        for (int64_t c = 0; c < kBlock; ++c) out[c] = q8_term(out[c], acc[c], xs, cz, s[c], z[c]);
+      }
+    }
+    std::copy(out, out + ncols, y + m * ldy + col0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // AVX-512 bodies
 // ---------------------------------------------------------------------------------------------------
 
 #if defined(QSERVE_X86)
+#if defined(QSERVE_NO_TARGET)
+#define QSERVE_AVX512
+#else
 #define QSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#endif
 
 QSERVE_AVX512 inline __m512 load_scales16(const Packed& w, int64_t g, int64_t col) {
   const int64_t i = g * w.Np + col;
@@ -303,13 +447,278 @@ QSERVE_AVX512 void bf16_row_avx512(const float* x, int64_t M, const c10::BFloat1
     default: break;
   }
 }
+// int8 path, AVX512-VNNI: 64 columns are four zmm of 16 int32 lanes in W order (see the top of the file).
+#if defined(QSERVE_NO_TARGET)
+#define QSERVE_VNNI
+#else
+#define QSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+#endif
+
+// v[j].block[L] <-> v[L].block[j] for the four 128-bit blocks of four vectors (its own inverse).
+QSERVE_VNNI inline void transpose_blocks(__m512 v[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+  const __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xEE);
+  v[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  v[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+  v[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  v[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+inline int32_t load_x4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int MT>
+QSERVE_VNNI void block_q8_vnni(const Packed& w, int64_t b, const Q8Act& a, int64_t m0, float* y, int64_t ldy) {
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const int64_t col0 = b * kBlock, ncols = std::min<int64_t>(kBlock, w.N - col0);
+  const int64_t per_group = w.gs / a.kb, rows = a.kb / 2;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  __m512 out[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < 4; ++j) out[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m512 s[4], z[4];
+    for (int j = 0; j < 4; ++j) {
+      s[j] = load_scales16(w, g, col0 + 16 * j);
+      z[j] = load_zeros16(w, g, col0 + 16 * j);
+    }
+    transpose_blocks(s);
+    transpose_blocks(z);
+    for (int64_t xb = g * per_group; xb < (g + 1) * per_group; ++xb) {
+      __m512i acc[MT][4];
+      for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_si512();
+      for (int64_t p = xb * rows; p < (xb + 1) * rows; p += 2) {
+        const __m512i A = _mm512_loadu_si512(qb + p * kBlock), B = _mm512_loadu_si512(qb + (p + 1) * kBlock);
+        const __m512i alo = _mm512_and_si512(A, low4), ahi = _mm512_and_si512(_mm512_srli_epi16(A, 4), low4);
+        const __m512i blo = _mm512_and_si512(B, low4), bhi = _mm512_and_si512(_mm512_srli_epi16(B, 4), low4);
+        const __m512i p0 = _mm512_unpacklo_epi8(alo, ahi), p1 = _mm512_unpackhi_epi8(alo, ahi);
+        const __m512i q0 = _mm512_unpacklo_epi8(blo, bhi), q1 = _mm512_unpackhi_epi8(blo, bhi);
+        const __m512i wv[4] = {_mm512_unpacklo_epi16(p0, q0), _mm512_unpackhi_epi16(p0, q0),
+                               _mm512_unpacklo_epi16(p1, q1), _mm512_unpackhi_epi16(p1, q1)};
+        for (int m = 0; m < MT; ++m) {
+          const __m512i xv = _mm512_set1_epi32(load_x4(a.row(m0 + m) + 2 * p));
+          for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wv[j], xv);
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512 xs = _mm512_set1_ps(a.xs[(m0 + m) * a.nb + xb]);
+        const __m512 cz = _mm512_set1_ps(a.c[(m0 + m) * a.nb + xb]);
+        for (int j = 0; j < 4; ++j) {
+          const __m512 t = _mm512_fnmadd_ps(z[j], cz, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][j]), xs));
+          out[m][j] = _mm512_fmadd_ps(s[j], t, out[m][j]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    transpose_blocks(out[m]);
+    float* yr = y + (m0 + m) * ldy + col0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = ncols - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      _mm512_mask_storeu_ps(yr + 16 * j, mask, out[m][j]);
+    }
+  }
+}
+
+QSERVE_VNNI void block_rows_q8_vnni(const Packed& w, int64_t b, const Q8Act& a, int64_t M, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block_q8_vnni<4>(w, b, a, m, y, ldy);
+  switch (M - m) {
+    case 3: block_q8_vnni<3>(w, b, a, m, y, ldy); break;
+    case 2: block_q8_vnni<2>(w, b, a, m, y, ldy); break;
+    case 1: block_q8_vnni<1>(w, b, a, m, y, ldy); break;
+    default: break;
+  }
+}
+
+// int8 path, AVX2: each 32-column half of a block is four ymm of 8 int32 lanes in W order (lane i of
+// 128-bit block L of vector j is column 16 L + 4 j + i of the half). One byte unpack per row gives the
+// two inputs of a column side by side; vpmaddubsw multiplies them with the two int8 activations and
+// adds the pair (at most 2 * 15 * 127, no saturation) into int16 lanes, summed over up to 8 rows and
+// then sign-extended into the int32 sums.
+#if defined(QSERVE_NO_TARGET)
+#define QSERVE_AVX2
+#else
+#define QSERVE_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+QSERVE_AVX2 inline void avx2_to_w_order(__m256 v[4]) {  // natural (8 columns each) -> W order
+  const __m256 n0 = v[0], n1 = v[1], n2 = v[2], n3 = v[3];
+  v[0] = _mm256_permute2f128_ps(n0, n2, 0x20);
+  v[1] = _mm256_permute2f128_ps(n0, n2, 0x31);
+  v[2] = _mm256_permute2f128_ps(n1, n3, 0x20);
+  v[3] = _mm256_permute2f128_ps(n1, n3, 0x31);
+}
+
+QSERVE_AVX2 inline void avx2_from_w_order(__m256 v[4]) {
+  const __m256 w0 = v[0], w1 = v[1], w2 = v[2], w3 = v[3];
+  v[0] = _mm256_permute2f128_ps(w0, w1, 0x20);
+  v[1] = _mm256_permute2f128_ps(w2, w3, 0x20);
+  v[2] = _mm256_permute2f128_ps(w0, w1, 0x31);
+  v[3] = _mm256_permute2f128_ps(w2, w3, 0x31);
+}
+
+QSERVE_AVX2 inline __m256 avx2_scales8(const Packed& w, int64_t g, int64_t col) {
+  const int64_t i = g * w.Np + col;
+  if (w.scales_half)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const c10::Half*>(w.scales) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(w.scales) + i);
+}
+
+QSERVE_AVX2 inline __m256 avx2_zeros8(const Packed& w, int64_t g, int64_t col) {
+  const __m128i z = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zeros + g * w.Np + col));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(z));
+}
+
+template <int MT>
+QSERVE_AVX2 void block_q8_avx2(const Packed& w, int64_t b, const Q8Act& a, int64_t m0, float* y, int64_t ldy) {
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const int64_t col0 = b * kBlock, ncols = std::min<int64_t>(kBlock, w.N - col0);
+  const int64_t per_group = w.gs / a.kb, rows = a.kb / 2;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256 out[MT][2][4];
+  for (int m = 0; m < MT; ++m)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 4; ++j) out[m][h][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m256 s[2][4], z[2][4];
+    for (int h = 0; h < 2; ++h) {
+      for (int r = 0; r < 4; ++r) {
+        s[h][r] = avx2_scales8(w, g, col0 + 32 * h + 8 * r);
+        z[h][r] = avx2_zeros8(w, g, col0 + 32 * h + 8 * r);
+      }
+      avx2_to_w_order(s[h]);
+      avx2_to_w_order(z[h]);
+    }
+    for (int64_t xb = g * per_group; xb < (g + 1) * per_group; ++xb) {
+      for (int h = 0; h < 2; ++h) {  // the second half re-reads the block's lines from L1
+        __m256i acc[MT][4];
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_si256();
+        // Runs of at most 8 rows (16 inputs) add in int16: |sum| <= 8 * 2 * 15 * 127 = 30480 < 2^15.
+        for (int64_t p0 = xb * rows; p0 < (xb + 1) * rows; p0 += 8) {
+          const int64_t p1 = std::min(p0 + 8, (xb + 1) * rows);
+          __m256i a16[MT][2];
+          for (int m = 0; m < MT; ++m) a16[m][0] = a16[m][1] = _mm256_setzero_si256();
+          for (int64_t p = p0; p < p1; ++p) {
+            const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + p * kBlock + 32 * h));
+            const __m256i lo = _mm256_and_si256(A, low4), hi = _mm256_and_si256(_mm256_srli_epi16(A, 4), low4);
+            // 16-bit lanes (inputs 2p, 2p + 1) of one column: columns 16 L + 0..7, then 16 L + 8..15
+            const __m256i c0 = _mm256_unpacklo_epi8(lo, hi), c1 = _mm256_unpackhi_epi8(lo, hi);
+            for (int m = 0; m < MT; ++m) {
+              int16_t x2;
+              std::memcpy(&x2, a.row(m0 + m) + 2 * p, 2);
+              const __m256i xv = _mm256_set1_epi16(x2);
+              a16[m][0] = _mm256_add_epi16(a16[m][0], _mm256_maddubs_epi16(c0, xv));
+              a16[m][1] = _mm256_add_epi16(a16[m][1], _mm256_maddubs_epi16(c1, xv));
+            }
+          }
+          for (int m = 0; m < MT; ++m)
+            for (int t = 0; t < 2; ++t) {  // sign-extend to int32: W order (columns 16 L + 8 t + 0..3, + 4..7)
+              const __m256i sign = _mm256_srai_epi16(a16[m][t], 15);
+              acc[m][2 * t] = _mm256_add_epi32(acc[m][2 * t], _mm256_unpacklo_epi16(a16[m][t], sign));
+              acc[m][2 * t + 1] = _mm256_add_epi32(acc[m][2 * t + 1], _mm256_unpackhi_epi16(a16[m][t], sign));
+            }
+        }
+        for (int m = 0; m < MT; ++m) {
+          const __m256 xs = _mm256_set1_ps(a.xs[(m0 + m) * a.nb + xb]);
+          const __m256 cz = _mm256_set1_ps(a.c[(m0 + m) * a.nb + xb]);
+          for (int j = 0; j < 4; ++j) {
+            const __m256 t = _mm256_fnmadd_ps(z[h][j], cz, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][j]), xs));
+            out[m][h][j] = _mm256_fmadd_ps(s[h][j], t, out[m][h][j]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float* yr = y + (m0 + m) * ldy + col0;
+    for (int h = 0; h < 2; ++h) {
+      avx2_from_w_order(out[m][h]);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t c = 32 * h + 8 * r, left = ncols - c;
+        if (left >= 8) {
+          _mm256_storeu_ps(yr + c, out[m][h][r]);
+        } else if (left > 0) {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, out[m][h][r]);
+          std::copy(tmp, tmp + left, yr + c);
+        }
+      }
+    }
+  }
+}
+
+QSERVE_AVX2 void block_rows_q8_avx2(const Packed& w, int64_t b, const Q8Act& a, int64_t M, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block_q8_avx2<4>(w, b, a, m, y, ldy);
+  switch (M - m) {
+    case 3: block_q8_avx2<3>(w, b, a, m, y, ldy); break;
+    case 2: block_q8_avx2<2>(w, b, a, m, y, ldy); break;
+    case 1: block_q8_avx2<1>(w, b, a, m, y, ldy); break;
+    default: break;
+  }
+}
+// bf16 weight rows on AVX2 (the LM head of a quantized model on CPUs without AVX-512).
+QSERVE_AVX2 inline __m256 bf16x8_avx2(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+template <int MT>
+QSERVE_AVX2 void bf16_rows_avx2(const float* x, int64_t m0, const c10::BFloat16* wr, int64_t K, float* y,
+                                int64_t ldy, int64_t n) {
+  __m256 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 w0 = bf16x8_avx2(wr + k), w1 = bf16x8_avx2(wr + k + 8);
+    for (int m = 0; m < MT; ++m) {
+      const float* xr = x + (m0 + m) * K + k;
+      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(acc[m][0], acc[m][1]));
+    float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    const float* xr = x + (m0 + m) * K;
+    for (int64_t kk = k; kk < K; ++kk) sum += xr[kk] * static_cast<float>(wr[kk]);
+    y[(m0 + m) * ldy + n] = sum;
+  }
+}
+
+QSERVE_AVX2 void bf16_row_avx2(const float* x, int64_t M, const c10::BFloat16* wr, int64_t K, float* y,
+                               int64_t ldy, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) bf16_rows_avx2<4>(x, m, wr, K, y, ldy, n);
+  switch (M - m) {
+    case 3: bf16_rows_avx2<3>(x, m, wr, K, y, ldy, n); break;
+    case 2: bf16_rows_avx2<2>(x, m, wr, K, y, ldy, n); break;
+    case 1: bf16_rows_avx2<1>(x, m, wr, K, y, ldy, n); break;
+    default: break;
+  }
+}
 #endif  // QSERVE_X86
 
+// The fp32 ops: 0 portable, 1 AVX-512, 2 AVX2 (the bf16-weight kernel's AVX2 body; the 4-bit fp32 kernels
+// have none and run their portable body).
 void check_isa(int64_t isa, const char* op) {
-  TORCH_CHECK(isa == kIsaScalar || isa == kIsaAvx512, op, ": isa must be 0 (scalar) or 1 (avx512), got ", isa);
-  TORCH_CHECK(isa == kIsaScalar || cpu_has_avx512(), op,
+  TORCH_CHECK(isa == kIsaScalar || isa == kIsaAvx512 || isa == kIsaAvx2, op,
+              ": isa must be 0 (scalar), 1 (avx512) or 2 (avx2), got ", isa);
+  TORCH_CHECK(isa != kIsaAvx512 || cpu_has_avx512(), op,
               ": the AVX-512 path was requested but this CPU lacks AVX-512F/BW/VL; "
               "unset QSERVE_CPU_ISA or set QSERVE_CPU_ISA=scalar");
+  TORCH_CHECK(isa != kIsaAvx2 || cpu_has_avx2(), op,
+              ": the AVX2 path was requested but this CPU lacks AVX2/FMA; unset QSERVE_CPU_ISA or set "
+              "QSERVE_CPU_ISA=scalar");
 }
 
 void block_rows(const Packed& w, int64_t b, const float* x, const float* xsum, int64_t M, float* y, int64_t ldy,
@@ -325,6 +734,25 @@ void dequant_tile(const Packed& w, int64_t b0, int64_t b1, float* t, int64_t ld,
   if (isa == kIsaAvx512) return dequant_avx512(w, b0, b1, t, ld);
 #endif
   dequant_scalar(w, b0, b1, t, ld);
+}
+
+void check_isa_q8(int64_t isa, const char* op) {
+  TORCH_CHECK(isa == kIsaScalar || isa == kIsaAvx2 || isa == kIsaAvx512Vnni, op,
+              ": isa must be 0 (scalar), 2 (avx2) or 3 (avx512_vnni), got ", isa);
+  TORCH_CHECK(isa != kIsaAvx2 || cpu_has_avx2(), op,
+              ": the AVX2 int8 path was requested but this CPU lacks AVX2/FMA; unset QSERVE_CPU_ISA or set "
+              "QSERVE_CPU_ISA=scalar");
+  TORCH_CHECK(isa != kIsaAvx512Vnni || cpu_has_avx512_vnni(), op,
+              ": the AVX512-VNNI int8 path was requested but this CPU lacks AVX512-VNNI; unset QSERVE_CPU_ISA "
+              "or pick another value");
+}
+
+void block_rows_q8(const Packed& w, int64_t b, const Q8Act& a, int64_t M, float* y, int64_t ldy, int64_t isa) {
+#if defined(QSERVE_X86)
+  if (isa == kIsaAvx512Vnni) return block_rows_q8_vnni(w, b, a, M, y, ldy);
+  if (isa == kIsaAvx2) return block_rows_q8_avx2(w, b, a, M, y, ldy);
+#endif
+  block_q8_scalar(w, b, a, M, y, ldy);
 }
 
 Packed check_packed(const at::Tensor& qdata, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
@@ -409,6 +837,62 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qdata, const at:
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+int64_t checked_q8_block(int64_t group_size, const char* op) {
+  const int64_t kb = q8_block(group_size);
+  TORCH_CHECK(kb > 0, op, ": the int8-activation path needs a group size that is a multiple of 4, got ",
+              group_size, "; use the fp32 path (QSERVE_CPU_ACT_INT8=0)");
+  return kb;
+}
+
+// y = x @ W'^T with x quantized to int8 per row and block (see the top of the file); any M, meant for few.
+at::Tensor packed_linear_q8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                            const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                            int64_t group_size, int64_t isa) {
+  const char* op = "qserve_cpu::packed_linear_q8";
+  check_isa_q8(isa, op);
+  const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
+  const int64_t kb = checked_q8_block(w.gs, op);
+  const at::Tensor xf = activations_fp32(x, perm, w.K, op);
+  const int64_t M = xf.size(0), NB = qdata.size(0);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  q8_calls_by_isa[isa].fetch_add(1, std::memory_order_relaxed);
+  if (M == 0 || n == 0) return y.to(x.scalar_type());
+  Q8Act a;
+  quantize_q8(xf.data_ptr<float>(), M, w.K, kb, a);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) block_rows_q8(w, b, a, M, yp, n, isa);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// (x_q int8 [M, K], scales fp32 [M, K / kb]) as packed_linear_q8 quantizes x (after perm): for tests.
+std::tuple<at::Tensor, at::Tensor> quantize_activations_q8(const at::Tensor& x, const c10::optional<at::Tensor>& perm,
+                                                         int64_t group_size) {
+  const char* op = "qserve_cpu::quantize_activations_q8";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got ", x.sizes());
+  const int64_t K = x.size(1);
+  TORCH_CHECK(group_size >= 2 && K % group_size == 0, op, ": group_size ", group_size, " does not divide K = ", K);
+  const int64_t kb = checked_q8_block(group_size, op);
+  const at::Tensor xf = activations_fp32(x, perm, K, op);
+  Q8Act a;
+  quantize_q8(xf.data_ptr<float>(), xf.size(0), K, kb, a);
+  at::Tensor q = at::empty({xf.size(0), K}, xf.options().dtype(at::kChar));
+  at::Tensor s = at::empty({xf.size(0), a.nb}, xf.options());
+  std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  std::memcpy(s.data_ptr<float>(), a.xs.data(), a.xs.size() * sizeof(float));
+  return {q, s};
+}
+
+std::vector<int64_t> q8_calls_op() {
+  std::vector<int64_t> v;
+  for (auto& c : q8_calls_by_isa) v.push_back(c.load(std::memory_order_relaxed));
+  return v;
+}
+
+bool has_avx512_vnni_op() { return cpu_has_avx512_vnni(); }
+bool has_avx2_op() { return cpu_has_avx2(); }
+
 // W' [K, n] fp32 in the resident (permuted) input order: what the prefill path multiplies with.
 at::Tensor packed_dequantize(const at::Tensor& qdata, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
                              int64_t group_size, int64_t isa) {
@@ -441,6 +925,10 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
           bf16_row_avx512(xp, M, wp + nn * K, K, yp, N, nn);
           continue;
         }
+        if (isa == kIsaAvx2) {
+          bf16_row_avx2(xp, M, wp + nn * K, K, yp, N, nn);
+          continue;
+        }
 #endif
         const c10::BFloat16* wr = wp + nn * K;
         for (int64_t m = 0; m < M; ++m) {
@@ -468,16 +956,26 @@ bool has_avx512_op() { return cpu_has_avx512(); }
 
 }  // namespace
 
+#if !defined(QSERVE_SIMDE)
 TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, int group_size, "
         "int isa) -> Tensor");
   m.def("packed_dequantize(Tensor qdata, Tensor scales, Tensor zeros, int n, int group_size, int isa) -> Tensor");
   m.def("linear_bf16w(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("has_avx512() -> bool", &has_avx512_op);
+  m.def("packed_linear_q8(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, "
+        "int group_size, int isa) -> Tensor");
+  m.def("quantize_activations_q8(Tensor x, Tensor? perm, int group_size) -> (Tensor, Tensor)");
+  m.def("q8_calls() -> int[]", &q8_calls_op);
+  m.def("has_avx512_vnni() -> bool", &has_avx512_vnni_op);
+  m.def("has_avx2() -> bool", &has_avx2_op);
 }
 
 TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("packed_dequantize", &packed_dequantize);
   m.impl("linear_bf16w", &linear_bf16w);
+  m.impl("packed_linear_q8", &packed_linear_q8);
+  m.impl("quantize_activations_q8", &quantize_activations_q8);
 }
+#endif  // !QSERVE_SIMDE

@@ -1,7 +1,7 @@
 """The 4-bit CPU kernels (kernels/csrc/cpu_packed.cpp via kernels/cpu_packed.py) against kernels/reference.py.
 
-Every test runs each kernel body, forced through QSERVE_CPU_ISA: the AVX-512 one (where the CPU has
-it) and the portable one. Without the compiled kernels these tests skip, except under
+Every test runs each kernel body, forced through QSERVE_CPU_ISA (each the CPU has), with the exact fp32
+activations (QSERVE_CPU_ACT_INT8=0); the int8-activation path is tested in test_cpu_packed_q8.py. Without the compiled kernels these tests skip, except under
 QSERVE_REQUIRE_CPU_EXT=1 (CI), where they fail.
 """
 
@@ -24,11 +24,15 @@ def compiled_kernels():
         pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
 
 
-@pytest.fixture(params=["avx512", "scalar"])
+@pytest.fixture(params=["avx512_vnni", "avx512", "avx2", "scalar"])
 def isa(request, monkeypatch):
-    if request.param == "avx512" and not torch.ops.qserve_cpu.has_avx512():
-        pytest.skip("this CPU has no AVX-512F/BW/VL")
+    ops = torch.ops.qserve_cpu
+    has = {"avx512_vnni": ops.has_avx512_vnni, "avx512": ops.has_avx512, "avx2": ops.has_avx2}
+    if request.param in has and not has[request.param]():
+        pytest.skip(f"this CPU has no {request.param}")
     monkeypatch.setenv("QSERVE_CPU_ISA", request.param)
+    # the exact fp32 kernels; the int8-activation path is tested in test_cpu_packed_q8.py
+    monkeypatch.setenv("QSERVE_CPU_ACT_INT8", "0")
     assert cpu_packed.isa_name() == request.param
     return request.param
 
@@ -189,6 +193,13 @@ def test_repack_refuses_what_the_layout_cannot_hold(gen):
         cpu_packed.repack(codes, torch.ones(2, 64), torch.zeros(2, 64), uneven, 48)
 
 
-def test_auto_isa_is_avx512_where_the_cpu_has_it(monkeypatch):
+def test_auto_isa_is_the_best_the_cpu_has(monkeypatch):
     monkeypatch.delenv("QSERVE_CPU_ISA", raising=False)
-    assert cpu_packed.isa_name() == ("avx512" if torch.ops.qserve_cpu.has_avx512() else "scalar")
+    ops = torch.ops.qserve_cpu
+    if ops.has_avx512_vnni():
+        expected = "avx512_vnni"
+    elif ops.has_avx512():
+        expected = "avx512"
+    else:
+        expected = "avx2" if ops.has_avx2() else "scalar"
+    assert cpu_packed.isa_name() == expected
