@@ -16,6 +16,7 @@ The configuration (`qserve deploy ray CONFIG`) is YAML:
     host: 0.0.0.0            # Ray Serve's HTTP proxy
     port: 8000
     metrics_sd_dir: /shared/prometheus-sd   # optional: per-replica /metrics targets for Prometheus
+    metrics_port: 9400       # optional: each node's replicas' metrics on one port, labelled by replica
     models:
       - model: runs/smollm2-135m-awq          # anything `qserve serve` accepts, plus its options
         served_model_name: [smollm2]
@@ -45,7 +46,7 @@ from qserve.errors import ConfigError, QserveError
 DEPLOY_KEYS = ("replicas", "autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests")
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s")  # fmt: skip
-TOP_KEYS = ("host", "port", "api_key", "app_name", "metrics_sd_dir", "models")
+TOP_KEYS = ("host", "port", "api_key", "app_name", "metrics_sd_dir", "metrics_port", "models")
 # Routes forwarded to a model's replicas, chosen by the body's `model` field.
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 REPLICA_HEADER = "x-qserve-replica"  # which replica answered: "<deployment>#<replica id>"
@@ -77,6 +78,9 @@ class RayDeployConfig:
     # Per-replica metrics: each replica serves its qserve /metrics on a port of its own and writes a
     # Prometheus file_sd target file here (a directory every node sees, like the weights); None: off.
     metrics_sd_dir: str | None = None
+    # Per-node metrics: on every node, one of its replicas serves all of that node's replicas' series on
+    # this port, each labelled replica="<deployment>#<id>" (a fixed port a PodMonitor can name); None: off.
+    metrics_port: int | None = None
     source: str = "config"
 
 
@@ -147,10 +151,15 @@ def parse_config(data: Any, source: str = "config") -> RayDeployConfig:
             f"two models map to the same deployment name: {deployment_names}; give distinct served_model_name")  # fmt: skip
     port = data.get("port", 8000)
     _expect(isinstance(port, int) and 0 < port < 65536, source, f"port: expected 1..65535, got {port!r}")
+    metrics_port = data.get("metrics_port")
+    _expect(metrics_port is None or (isinstance(metrics_port, int) and not isinstance(metrics_port, bool)
+                                     and 0 < metrics_port < 65536 and metrics_port != port), source,
+            f"metrics_port: expected 1..65535 other than port ({port}), got {metrics_port!r}")  # fmt: skip
     return RayDeployConfig(
         models=tuple(parsed), host=str(data.get("host", "127.0.0.1")), port=port, api_key=data.get("api_key"),
         app_name=str(data.get("app_name", "qserve")), source=source,
         metrics_sd_dir=str(data["metrics_sd_dir"]) if data.get("metrics_sd_dir") else None,
+        metrics_port=metrics_port,
     )  # fmt: skip
 
 
@@ -241,7 +250,8 @@ class ASGIForwarder:
 class QserveModel:
     """A Ray Serve replica: one engine and qserve's OpenAI app (see the module docstring)."""
 
-    def __init__(self, serve_values: dict[str, Any], metrics_sd_dir: str | None = None) -> None:
+    def __init__(self, serve_values: dict[str, Any], metrics_sd_dir: str | None = None,
+                 metrics_port: int | None = None) -> None:  # fmt: skip
         import dataclasses
 
         from qserve.commands.serve import load_chat_template
@@ -262,10 +272,14 @@ class QserveModel:
             ReplicaMetricsExporter(app.state.metrics.registry, metrics_sd_dir, self.replica, cfg.model_names[0])
             if metrics_sd_dir else None
         )  # fmt: skip
+        self.node_metrics = (
+            NodeMetrics(app.state.metrics.registry, metrics_port, self.replica) if metrics_port else None
+        )
 
     def __del__(self) -> None:  # Ray Serve calls it when it stops the replica gracefully
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
+        for exporter in (getattr(self, "metrics", None), getattr(self, "node_metrics", None)):
+            if exporter is not None:
+                exporter.close()
 
     async def http(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                    body: bytes) -> AsyncIterator[Any]:  # fmt: skip
@@ -274,13 +288,17 @@ class QserveModel:
 
     def identity(self) -> dict[str, Any]:
         target = self.metrics.target if self.metrics is not None else None
+        node = self.node_metrics
         return {"replica": self.replica, "pid": os.getpid(), "healthy": self.engine.is_healthy,
-                "metrics": target}  # fmt: skip
+                "metrics": target, "node_metrics": node.target if node is not None else None,
+                "serves_node_metrics": node is not None and node.serving}  # fmt: skip
 
     def check_health(self) -> None:
         """Ray Serve calls this every health_check_period_s; an error makes it replace the replica."""
         if not self.engine.is_healthy:
             raise RuntimeError("the qserve engine loop has stopped")
+        if self.node_metrics is not None:
+            self.node_metrics.claim()  # take over the node's port if the replica serving it has gone
 
 
 class ReplicaMetricsExporter:
@@ -312,6 +330,130 @@ class ReplicaMetricsExporter:
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
         self._server.shutdown()
+
+
+class NodeMetrics:
+    """`metrics_port`: one scrape target per node (per Ray pod under KubeRay, where a PodMonitor names the
+    port) carrying every local replica's qserve metrics, each series labelled replica="<deployment>#<id>".
+
+    Each replica serves its own registry on a loopback port and registers it in a node-local directory;
+    whichever replica holds `port` (the first to bind it; another takes over within a health-check period
+    when it goes) answers a scrape by fetching every registered replica and merging the families. A
+    replica whose process has died is dropped from the directory at the next scrape."""
+
+    def __init__(self, registry, port: int, replica: str) -> None:
+        import tempfile
+
+        from prometheus_client import start_http_server
+
+        self.port = port
+        self.host = _node_ip()
+        self.target = f"{self.host}:{port}"  # what Prometheus scrapes on this node
+        self._own, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+        self.directory = Path(tempfile.gettempdir()) / f"qserve-ray-metrics-{port}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", replica)
+        self.path = self.directory / f"{slug}.json"
+        url = f"http://127.0.0.1:{self._own.server_port}/metrics"
+        entry = {"replica": replica, "pid": os.getpid(), "url": url}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(self.path)
+        self._node = None
+        self.claim()
+
+    @property
+    def serving(self) -> bool:
+        return self._node is not None
+
+    def claim(self) -> None:
+        """Serve the node's port unless another replica already does."""
+        if self._node is not None:
+            return
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        directory = self.directory
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics")
+                    return
+                body = merged_replica_metrics(directory)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # no line per scrape
+                pass
+
+        try:
+            server = ThreadingHTTPServer((self.host, self.port), Handler)
+        except OSError:  # in use: another replica of this node serves it
+            return
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="qserve-node-metrics", daemon=True).start()
+        self._node = server
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._own.shutdown()
+        if self._node is not None:
+            self._node.shutdown()
+            self._node.server_close()
+            self._node = None
+
+
+def merged_replica_metrics(directory: Path) -> bytes:
+    """Every registered replica's metrics as one exposition, each sample labelled with its replica."""
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for path in sorted(directory.glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced, or gone
+        if not _process_alive(entry["pid"]):
+            path.unlink(missing_ok=True)  # a killed replica never said goodbye
+            continue
+        try:
+            with urllib.request.urlopen(entry["url"], timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            continue  # stopping: its series disappear, as they would from a down target
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            replica = entry["replica"]
+            merged.samples += [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
+
+    class Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _node_ip() -> str:
@@ -469,7 +611,7 @@ def build_application(config: RayDeployConfig):
             options["autoscaling_config"] = dict(m.autoscaling)
         else:
             options["num_replicas"] = m.replicas or 1
-        bound = model_deployment.options(**options).bind(m.serve, config.metrics_sd_dir)
+        bound = model_deployment.options(**options).bind(m.serve, config.metrics_sd_dir, config.metrics_port)
         for name in m.names:
             handles[name] = bound
     router = serve.deployment(serve.ingress()(QserveRouter)).options(

@@ -299,11 +299,12 @@ def ray_pod_templates(service: dict) -> dict[str, dict]:
 def test_kuberay_resources_and_pod_templates_validate(kuberay):
     import kubernetes_validate
 
-    assert sorted(r["kind"] for r in kuberay) == ["ConfigMap", "Namespace", "PersistentVolumeClaim", "RayService"]
+    assert sorted(r["kind"] for r in kuberay) == ["ConfigMap", "Namespace", "PersistentVolumeClaim", "PodMonitor",
+                                                  "RayService"]  # fmt: skip
     service = one(kuberay, "RayService")
     assert service["apiVersion"] == "ray.io/v1"
     for resource in kuberay:
-        if resource["kind"] != "RayService":
+        if resource["kind"] not in ("RayService", "PodMonitor"):  # CRDs: checked field by field
             kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
     # The CRD's schema is KubeRay's; its pod templates are core PodTemplateSpecs, checked as such.
     for group, template in ray_pod_templates(service).items():
@@ -352,3 +353,23 @@ def test_kuberay_serve_config_is_qserves_application(kuberay):
     (script_volume,) = [v for v in head["volumes"] if "configMap" in v]
     script = config_maps[script_volume["configMap"]["name"]]["data"]["fetch-model.sh"]
     assert script == FETCH_SCRIPT.read_text()
+
+
+def test_kuberay_pod_monitor_scrapes_the_replicas_metrics_port(kuberay):
+    """The serve config's metrics_port is a named port of every worker pod that runs replicas, and the
+    PodMonitor selects those pods and scrapes that port."""
+    from qserve.serve.ray_serve import parse_config
+
+    service, monitor = one(kuberay, "RayService"), one(kuberay, "PodMonitor")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    cfg = parse_config(app["args"], "serveConfigV2")
+    assert cfg.metrics_port is not None
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics" and re.fullmatch(r"\d+s", endpoint["interval"])
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        template = group["template"]
+        assert matches(monitor["spec"]["selector"]["matchLabels"], template["metadata"]["labels"]), group["groupName"]
+        ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports[endpoint["port"]] == cfg.metrics_port, group["groupName"]
