@@ -29,6 +29,7 @@ from qserve.provenance import describe_run
 from qserve.serve.api import serving
 from qserve.serve.api.app import create_app
 from qserve.serve.api.prompts import PromptBuilder, utf8_len
+from qserve.serve.api.shutdown import uvicorn_config
 from qserve.serve.loader import read_json
 
 TEXT = Path("/work/shared/data/eval/wikitext-2-raw/wiki.test.raw")
@@ -60,7 +61,7 @@ def server(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    srv = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="error"))  # as `qserve serve`
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:

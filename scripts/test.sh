@@ -2,10 +2,14 @@
 # README command 2: set up (with test tools), then run the whole test suite, slow end-to-end tests included.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-QSERVE_EXTRAS=gguf,triton,plot,dev,structured . scripts/bootstrap.sh
+# ray: tests/deploy/test_ray_serve.py runs a local Ray cluster (ray[serve] is ~1 min of download). It also
+# brings uvloop and httptools; the server pins asyncio and h11 (serve/api/shutdown.py), so nothing changes.
+QSERVE_EXTRAS=gguf,triton,plot,dev,structured,ray . scripts/bootstrap.sh
 . .venv/bin/activate
 # Where a C++ compiler exists (CI), the CPU kernels must build: a failed build fails, kernel tests never skip.
 if command -v c++ >/dev/null || command -v g++ >/dev/null; then export QSERVE_REQUIRE_CPU_EXT=1; fi
+# The ray extra is installed above: the live Ray Serve tests must run, a missing Ray fails them.
+export QSERVE_REQUIRE_RAY=1
 
 echo "[test] ruff check . (a few seconds)"
 ruff check .
