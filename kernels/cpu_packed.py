@@ -40,8 +40,12 @@ _ISA_CODES = {"scalar": 0, "avx2": 2, "avx512": 1, "avx512_vnni": 1}  # the fp32
 _Q8_CODES = {"scalar": 0, "avx2": 2, "avx512": 2, "avx512_vnni": 3}  # the int8 kernel's bodies
 Q8_BODIES = {0: "scalar", 2: "avx2", 3: "avx512_vnni"}
 INT8_MODES = ("auto", "1", "0")
-# Rows up to which the int8 path runs (when on): at M = 8 it was still 1.6-2x faster than the fp32 kernel
-# on an AVX2 CPU; above, the fp32 kernels (and from 33 rows the dequantized tiles into at::mm).
+# Rows up to which the int8 path runs (when on): decode steps of up to 8 sequences. On an AVX2 CPU
+# (bench/cpu_gemv.py, one SmolLM2 forward's 4-bit GEMMs) it was 1.9x the fp32 kernel at M = 1, 3.1x at 4
+# and still 3.3x at 16 and 3.1x at 32 (AVX512-VNNI against the AVX-512 fp32 kernel: not measured), but
+# prompts (prefill chunks) keep exact fp32 activations: int8 there changed the greedy tokens of the
+# engine tests' tiny models against transformers. Above, the fp32 kernels (from 33 rows dequantized
+# tiles into at::mm).
 INT8_MAX_ROWS = 8
 
 
