@@ -605,7 +605,9 @@ def build_application(config: RayDeployConfig):
             "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
             "max_ongoing_requests": m.max_ongoing_requests or batch,
             "health_check_period_s": 5,
-            "graceful_shutdown_timeout_s": 120,
+            # A replica being stopped finishes its in-flight requests for this long (the entry's
+            # shutdown_timeout, as `qserve serve --shutdown-timeout`, else 120 s).
+            "graceful_shutdown_timeout_s": m.serve.get("shutdown_timeout", 120),
         }
         if m.autoscaling is not None:
             options["autoscaling_config"] = dict(m.autoscaling)

@@ -1,5 +1,6 @@
 """Two Ray Serve replicas of SmolLM2-135M on this machine: N concurrent chat requests through the proxy
-(all must succeed; how they spread over the replicas), then one replica is SIGKILLed and the time until
+(all must succeed; how they spread over the replicas, by response header and by each replica's own
+vllm:request_success_total on the node's metrics_port target), then one replica is SIGKILLed and the time until
 requests succeed again, and until the replacement replica answers, is measured.
 
     python deploy/ray/bench_replicas.py [--requests 200] [--max-tokens 16] [--out bench/results/ray_serve.json]
@@ -45,6 +46,23 @@ async def burst(url: str, n: int, max_tokens: int) -> list[tuple[bool, str | Non
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def node_metrics(serve, metrics_port: int) -> dict[str, float]:
+    """{replica: finished requests} from the node's merged metrics target."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    handle = serve.get_deployment_handle("qserve-smollm2", app_name="qserve-bench")
+    host = handle.identity.remote().result()["node_metrics"]
+    assert host.endswith(f":{metrics_port}"), host
+    text = httpx.get(f"http://{host}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:request_success_total":
+                out[sample.labels["replica"]] = out.get(sample.labels["replica"], 0.0) + sample.value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=200)
@@ -59,9 +77,9 @@ def main() -> None:
     from qserve.provenance import describe_run
     from qserve.serve import ray_serve
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     cfg = ray_serve.resolve_models(ray_serve.parse_config({
-        "host": "127.0.0.1", "port": port, "app_name": "qserve-bench",
+        "host": "127.0.0.1", "port": port, "app_name": "qserve-bench", "metrics_port": metrics_port,
         "models": [{"model": "smollm2-135m", "served_model_name": ["smollm2"], "replicas": 2, "num_cpus": 1,
                     "kv_cache_memory": "512MiB", "max_num_seqs": 64, "max_queue": 512,
                     "disable_log_requests": True}],
@@ -79,6 +97,9 @@ def main() -> None:
         ok = [r for r in results if r[0]]
         spread = collections.Counter(r[1] for r in ok)
         failures = collections.Counter(r[1] for r in results if not r[0])
+        # The node's metrics target (metrics_port): finished requests per replica, from the replicas' own
+        # vllm:request_success_total as Prometheus would scrape them (the probe request below not yet in).
+        metrics_per_replica = node_metrics(serve, metrics_port)
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -115,7 +136,7 @@ def main() -> None:
     summary = {
         "replicas": 2, "requests": args.requests, "max_tokens": args.max_tokens, "succeeded": len(ok),
         "failed": dict(failures), "per_replica": dict(spread), "burst_wall_s": round(burst_s, 2),
-        "deploy_s": round(startup_s, 2),
+        "deploy_s": round(startup_s, 2), "metrics_per_replica": metrics_per_replica,
         "kill": {"victim": victim, "first_success_after_s": first_ok and round(first_ok, 2),
                  "replacement_answered_after_s": replacement and round(replacement, 2),
                  "failed_requests_before_recovery": failed_after_kill,

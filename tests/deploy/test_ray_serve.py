@@ -132,6 +132,19 @@ def test_app_builder_for_rays_own_tooling(tiny_model_dir, tmp_path):
         app_builder({"models": [{"model": str(tmp_path / "absent")}]})
 
 
+def test_shutdown_timeout_is_the_replicas_graceful_shutdown(tiny_model_dir):
+    """A model entry's shutdown_timeout (the `qserve serve` option) is how long Ray lets a replica being
+    stopped finish its requests, not a key accepted and then ignored."""
+    need_ray()
+    from qserve.serve.ray_serve import build_application, resolve_models
+
+    entry = {"model": str(tiny_model_dir), "served_model_name": ["a"]}
+    for extra, expected in (({"shutdown_timeout": 7}, 7.0), ({}, 120.0)):
+        app = build_application(resolve_models(parse_config({"models": [{**entry, **extra}]})))
+        (handle,) = app._bound_deployment.init_args[0].values()  # the router's handle to model `a`
+        assert handle._bound_deployment._deployment_config.graceful_shutdown_timeout_s == expected
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from qserve.testing import make_tiny_model
