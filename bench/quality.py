@@ -70,6 +70,9 @@ METHODS = {
         "rtn-sym",
     ),
     "gptq-sym-act-ftw": (["--method", "gptq", "--desc-act", "--sym", "--first-token-weight", "0.25"], "rtn-sym"),
+    # AWQ's activation-aware scales folded in before the symmetric act-order solve (--awq-scales)
+    "gptq-sym-act-awqs": (["--method", "gptq", "--desc-act", "--sym", "--awq-scales"], "rtn-sym"),
+    "gptq-sym-act-awqs-mse": (["--method", "gptq", "--desc-act", "--sym", "--awq-scales", "--mse"], "rtn-sym"),
     "gptq-static-skip1": (
         ["--method", "gptq", "--desc-act", "--static-groups", "--sym", "--skip-first", "1"],
         "rtn-sym",

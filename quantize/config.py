@@ -83,6 +83,11 @@ class QuantConfig:
     # a float-block forward per block (per true-sequential group when memory is short) and a second
     # copy of the block activations.
     gptaq: bool = False
+    # Activation-aware scales before the solve (AWQ's per-channel scale search, folded into the previous
+    # norm or Linear, an identity on the float block), then GPTQ on the scaled weights. The scales give
+    # the channels that carry large activations finer steps on the grid, which GPTQ's column-by-column
+    # updates alone cannot: see GPTQ_DEFAULTS_NOTE and bench/RESULTS.md section 3.
+    awq_scales: bool = False
     # AWQ
     duo_scaling: bool = True
     clip: bool = True
@@ -150,6 +155,12 @@ class QuantConfig:
             raise ConfigError(
                 f"gptaq is a GPTQ option (asymmetric calibration of its solve); method={self.method!r} "
                 "does not use it"
+            )
+        if self.awq_scales and self.method != "gptq":
+            raise ConfigError(
+                f"awq_scales is a GPTQ option (AWQ's scale search before the GPTQ solve); "
+                f"method={self.method!r} does not use it"
+                + (" (--method awq always searches scales)" if self.method == "awq" else "")
             )
         if self.first_token_weight is not None:
             if self.method != "gptq":
@@ -229,6 +240,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "first_token_weight": (float, int, type(None)),
     "mse": (bool,),
     "gptaq": (bool,),
+    "awq_scales": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),
     "n_grid": (int,),
@@ -396,6 +408,8 @@ def gptq_settings_line(cfg: QuantConfig) -> str:
         f"first-token weight {cfg.resolved_first_token_weight():g}",
         f"damp {cfg.damp:g}",
     ]
+    if cfg.awq_scales:
+        parts.append("AWQ scales")
     if cfg.gptaq:
         parts.append("gptaq")
     if cfg.skip_first:

@@ -260,6 +260,10 @@ def _gptq_block(
 
     # True-sequential: each group is calibrated on inputs produced with the earlier groups already
     # quantized (q/k/v, then o, then gate/up, then down), one block forward per group.
+    extra: dict[str, torch.Tensor] = {}
+    search = None
+    if cfg.awq_scales:
+        extra, search = _prescale_block(block, inputs, spec, cfg, float_side)
     groups = spec.solve_groups(cfg.true_sequential)
     owners = spec.input_owners
     collected = [spec.collected(group) for group in groups]  # the others share their owner's Hessian
@@ -337,7 +341,37 @@ def _gptq_block(
                 }
             )
         del solvers
-    return BlockOutcome(qweights, log, {}, float_next=float_next)
+    return BlockOutcome(qweights, log, extra, search, float_next=float_next)
+
+
+def _prescale_block(
+    block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig, float_side: FloatSide | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`cfg.awq_scales`: AWQ's scale search on this block (no clipping: GPTQ chooses the ranges), folded
+    into the block (and into the float copy GPTAQ fits against, so both see the same Linear inputs).
+    Returns the scales as saved tensors and the search log, like an AWQ block."""
+    from qserve.quantize.awq import awq_apply_block, awq_search_block
+
+    result = awq_search_block(
+        block,
+        inputs.hidden,
+        inputs.kwargs,
+        spec,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        n_grid=cfg.n_grid,
+        duo_scaling=cfg.duo_scaling,
+        clip=False,
+    )
+    awq_apply_block(block, result, spec)
+    if float_side is not None:
+        awq_apply_block(float_side.block, result, spec)
+    state = result.state_dict()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in state["meta"].items() if k != "log"}
+    meta["log"] = [_plain(entry) for entry in result.log]
+    return tensors, meta
 
 
 def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig) -> BlockOutcome:

@@ -83,7 +83,7 @@ def estimate(
                 + chunk_tokens * 2 * widest * 4
                 + sum(shape[1] ** 2 * 4 for shape in linears)
             )
-    if cfg.method == "awq":
+    if cfg.method == "awq" or cfg.awq_scales:
         # The search keeps a token subset (a few thousand rows, plus whole sequences for attention)
         # of each scale group's input in fp32: bounded by the 16k-token chunk it works in.
         parts["awq_cache"] = min(tokens, 16384) * 2 * (hidden + widest) * 4

@@ -130,6 +130,12 @@ def _opt(*decls: str, field: str, **kwargs):
     "float model's outputs, correcting the error carried in from earlier layers.",
 )
 @_opt(
+    "--awq-scales/--no-awq-scales",
+    field="awq_scales",
+    help="GPTQ: search AWQ's activation-aware per-channel scales first and fold them into the previous "
+    "norm/Linear, then run GPTQ on the scaled weights (an identity on the float model).",
+)
+@_opt(
     "--duo-scaling/--no-duo-scaling",
     field="duo_scaling",
     help="AWQ: scales from activations and weights (s = x^r / w^(1-r)).",

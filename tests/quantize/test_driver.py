@@ -166,6 +166,31 @@ def test_gptq_and_awq_beat_rtn_on_the_calibration_distribution(tmp_path, models,
     assert errs["awq"] < 0.95 * errs["rtn"]
 
 
+def test_gptq_with_awq_scales_folds_them_and_still_serves_the_float_model(tmp_path, models, calib, calib_ids):
+    """--awq-scales: AWQ's scales are searched per block and folded into the norms (and v/up rows)
+    before GPTQ; the checkpoint keeps the GPTQ layout, carries the folded norms, and its dequantized
+    model stays as close to the float model as GPTQ's and below RTN's error."""
+    src = models["llama"]
+    ref = logits(src, None, calib_ids)
+    errs = {}
+    for name, method, extra in (
+        ("rtn", "rtn", {}),
+        ("scaled", "gptq", {"awq_scales": True, "n_grid": 10}),
+    ):
+        report = quantize_tiny(src, tmp_path / name, calib, method, group_size=64, **extra)
+        errs[name] = rel_err(logits(src, dense_state_dict(tmp_path / name), calib_ids), ref)
+    assert errs["scaled"] < 0.95 * errs["rtn"], errs
+    source, out = read_tensors(src), read_tensors(tmp_path / "scaled")
+    for block in report.blocks:
+        assert {"prev_op", "linears", "best_ratio"} <= set(block["search"]["log"][0])
+        assert block["search"]["scales"], "the scales found are recorded"
+        assert block["search"]["clips"] == [], "GPTQ chooses the ranges: no AWQ clipping"
+        norm = f"model.layers.{block['block']}.input_layernorm.weight"
+        assert not torch.equal(out[norm], source[norm]), "the attention scales are folded into the norm"
+        assert [e["layer"] for e in block["layers"]][0] == "self_attn.q_proj" and "loss" in block["layers"][0]
+    assert "qweight" in " ".join(out) and "g_idx" in " ".join(out)
+
+
 def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, calib, monkeypatch):
     """q/k/v (and gate/up) read one input: accumulating H once must change nothing."""
     quantize_tiny(models["llama"], tmp_path / "shared", calib, "gptq")
@@ -504,6 +529,7 @@ def test_gptq_run_says_which_settings_are_in_force_and_why():
         ({"method": "gptq", "group_size": 0}, "group_size=0"),
         ({"method": "int3"}, "method='int3'"),
         ({"method": "gptq", "damp": 1.5}, "damp=1.5"),
+        ({"method": "awq", "awq_scales": True}, "awq_scales is a GPTQ option"),
         ({"method": "gptq", "dtype": "float64"}, "dtype='float64'"),
     ],
 )

@@ -55,11 +55,13 @@ def _assert_same_tensors(a, b):
     assert not different, different
 
 
-@pytest.mark.parametrize("gptaq", [False, True])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq):
-    """With --gptaq the float model's activations are saved and restored beside the quantized ones."""
+@pytest.mark.parametrize("gptaq, awq_scales", [(False, False), (True, False), (False, True)])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq, awq_scales):
+    """With --gptaq the float model's activations are saved and restored beside the quantized ones;
+    with --awq-scales the folded norms of finished blocks come back from disk."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    quantize_tiny(model4, whole, calib, "gptq", desc_act=True, gptaq=gptaq)
+    flags = {"gptaq": gptaq, "awq_scales": awq_scales, "n_grid": 4}
+    quantize_tiny(model4, whole, calib, "gptq", desc_act=True, **flags)
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -77,6 +79,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq):
     ]
     args += ["--n-samples", "4", "--seqlen", "32", "--device", "cpu", "--no-eval", "--quiet"]
     args += ["--gptaq"] if gptaq else []
+    args += ["--awq-scales"] if awq_scales else []
+    args += ["--n-grid", "4"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
         [sys.executable, str(script), "1", str(torch.get_num_threads()), *args],
@@ -89,7 +93,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq):
     assert not killed.exists(), "a killed run must not leave a checkpoint that looks complete"
     assert json.loads((tmp_path / "killed.partial" / "progress.json").read_text()) == {"done": 2}
 
-    report = quantize_tiny(model4, killed, calib, "gptq", desc_act=True, gptaq=gptaq, resume=True)
+    report = quantize_tiny(model4, killed, calib, "gptq", desc_act=True, resume=True, **flags)
     assert report.resumed_from_block == 2
     assert [b["block"] for b in report.blocks] == [0, 1, 2, 3]
     _assert_same_tensors(whole, killed)
