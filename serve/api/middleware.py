@@ -179,11 +179,14 @@ class DrainState:
         self.draining = False
         self.deadline: float | None = None  # time.monotonic() by which in-flight requests must end
         self.cut_short = False  # the drain ended with requests still in flight (they are aborted)
+        self.timeout = 0.0
+        self.reason = ""
 
-    def begin(self, timeout: float) -> None:
+    def begin(self, timeout: float, reason: str = "shutdown") -> None:
         """Stop taking new requests; the in-flight ones have `timeout` seconds. Safe in a signal handler
         (attribute writes only)."""
         if not self.draining:
+            self.timeout, self.reason = timeout, reason
             self.deadline = time.monotonic() + timeout
             self.draining = True
 

@@ -53,7 +53,6 @@ class DrainingServer(uvicorn.Server):
         self.drain = drain
         self.shutdown_timeout = shutdown_timeout
         self._announced = False
-        self.signals: list[int] = []
         self._last_signal = float("-inf")
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -62,9 +61,8 @@ class DrainingServer(uvicorn.Server):
         if now - self._last_signal < _SAME_SIGNAL_S:
             return  # one signal delivered twice (uvloop does that), not a second one
         self._last_signal = now
-        self.signals.append(sig)
         if not self.drain.draining:
-            self.drain.begin(self.shutdown_timeout)
+            self.drain.begin(self.shutdown_timeout, signal.Signals(sig).name)
         elif sig == signal.SIGINT and self.should_exit:
             self.force_exit = True  # a third Ctrl-C: stop waiting for anything
         else:  # a second signal: stop draining now, aborting what is still running
@@ -76,16 +74,15 @@ class DrainingServer(uvicorn.Server):
         if state.draining and not self.should_exit:
             if not self._announced:
                 self._announced = True
-                name = signal.Signals(self.signals[0]).name if self.signals else "shutdown"
                 log.info("%s: draining %d request(s) in flight for up to %g s; new requests get 503 "
-                         "(send the signal again to stop now)", name, state.in_flight, self.shutdown_timeout)  # fmt: skip
+                         "(send the signal again to stop now)", state.reason, state.in_flight, state.timeout)  # fmt: skip
             if state.in_flight == 0:
                 log.info("drained: no request in flight; shutting down")
                 self.should_exit = True
             elif time.monotonic() >= (state.deadline or 0.0):
                 state.cut_short = True
                 log.warning("grace period of %g s over with %d request(s) still in flight: aborting them",
-                            self.shutdown_timeout, state.in_flight)  # fmt: skip
+                            state.timeout, state.in_flight)  # fmt: skip
                 self.should_exit = True
         if self.should_exit and not state.draining:
             state.begin(0.0)  # shutting down for another reason: refuse new requests meanwhile
