@@ -42,7 +42,14 @@ def worker(args) -> None:
     row = {"int8_body": cpu_packed.int8_body(), "isa": cpu_packed.isa_name()}
     row["batch1_decode_tok_s"] = batch1_decode(llm, args.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    row["tokens"] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    # this process's CPU time per token of one request (prompt included): steadier than wall time on a
+    # machine whose other processes take the cores away (meaningful with --threads 1)
+    cpu = time.process_time()
+    out = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    row["batch1_tok_per_cpu_s"] = len(out.outputs[0].token_ids) / (time.process_time() - cpu)
+    row["tokens"] = [] if args.skip_greedy else [
+        o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)
+    ]
     print("INT8_WORKER " + json.dumps(row), flush=True)
 
 
@@ -53,6 +60,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--skip-greedy", action="store_true", help="no greedy-token comparison (faster)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -63,15 +71,16 @@ def main() -> None:
         for name, flag in (("fp32", "0"), ("int8", "1")):
             env = {**os.environ, "QSERVE_CPU_ACT_INT8": flag}
             cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--threads", str(args.threads),
-                   "--max-tokens", str(args.max_tokens)]  # fmt: skip
+                   "--max-tokens", str(args.max_tokens)] + (["--skip-greedy"] if args.skip_greedy else [])  # fmt: skip
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             row = json.loads(next(ln for ln in out.splitlines() if ln.startswith("INT8_WORKER "))[12:])
             runs[name].append(row)
-            print(name, f"{row['batch1_decode_tok_s']:.2f} tok/s", flush=True)
+            print(name, f"{row['batch1_decode_tok_s']:.2f} tok/s, {row['batch1_tok_per_cpu_s']:.2f} tok per CPU-s",
+                  flush=True)  # fmt: skip
         loads.append(list(os.getloadavg()))
     fp32_tokens, int8_tokens = runs["fp32"][0]["tokens"], runs["int8"][0]["tokens"]
     match = []
-    for prompt, a, b in zip(PROMPTS, fp32_tokens, int8_tokens, strict=True):
+    for prompt, a, b in zip(PROMPTS if fp32_tokens else [], fp32_tokens, int8_tokens, strict=True):
         prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         match.append({"prompt": prompt, "tokens": len(a), "same_position": sum(x == y for x, y in zip(a, b)),
                       "common_prefix": prefix})  # fmt: skip
@@ -80,10 +89,16 @@ def main() -> None:
             "tok_s_median": statistics.median(r["batch1_decode_tok_s"] for r in rows),
             "tok_s_min": min(r["batch1_decode_tok_s"] for r in rows),
             "tok_s_max": max(r["batch1_decode_tok_s"] for r in rows),
+            "tok_per_cpu_s_median": statistics.median(r["batch1_tok_per_cpu_s"] for r in rows),
+            "tok_per_cpu_s_min": min(r["batch1_tok_per_cpu_s"] for r in rows),
+            "tok_per_cpu_s_max": max(r["batch1_tok_per_cpu_s"] for r in rows),
         }
         for name, rows in runs.items()
     }
     summary["int8_over_fp32_median"] = summary["int8"]["tok_s_median"] / summary["fp32"]["tok_s_median"]
+    summary["int8_over_fp32_cpu_median"] = (
+        summary["int8"]["tok_per_cpu_s_median"] / summary["fp32"]["tok_per_cpu_s_median"]
+    )
     deterministic = all(r["tokens"] == runs[n][0]["tokens"] for n, rows in runs.items() for r in rows)
     result = {
         "date": date.today().isoformat(),
