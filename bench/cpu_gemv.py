@@ -200,9 +200,9 @@ def main() -> None:
                     "threads": args.threads,
                     "clock": args.clock,
                     "command": "python bench/cpu_gemv.py " + " ".join(__import__("sys").argv[1:]),
-                    "commit": __import__("subprocess").run(
-                        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-                    ).stdout.strip(),
+                    "commit": __import__("subprocess")
+                    .run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+                    .stdout.strip(),
                     "isa": cpu_packed.isa_name() if args.packed else None,
                     "int8_default": cpu_packed.int8_activations() if args.packed else None,
                     "int8_body": int8_body,

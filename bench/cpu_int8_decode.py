@@ -47,9 +47,11 @@ def worker(args) -> None:
     cpu = time.process_time()
     out = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
     row["batch1_tok_per_cpu_s"] = len(out.outputs[0].token_ids) / (time.process_time() - cpu)
-    row["tokens"] = [] if args.skip_greedy else [
-        o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)
-    ]
+    row["tokens"] = (
+        []
+        if args.skip_greedy
+        else [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    )
     print("INT8_WORKER " + json.dumps(row), flush=True)
 
 
@@ -81,8 +83,8 @@ def main() -> None:
     fp32_tokens, int8_tokens = runs["fp32"][0]["tokens"], runs["int8"][0]["tokens"]
     match = []
     for prompt, a, b in zip(PROMPTS if fp32_tokens else [], fp32_tokens, int8_tokens, strict=True):
-        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        match.append({"prompt": prompt, "tokens": len(a), "same_position": sum(x == y for x, y in zip(a, b)),
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        match.append({"prompt": prompt, "tokens": len(a), "same_position": sum(x == y for x, y in zip(a, b, strict=True)),
                       "common_prefix": prefix})  # fmt: skip
     summary = {
         name: {
@@ -114,7 +116,9 @@ def main() -> None:
         "summary": summary,
         "greedy_fp32_vs_int8": match,
         "greedy_repeatable_across_runs": deterministic,
-        "runs": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in rows] for n, rows in runs.items()},
+        "runs": {
+            n: [{k: v for k, v in r.items() if k != "tokens"} for r in rows] for n, rows in runs.items()
+        },
     }
     print(json.dumps({k: result[k] for k in ("summary", "greedy_fp32_vs_int8")}, indent=1))
     if args.out:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cpu_packed import LAYOUTS, checkpoint_linear, resident
 
 from qserve.kernels import cpu_ext, cpu_packed, reference
-from test_cpu_packed import LAYOUTS, checkpoint_linear, resident
 
 ROWS = (1, 2, 3, 4, 7)
 BODIES = ("avx512_vnni", "avx2", "scalar")
@@ -94,7 +94,9 @@ def test_int8_path_matches_the_reference(fmt, group_size, act_order, out_feature
         assert yb.dtype == torch.bfloat16
         xb_hat, _ = dequantized_activations(xb, w)
         exact_b = reference.dequant_gemm_reference(xb_hat, *tensors, fmt=fmt, group_size=group_size)
-        torch.testing.assert_close(yb.float(), exact_b, rtol=8e-3, atol=1e-2, msg=lambda m, r=rows: f"M={r}: {m}")
+        torch.testing.assert_close(
+            yb.float(), exact_b, rtol=8e-3, atol=1e-2, msg=lambda m, r=rows: f"M={r}: {m}"
+        )
 
 
 def test_gptq_v2_zeros_and_fp32_scales(body, gen):
@@ -150,13 +152,18 @@ def test_decode_calls_take_the_int8_path_where_the_cpu_has_it(monkeypatch, gen):
     tensors = checkpoint_linear("awq", 64, 128, 32, False, gen)
     w = resident(tensors, "awq", 32)
     code = {"scalar": 0, "avx2": 2, "avx512_vnni": 3}
-    for rows, takes_int8 in ((1, expected is not None), (cpu_packed.INT8_MAX_ROWS, expected is not None),
-                             (cpu_packed.INT8_MAX_ROWS + 1, False)):
+    for rows, takes_int8 in (
+        (1, expected is not None),
+        (cpu_packed.INT8_MAX_ROWS, expected is not None),
+        (cpu_packed.INT8_MAX_ROWS + 1, False),
+    ):
         before = list(ops.q8_calls())
         cpu_packed.linear(torch.randn(rows, 128, generator=gen), w)
         after = list(ops.q8_calls())
         if takes_int8:
-            assert after[code[expected]] == before[code[expected]] + 1, f"M={rows}: the {expected} body did not run"
+            assert after[code[expected]] == before[code[expected]] + 1, (
+                f"M={rows}: the {expected} body did not run"
+            )
             assert sum(after) == sum(before) + 1
         else:
             assert after == before, f"M={rows}: the int8 kernel ran"
@@ -215,8 +222,21 @@ def test_avx512_bodies_on_simde(tmp_path):
 
     lib = Path(torch.__file__).parent / "lib"
     exe = tmp_path / "q8_simde_check"
-    cmd = ["g++", "-std=c++17", "-O1", "-fopenmp", *(f"-I{p}" for p in include_paths()), f"-I{HARNESS.parent}",
-           str(HARNESS), "-o", str(exe), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-O1",
+        "-fopenmp",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{HARNESS.parent}",
+        str(HARNESS),
+        "-o",
+        str(exe),
+        f"-L{lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{lib}",
+    ]
     if os.uname().machine in ("x86_64", "amd64"):
         cmd.insert(3, "-march=native")
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
