@@ -350,20 +350,9 @@ def _prescale_block(
     """`cfg.awq_scales`: AWQ's scale search on this block (no clipping: GPTQ chooses the ranges), folded
     into the block (and into the float copy GPTAQ fits against, so both see the same Linear inputs).
     Returns the scales as saved tensors and the search log, like an AWQ block."""
-    from qserve.quantize.awq import awq_apply_block, awq_search_block
+    from qserve.quantize.awq import awq_apply_block
 
-    result = awq_search_block(
-        block,
-        inputs.hidden,
-        inputs.kwargs,
-        spec,
-        bits=cfg.bits,
-        group_size=cfg.group_size,
-        sym=cfg.sym,
-        n_grid=cfg.n_grid,
-        duo_scaling=cfg.duo_scaling,
-        clip=False,
-    )
+    result = _awq_search(block, inputs, spec, cfg, clip=False)
     awq_apply_block(block, result, spec)
     if float_side is not None:
         awq_apply_block(float_side.block, result, spec)
@@ -375,20 +364,9 @@ def _prescale_block(
 
 
 def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig) -> BlockOutcome:
-    from qserve.quantize.awq import awq_apply_block, awq_search_block
+    from qserve.quantize.awq import awq_apply_block
 
-    result = awq_search_block(
-        block,
-        inputs.hidden,
-        inputs.kwargs,
-        spec,
-        bits=cfg.bits,
-        group_size=cfg.group_size,
-        sym=cfg.sym,
-        n_grid=cfg.n_grid,
-        duo_scaling=cfg.duo_scaling,
-        clip=cfg.clip,
-    )
+    result = _awq_search(block, inputs, spec, cfg, clip=cfg.clip)
     awq_apply_block(block, result, spec)
     clips = {c.linear: c.max_val for c in result.clips}
     qweights = {}
@@ -404,6 +382,24 @@ def _awq_block(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: Quant
     # The log lives in the record's "layers"; the rest of the metadata names the saved tensors.
     search = {k: v for k, v in state["meta"].items() if k != "log"}
     return BlockOutcome(qweights, [_plain(entry) for entry in result.log], extra, search)
+
+
+def _awq_search(block: nn.Module, inputs: BlockInputs, spec: ArchSpec, cfg: QuantConfig, clip: bool):
+    """AWQ's scale (and, with `clip`, clipping) search on one block with the run's grid settings."""
+    from qserve.quantize.awq import awq_search_block
+
+    return awq_search_block(
+        block,
+        inputs.hidden,
+        inputs.kwargs,
+        spec,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        n_grid=cfg.n_grid,
+        duo_scaling=cfg.duo_scaling,
+        clip=clip,
+    )
 
 
 def _plain(entry: dict[str, Any]) -> dict[str, Any]:

@@ -187,7 +187,7 @@ def test_gptq_with_awq_scales_folds_them_and_still_serves_the_float_model(tmp_pa
         assert block["search"]["clips"] == [], "GPTQ chooses the ranges: no AWQ clipping"
         norm = f"model.layers.{block['block']}.input_layernorm.weight"
         assert not torch.equal(out[norm], source[norm]), "the attention scales are folded into the norm"
-        assert [e["layer"] for e in block["layers"]][0] == "self_attn.q_proj" and "loss" in block["layers"][0]
+        assert block["layers"][0]["layer"] == "self_attn.q_proj" and "loss" in block["layers"][0]
     assert "qweight" in " ".join(out) and "g_idx" in " ".join(out)
 
 
