@@ -81,10 +81,14 @@ class SmokeStage:
     expect_nonempty: bool = True
     expect_contains: tuple[str, ...] = ()  # each answer must contain these (case-insensitive)
     max_model_len: int | None = None  # None: the engine's default (the model's own limit)
+    tensor_parallel_size: int = 1  # ranks the smoke test's engine splits the model over
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.temperature < 0 or not self.prompts:
             raise ConfigError("serve_smoke: needs prompts, max_tokens >= 1 and temperature >= 0")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(f"serve_smoke: tensor_parallel_size: expected an integer >= 1, found {tp!r}")
 
 
 @dataclass(frozen=True)

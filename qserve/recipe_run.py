@@ -183,12 +183,14 @@ def _stage_smoke(recipe: Recipe, log) -> dict:
     from qserve import LLM, SamplingParams
 
     sm = recipe.serve_smoke
-    llm = LLM(recipe.output, max_model_len=sm.max_model_len, max_num_seqs=max(1, len(sm.prompts)))
+    llm = LLM(recipe.output, max_model_len=sm.max_model_len, max_num_seqs=max(1, len(sm.prompts)),
+              tensor_parallel_size=sm.tensor_parallel_size)
     params = SamplingParams(temperature=sm.temperature, max_tokens=sm.max_tokens, stop=list(sm.stop))
-    if sm.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in sm.prompts], params)
-    else:
-        outs = llm.generate(list(sm.prompts), params)
+    with llm:  # stops tensor-parallel workers, if any
+        if sm.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in sm.prompts], params)
+        else:
+            outs = llm.generate(list(sm.prompts), params)
     answers, problems = [], []
     for prompt, out in zip(sm.prompts, outs, strict=True):
         text = out.outputs[0].text

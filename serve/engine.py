@@ -51,6 +51,7 @@ class EngineArgs:
     max_waiting: int | None = None  # bound of the waiting queue (the server's --max-queue)
     long_prefill_token_threshold: int = 0  # most tokens one sequence computes per step; 0 = no cap
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (serve/cuda_graphs.py)
+    tensor_parallel_size: int = 1  # ranks the model is split over (serve/tensor_parallel.py); 1: one process
 
 
 @dataclass
@@ -105,36 +106,29 @@ class LLMEngine:
                 "(config.json max_position_embeddings); lower it"
             )
         self.max_model_len = int(args.max_model_len or limit)
-        loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate)
+        tp = args.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(f"tensor_parallel_size: expected an integer >= 1, found {tp!r}")
+        self.executor = None
+        if tp == 1:
+            loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate)
+            num_blocks = kv_cache_blocks(args, loaded.model, self.device, self.dtype, self.max_model_len)
+            self.runner = build_runner(args, loaded.model, num_blocks, self.device, self.dtype, self.max_model_len)
+        else:
+            loaded, num_blocks = self._start_tensor_parallel(args, model_dir, hf_config)
         self.model_config, self.quantization = loaded.config, loaded.quant.method if loaded.quant else None
         self.resident_weight_bytes = resident_weight_bytes(loaded.model)
         logging.getLogger(__name__).info(
-            "resident weight bytes: %d (%.1f MiB, %s on %s)", self.resident_weight_bytes,
+            "resident weight bytes: %d (%.1f MiB, %s on %s%s)", self.resident_weight_bytes,
             self.resident_weight_bytes / 2**20, self.quantization or str(self.dtype).removeprefix("torch."),
-            self.device.type,
+            self.device.type, f", rank 0 of {tp}" if tp > 1 else "",
         )  # fmt: skip
-        needed = args.max_num_seqs * math.ceil(self.max_model_len / args.block_size)
-        if self.device.type == "cuda":
-            profile = min(args.max_num_batched_tokens, self.max_model_len)
-            num_blocks = cuda_num_blocks(
-                loaded.model, args.block_size, self.dtype, self.device, args.gpu_memory_utilization, profile
-            )
-        else:
-            num_blocks = cpu_num_blocks(
-                loaded.model.config, args.block_size, self.dtype, args.kv_cache_memory, needed
-            )
         cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         sched_config = SchedulerConfig(
             args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.max_waiting,
             long_prefill_token_threshold=args.long_prefill_token_threshold,
         )  # fmt: skip
         self.scheduler = Scheduler(sched_config, cache_config)
-        self.runner = ModelRunner(loaded.model, num_blocks, args.block_size, self.device, self.dtype,
-                                  Sampler(self.device, args.seed))  # fmt: skip
-        # CUDA: autotune every GEMM row count now, then capture decode graphs (unless enforce_eager)
-        self.runner.prepare_cuda(
-            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.enforce_eager
-        )
         self.kv_cache_tokens = num_blocks * args.block_size
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         # Structured outputs: grammars compile lazily, cached; the server compiles them before add_request.
@@ -148,6 +142,45 @@ class LLMEngine:
         self._states: dict[int, SamplingState] = {}  # what the runner's sampler reads
         self._tracks: dict[int, _SeqTrack] = {}
         self._seq_ids = itertools.count()
+
+    def _start_tensor_parallel(self, args: EngineArgs, model_dir: Path, hf_config: dict):
+        """Rank 0 of a tensor-parallel engine: check the split, start the workers, and load this rank's
+        shard, size the KV cache and build the runner in step with them (serve/tensor_parallel.py)."""
+        from dataclasses import replace
+
+        from qserve.serve import tensor_parallel
+        from qserve.serve.loader import read_quant_spec
+        from qserve.serve.model import ModelConfig
+
+        tensor_parallel.check_shardable(
+            ModelConfig.from_hf(hf_config), read_quant_spec(model_dir, hf_config), args.tensor_parallel_size
+        )
+        worker_args = replace(args, model=str(model_dir), validate=False)
+        self.executor = executor = tensor_parallel.TensorParallelExecutor(worker_args, self.device, self.max_model_len)
+        try:
+            loaded = load_model(model_dir, self.device, self.dtype, self.max_model_len, validate=args.validate,
+                                shard=executor.shard)  # fmt: skip
+            executor.wait_for("loaded")
+            num_blocks = executor.agree_num_blocks(
+                kv_cache_blocks(args, loaded.model, self.device, self.dtype, self.max_model_len)
+            )
+            self.runner = build_runner(args, loaded.model, num_blocks, self.device, self.dtype, self.max_model_len,
+                                       make_runner_cls=executor.runner_class)  # fmt: skip
+            executor.wait_for("ready")
+        except BaseException:
+            executor.close()
+            raise
+        return loaded, num_blocks
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot run a step (a tensor-parallel worker has died)."""
+        if self.executor is not None:
+            self.executor.check()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.close()
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -286,6 +319,26 @@ class LLMEngine:
             self._request_of.pop(t.seq.seq_id, None)
             self._states.pop(t.seq.seq_id, None)
             self._tracks.pop(t.seq.seq_id, None)
+
+
+def kv_cache_blocks(args: EngineArgs, model, device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    """KV-cache blocks for `model` (one rank's shard under tensor parallelism: its own KV heads)."""
+    if device.type == "cuda":
+        profile = min(args.max_num_batched_tokens, max_model_len)
+        return cuda_num_blocks(model, args.block_size, dtype, device, args.gpu_memory_utilization, profile)
+    needed = args.max_num_seqs * math.ceil(max_model_len / args.block_size)
+    return cpu_num_blocks(model.config, args.block_size, dtype, args.kv_cache_memory, needed)
+
+
+def build_runner(args: EngineArgs, model, num_blocks: int, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int, make_runner_cls=None) -> ModelRunner:  # fmt: skip
+    """The model runner with its KV cache; on CUDA its GEMMs autotuned and decode graphs captured
+    (tensor parallelism runs eagerly: no graphs are captured around its collectives)."""
+    cls = ModelRunner if make_runner_cls is None else make_runner_cls(ModelRunner)
+    runner = cls(model, num_blocks, args.block_size, device, dtype, Sampler(device, args.seed))
+    eager = args.enforce_eager or args.tensor_parallel_size > 1
+    runner.prepare_cuda(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, eager)
+    return runner
 
 
 def _request_reason(req: _Request) -> str:

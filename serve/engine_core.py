@@ -226,6 +226,7 @@ class _CoreLoop:
             if not busy and not poller.poll(_PARENT_CHECK_S * 1000):
                 if self._parent_gone():
                     return
+                engine.check_health()  # a dead tensor-parallel worker ends the core even while idle
                 continue
             admissions: list[tuple[str, BaseException | None, list[int] | None]] = []
             outputs: list[CoreOutput] = []

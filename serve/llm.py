@@ -31,6 +31,7 @@ class LLM:
         validate: bool = True,
         enforce_eager: bool = False,
         long_prefill_token_threshold: int = 0,
+        tensor_parallel_size: int = 1,
     ) -> None:
         args = EngineArgs(
             model=str(model), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -38,9 +39,21 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, device=device,
             enable_prefix_caching=enable_prefix_caching, seed=seed, validate=validate,
             enforce_eager=enforce_eager, long_prefill_token_threshold=long_prefill_token_threshold,
+            tensor_parallel_size=tensor_parallel_size,
         )  # fmt: skip
         self.engine = LLMEngine(args)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers now (they also stop when the LLM is garbage
+        collected or the interpreter exits); a closed LLM cannot generate."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -146,32 +146,48 @@ def load_model(
     dtype: torch.dtype,
     max_positions: int,
     validate: bool = True,
+    shard=None,
 ) -> LoadedModel:
     """Build the model with its weights on `device`, after `qserve validate`'s checks pass (when
-    `validate` and the checkpoint is quantized)."""
+    `validate` and the checkpoint is quantized). `shard` (a tensor_parallel.ShardInfo): build only that
+    rank's shard: its heads, its intermediate slice, row-parallel o_proj / down_proj."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     hf_config = read_json(model_dir / "config.json")
     spec = arch_for_config(hf_config)  # ConfigError naming the supported families
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = full_cfg = ModelConfig.from_hf(hf_config)
     quant = read_quant_spec(model_dir, hf_config)
+    if shard is not None:
+        from qserve.serve import tensor_parallel
+
+        tensor_parallel.check_shardable(full_cfg, quant, shard.world_size)
+        cfg = tensor_parallel.local_config(full_cfg, shard.world_size)
     weights = SafetensorsWeights(model_dir)
     # The validator checks quantized checkpoints (it reports a plain model as "not quantized").
     if validate and (quant is not None or weights.has_packed()):
         _validate(model_dir)
 
-    def linear(prefixes: list[str], bias_expected: bool) -> torch.nn.Module:
+    def linear(prefixes: list[str], bias_expected: bool, kind: str | None = None) -> torch.nn.Module:
         parts = [weights.linear_part(p, quant) for p in prefixes]
         biases = [weights.bias(p, bias_expected) for p in prefixes]
-        return build_linear(parts, biases, quant, device, dtype)
+        if shard is None or kind is None:
+            return build_linear(parts, biases, quant, device, dtype)
+        parts, biases = tensor_parallel.shard_linear(kind, parts, biases, full_cfg, quant, shard.rank,
+                                                     shard.world_size)  # fmt: skip
+        if kind in ("qkv", "gate_up"):  # column-parallel
+            return build_linear(parts, biases, quant, device, dtype)
+        inner = build_linear(parts, [None] * len(parts), quant, device, dtype)
+        bias = None if biases[0] is None else biases[0].to(device=device, dtype=dtype)
+        return tensor_parallel.RowParallelLinear(inner, bias, shard.comm)
 
     rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions, cfg.rotary_dim).to(device)  # float32
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         attn_names = [f"{p}.{n}" for n in spec.qkv]  # the family's q|k|v Linears (one if fused)
-        attn = Attention(cfg, linear(attn_names, cfg.qkv_bias), linear([f"{p}.self_attn.o_proj"], cfg.o_bias))
+        attn = Attention(cfg, linear(attn_names, cfg.qkv_bias, "qkv"),
+                         linear([f"{p}.self_attn.o_proj"], cfg.o_bias, "o"))  # fmt: skip
         if cfg.num_experts:  # a MoE block: one gate|up and one down per expert, a float router
             gate, up, down = (f"{p}.{spec.experts}.{{e}}.{n}" for n in spec.expert_linears)
             experts = [
@@ -186,7 +202,8 @@ def load_model(
             mlp = SparseMoE(cfg, experts, shared)
         else:
             mlp_names = [f"{p}.{n}" for n in spec.gate_up]
-            mlp = MLP(linear(mlp_names, cfg.mlp_bias), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias), cfg.hidden_act)
+            mlp = MLP(linear(mlp_names, cfg.mlp_bias, "gate_up"), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias, "down"),
+                      cfg.hidden_act)  # fmt: skip
         layers.append(DecoderLayer(cfg, attn, mlp))
     # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
     # reads bf16, accumulating in fp32): holding them in fp32 would double the largest tensors left.

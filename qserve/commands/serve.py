@@ -246,6 +246,9 @@ def run_server(cfg) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Engine seed for unseeded sampling.")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the model over N processes (Megatron-style: heads and MLP columns per rank, one "
+                   "all-reduce per o_proj / down_proj); 1 runs it in one process.")  # fmt: skip
 @click.option("--enforce-eager", is_flag=True,
               help="CUDA: no decode CUDA graphs (captured per batch size at start-up otherwise).")  # fmt: skip
 @click.option("--engine-in-process", is_flag=True,

@@ -23,7 +23,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # (30 s) with time left to stop the engine; a pod with a longer grace period passes more.
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0
 _INT_FIELDS = ("port", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory",
-               "max_queue", "max_body_bytes", "seed", "long_prefill_token_threshold")  # fmt: skip
+               "max_queue", "max_body_bytes", "seed", "long_prefill_token_threshold",
+               "tensor_parallel_size")  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -68,6 +69,7 @@ class ServeConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    tensor_parallel_size: int = 1  # ranks the model is split over (serve/tensor_parallel.py)
     engine_in_process: bool = False  # the step loop in a thread of the API process, not its own process
     disable_log_requests: bool = False  # no access-log line per request (vLLM's flag)
     disable_log_stats: bool = False  # no periodic throughput/queue line (vLLM's flag)
@@ -101,7 +103,8 @@ class ServeConfig:
             raise ConfigError("model: give a checkpoint directory or a model name (the MODEL argument)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0..65535, found {self.port}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue", "max_body_bytes"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue", "max_body_bytes",
+                     "tensor_parallel_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)}")
         if self.long_prefill_token_threshold < 0:
@@ -179,4 +182,5 @@ class ServeConfig:
             max_waiting=self.max_queue,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
             enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
