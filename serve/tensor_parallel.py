@@ -403,14 +403,30 @@ class _Workers:
     def check(self) -> None:
         if self.dead is not None:
             raise self.dead
+        if self.closed:
+            raise TensorParallelError("the engine was closed (its tensor-parallel workers have stopped)")
         for rank, proc in enumerate(self.procs, start=1):
             code = proc.poll()
             if code is not None:
+                reported = self._reported_failure(rank)
+                if reported is not None:  # the worker said why before it exited
+                    raise reported
                 self.dead = TensorParallelError(
                     f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_how(code)}; the engine cannot "
                     "continue (its shard of the model and KV cache are gone); restart the engine"
                 )
                 raise self.dead
+
+    def _reported_failure(self, rank: int) -> BaseException | None:
+        conn = self.status[rank - 1]
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg[0] == "failed":
+                    return msg[1]
+        except (EOFError, OSError):
+            pass
+        return None
 
     def wake(self) -> None:
         self.check()
@@ -550,12 +566,7 @@ class TensorParallelExecutor:
         thread.start()
         while thread.is_alive():
             thread.join(_POLL_S)
-            self._workers.check()
-            for _rank, conn in enumerate(self._workers.status, start=1):
-                if conn.poll():
-                    msg = conn.recv()
-                    if msg[0] == "failed":
-                        raise msg[1]
+            self._workers.check()  # (a worker's status messages are left for wait_for)
         if "error" in box:
             raise TensorParallelError(f"tensor-parallel process group: {box['error']}") from box["error"]
         return box["comm"]

@@ -263,7 +263,7 @@ def test_killed_worker_fails_generation_within_seconds(llama):
 # ---- qserve serve --tensor-parallel-size 2 ---------------------------------------------------------------
 
 
-def test_qserve_serve_with_two_ranks_answers_the_openai_client(llama):
+def test_qserve_serve_with_two_ranks_answers_the_openai_client_and_exits_when_a_worker_dies(llama):
     with tp_llm(llama, 1) as one:
         expected = one.generate(["The capital of France is"], greedy(12), use_tqdm=False)[0].outputs[0].text
     port = free_port()
@@ -298,9 +298,18 @@ def test_qserve_serve_with_two_ranks_answers_the_openai_client(llama):
         assert found, "".join(lines)
         worker = int(found.group(1))
         assert _alive(worker)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        assert wait_gone([worker], 10), "the worker outlived the server"
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        try:  # never a hang: 503 (engine dead), or the connection refused once the server has stopped
+            client.with_options(timeout=10).completions.create(model="tiny", prompt="again", max_tokens=4)
+            pytest.fail("a request after the worker died was answered")
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503
+        except openai.APIConnectionError:
+            pass
+        assert proc.wait(15) != 0, "qserve serve must exit non-zero when a worker dies"
+        assert time.monotonic() - start < 15
+        assert "worker rank 1" in "".join(lines) and "SIGKILL" in "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
