@@ -51,13 +51,28 @@ def effective_group_size(in_features: int, group_size: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+# How a symmetric group's scale is chosen. Symmetric b-bit codes are q - 2^(b-1), so the levels are
+# -2^(b-1) .. 2^(b-1) - 1 (-8 .. 7 at 4 bits): one more step below zero than above it.
+# "absmax": scale = 2 * max|w| / (2^b - 1), the GPTQ reference quantizer's (and AutoGPTQ's, GPTQModel's)
+#   choice; it clips a positive extreme to 7/7.5 = 0.933 of its value and leaves level -8 unused when the
+#   extreme is negative.
+# "signed": the smallest scale that clips neither extreme: max(max(w) / 7, -min(w) / 8). A group whose
+#   negative extreme decides it gets a grid up to 6.7% finer, one whose positive extreme decides it is no
+#   longer clipped. Same layout, same zero point (vLLM's Marlin and exllama kernels read it unchanged).
+SYM_SCALES = ("absmax", "signed")
+
+
 def compute_qparams(
-    w: torch.Tensor, bits: int, sym: bool, clip_max: torch.Tensor | None = None
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    clip_max: torch.Tensor | None = None,
+    sym_scale: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point for each row of `w` [rows, cols] (one group per row).
 
     Returns (scale [rows], zero [rows]) in float32; `zero` holds integers. `clip_max`, when given,
-    bounds |w| per row (AWQ's clipping search result).
+    bounds |w| per row (AWQ's clipping search result). `sym_scale`: see SYM_SCALES.
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -67,9 +82,15 @@ def compute_qparams(
         wmax = torch.minimum(wmax, clip_max.float())
         wmin = torch.maximum(wmin, -clip_max.float())
     if sym:
-        amax = torch.maximum(wmax.abs(), wmin.abs()).clamp(min=1e-8)
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
+        half = (maxq + 1) // 2
+        if sym_scale == "signed":
+            scale = torch.maximum(wmax.clamp(min=0) / (half - 1), -wmin.clamp(max=0) / half).clamp(min=1e-8)
+        elif sym_scale == "absmax":
+            amax = torch.maximum(wmax.abs(), wmin.abs()).clamp(min=1e-8)
+            scale = 2 * amax / maxq
+        else:
+            raise ValueError(f"sym_scale={sym_scale!r}: expected one of {', '.join(SYM_SCALES)}")
+        zero = torch.full_like(scale, float(half))
     else:
         wmin = wmin.clamp(max=0)
         wmax = wmax.clamp(min=0)
@@ -118,10 +139,12 @@ def rtn_quantize(
     group_size: int = 128,
     sym: bool = True,
     clip_max: torch.Tensor | None = None,
+    sym_scale: str = "absmax",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of W [out, in] with contiguous groups along the input dim.
 
     `clip_max` [out, G] optionally bounds |w| per (row, group) before the scale is computed (AWQ clip).
+    `sym_scale`: how a symmetric group's scale is chosen (SYM_SCALES).
     """
     out_f, in_f = w.shape
     gs = effective_group_size(in_f, group_size)
@@ -130,7 +153,7 @@ def rtn_quantize(
     n_groups = in_f // gs
     wg = w.float().reshape(out_f, n_groups, gs).permute(1, 0, 2).reshape(n_groups * out_f, gs)
     clip = None if clip_max is None else clip_max.t().reshape(n_groups * out_f)  # [G*out] matching wg rows
-    scale, zero = compute_qparams(wg, bits, sym, clip)
+    scale, zero = compute_qparams(wg, bits, sym, clip, sym_scale)
     q = quantize_tensor(wg, scale[:, None], zero[:, None], bits)
     intweight = q.reshape(n_groups, out_f, gs).permute(1, 0, 2).reshape(out_f, in_f)
     g_idx = torch.arange(in_f, device=w.device, dtype=torch.int32) // gs

@@ -26,6 +26,11 @@ AWQ_BITS = (4,)  # AWQ GEMM exists only at 4 bits
 # published checkpoints and the kernels are tuned for); 64 and 32 are the standard fallbacks when a
 # layer's input size is not a multiple of 128 (SmolLM2's 576).
 AUTO_GROUP_SIZES = (128, 64, 32)
+# How a symmetric group's scale is chosen: kernels/packing.py's SYM_SCALES (restated here so that reading a
+# config does not import torch; a test keeps the two equal).
+SYM_SCALES = ("absmax", "signed")
+# A symmetric GPTQ/RTN run's group scale when sym_scale is not given.
+DEFAULT_SYM_SCALE = "absmax"
 
 GPTQ_DEFAULTS_NOTE = (
     "symmetric (vLLM's Marlin GPTQ kernel takes symmetric 4/8-bit weights only; --asym for zero points) "
@@ -77,6 +82,10 @@ class QuantConfig:
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
     mse: bool = False
+    # How a symmetric group's scale covers its range (GPTQ and RTN; SYM_SCALES in kernels/packing.py):
+    # "signed" puts both extremes on the -8..7 grid, "absmax" is the reference quantizer's 2*max|w|/15.
+    # None = DEFAULT_SYM_SCALE for a symmetric run; an asymmetric run has no use for it.
+    sym_scale: str | None = None
     # Asymmetric calibration (the GPTAQ objective, Li et al. 2025): fit each layer's output on the
     # quantized model's inputs to the float model's output on the float model's inputs, instead of to
     # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
@@ -113,6 +122,20 @@ class QuantConfig:
             object.__setattr__(self, "sym", self.format == "gptq")
         if self.desc_act is None:
             object.__setattr__(self, "desc_act", self.method == "gptq")
+        if self.sym_scale is not None:
+            _one_of("sym_scale", self.sym_scale, SYM_SCALES)
+            if not self.sym:
+                raise ConfigError(
+                    f"sym_scale={self.sym_scale!r} chooses a symmetric group's scale, but this run stores zero "
+                    "points (--asym); drop --sym-scale or quantize with --sym"
+                )
+            if self.method == "awq":
+                raise ConfigError(
+                    f"sym_scale={self.sym_scale!r} is a GPTQ/RTN option; AWQ's scale and clipping search "
+                    "chooses its own ranges (drop --sym-scale)"
+                )
+        elif self.sym and self.method != "awq":
+            object.__setattr__(self, "sym_scale", DEFAULT_SYM_SCALE)
         allowed_bits = AWQ_BITS if self.format == "awq" else GPTQ_BITS
         if self.bits not in allowed_bits:
             raise ConfigError(
@@ -239,6 +262,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "skip_first": (int,),
     "first_token_weight": (float, int, type(None)),
     "mse": (bool,),
+    "sym_scale": (str, type(None)),
     "gptaq": (bool,),
     "awq_scales": (bool,),
     "duo_scaling": (bool,),
@@ -404,7 +428,8 @@ def gptq_settings_line(cfg: QuantConfig) -> str:
     parts = [
         "symmetric" if cfg.sym else "zero points (asymmetric)",
         ("act-order" + (" + static groups" if cfg.static_groups else "")) if cfg.desc_act else "no act-order",
-        "MSE ranges" if cfg.mse else "min/max ranges",
+        ("MSE ranges" if cfg.mse else "min/max ranges")
+        + (f" ({cfg.sym_scale} symmetric scale)" if cfg.sym and cfg.sym_scale else ""),
         f"first-token weight {cfg.resolved_first_token_weight():g}",
         f"damp {cfg.damp:g}",
     ]

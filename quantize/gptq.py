@@ -11,6 +11,7 @@ produces are exactly what the packed checkpoint holds.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -124,11 +125,13 @@ class GPTQ:
         static_groups: bool = False,
         block_size: int = 128,
         mse: bool = False,
+        sym_scale: str = "absmax",
     ) -> GPTQResult:
         """Solve for the quantized weight. Does not consume the Hessian: it may be called again.
 
         `mse`: choose each group's scale/zero by the clipping search of `mse_qparams` instead of from
-        the group's min/max."""
+        the group's min/max. `sym_scale`: how a symmetric group's scale covers its range
+        (`qserve.kernels.packing.SYM_SCALES`)."""
         tick = time.perf_counter()
         if self.n_samples == 0:
             raise ConfigError(
@@ -154,7 +157,7 @@ class GPTQ:
         w[:, dead] = 0.0
 
         # Static groups: qparams fixed up front on the (un-updated) weights, in original column order.
-        qparams = mse_qparams if mse else compute_qparams
+        qparams = functools.partial(mse_qparams if mse else compute_qparams, sym_scale=sym_scale)
         static = None
         if static_groups and group_size != -1:
             static = [qparams(w[:, c : c + gs], bits, sym) for c in range(0, in_f, gs)]
@@ -315,17 +318,18 @@ def mse_qparams(
     norm: float = MSE_NORM,
     grid: int = MSE_GRID,
     max_shrink: float = MSE_MAX_SHRINK,
+    sym_scale: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `compute_qparams` (one group per row of w [rows, cols]), but each row's range is the
     min/max shrunk by the factor p in {1, 1 - 1/grid, ...} (down to 1 - max_shrink) that minimises
     sum |w - dequant(quant(w))|^norm over the row. p = 1 is always a candidate, so the chosen error is
     never above min/max's."""
     w = w.float()
-    best_scale, best_zero = compute_qparams(w, bits, sym)
+    best_scale, best_zero = compute_qparams(w, bits, sym, sym_scale=sym_scale)
     best_err = _lp_error(w, best_scale, best_zero, bits, norm)
     for i in range(1, int(max_shrink * grid)):
         # Shrinking w by p shrinks its min and max by p, which is exactly the shrunk range.
-        scale, zero = compute_qparams(w * (1.0 - i / grid), bits, sym)
+        scale, zero = compute_qparams(w * (1.0 - i / grid), bits, sym, sym_scale=sym_scale)
         err = _lp_error(w, scale, zero, bits, norm)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

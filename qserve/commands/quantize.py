@@ -123,6 +123,13 @@ def _opt(*decls: str, field: str, **kwargs):
     "not min/max.",
 )
 @_opt(
+    "--sym-scale",
+    field="sym_scale",
+    type=click.Choice(["absmax", "signed"]),
+    help="GPTQ/RTN, symmetric: a group's scale 2*max|w|/15 (absmax, the reference quantizer's; clips a "
+    "positive extreme) or max(max/7, -min/8) (signed: both extremes on the -8..7 grid).",
+)
+@_opt(
     "--gptaq",
     field="gptaq",
     is_flag=True,

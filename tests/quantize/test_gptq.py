@@ -343,3 +343,78 @@ def test_gptaq_is_a_gptq_option():
     with pytest.raises(ConfigError, match="gptaq is a GPTQ option"):
         QuantConfig(model="m", output="o", method="awq", group_size=64, gptaq=True)
     assert QuantConfig(model="m", output="o", method="gptq", gptaq=True).fingerprint_dict()["gptaq"] is True
+
+
+# --- how a symmetric group's scale covers its range -------------------------------------------------
+
+
+def test_signed_sym_scale_puts_both_extremes_on_the_grid():
+    from qserve.kernels.packing import compute_qparams, dequantize_tensor, quantize_tensor
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(256, 64, generator=g)
+    for bits in (4, 8):
+        half = 2 ** (bits - 1)
+        s_abs, z_abs = compute_qparams(w, bits, True, sym_scale="absmax")
+        s_sig, z_sig = compute_qparams(w, bits, True, sym_scale="signed")
+        assert torch.equal(z_sig, z_abs) and (z_sig == half).all()  # same layout: zero point 2^(b-1)
+        codes = quantize_tensor(w, s_sig[:, None], z_sig[:, None], bits)
+        err = (dequantize_tensor(codes, s_sig[:, None], z_sig[:, None]) - w).abs()
+        # nothing is clipped: every weight is within half a step of the grid
+        assert (err <= s_sig[:, None] / 2 + 1e-6).all()
+        pos = w.amax(1) >= -w.amin(1)  # rows whose largest magnitude is positive
+        # a negative extreme that needs level -2^(b-1) gets a finer grid than absmax's
+        neg = w.amax(1) / (half - 1) < -w.amin(1) / half
+        assert neg.sum() > 20 and (s_sig[neg] < s_abs[neg]).all()
+        # a positive extreme is no longer clipped: absmax's reaches only (half - 1) / (half - 0.5) of it
+        codes_abs = quantize_tensor(w, s_abs[:, None], z_abs[:, None], bits)
+        top = dequantize_tensor(codes_abs, s_abs[:, None], z_abs[:, None]).amax(1)
+        assert (top[pos] < w.amax(1)[pos] - s_abs[pos] / 4).all()
+        top_sig = dequantize_tensor(codes, s_sig[:, None], z_sig[:, None]).amax(1)
+        assert torch.allclose(top_sig[pos], w.amax(1)[pos])
+    with pytest.raises(ValueError, match="sym_scale"):
+        compute_qparams(w, 4, True, sym_scale="max")
+
+
+@pytest.mark.parametrize(("desc_act", "static_groups"), MODES)
+@pytest.mark.parametrize("mse", [False, True])
+def test_signed_sym_scale_solves_consistently_and_beats_rtn(desc_act, static_groups, mse):
+    x = correlated_inputs(2048, 128)
+    w = make_layer(64, 128)
+    res = solve(
+        w, x, group_size=32, desc_act=desc_act, static_groups=static_groups, mse=mse, sym_scale="signed"
+    )
+    ref = solve(w, x, group_size=32, desc_act=desc_act, static_groups=static_groups, mse=mse)
+    q = res.qweight
+    assert not torch.equal(q.scales, ref.qweight.scales)
+    assert (q.zeros == 8).all()  # still the symmetric GPTQ layout
+    p = pack_gptq(q)
+    back = unpack_gptq(p.qweight, p.qzeros, p.scales, p.g_idx, 4, 32)
+    assert torch.equal(back.intweight, q.intweight) and torch.equal(back.zeros, q.zeros)
+    # the solve's loss is the objective of what it stores (fails if the scales and codes disagree)
+    h = 2.0 / x.shape[0] * x.t() @ x
+    h += res.damp * torch.diag(h).mean() * torch.eye(128)
+    e = q.dequantize() - w
+    assert res.loss == pytest.approx(0.5 * float(torch.einsum("oi,ij,oj->", e, h, e)), rel=2e-3)
+    rtn = rtn_quantize(w, 4, 32, sym=True, sym_scale="signed").dequantize()
+    assert output_error(x, w, q.dequantize()) < 0.7 * output_error(x, w, rtn)
+
+
+def test_sym_scale_config():
+    from qserve.kernels.packing import SYM_SCALES
+    from qserve.quantize import config as qc
+    from qserve.quantize.config import QuantConfig
+
+    assert qc.SYM_SCALES == SYM_SCALES  # restated in the torch-free config module
+    assert QuantConfig(model="m", output="o", method="gptq").sym_scale == qc.DEFAULT_SYM_SCALE
+    assert QuantConfig(model="m", output="o", method="rtn", sym=True).sym_scale == qc.DEFAULT_SYM_SCALE
+    assert QuantConfig(model="m", output="o", method="gptq", sym=False).sym_scale is None
+    assert QuantConfig(model="m", output="o", method="awq", group_size=64).sym_scale is None
+    cfg = QuantConfig(model="m", output="o", method="gptq", sym_scale="signed")
+    assert cfg.fingerprint_dict()["sym_scale"] == "signed"
+    with pytest.raises(ConfigError, match="--asym"):
+        QuantConfig(model="m", output="o", method="gptq", sym=False, sym_scale="signed")
+    with pytest.raises(ConfigError, match="AWQ"):
+        QuantConfig(model="m", output="o", method="awq", sym=True, group_size=64, sym_scale="signed")
+    with pytest.raises(ConfigError, match="sym_scale"):
+        QuantConfig(model="m", output="o", method="gptq", sym_scale="max")
