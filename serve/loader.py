@@ -168,13 +168,13 @@ def load_model(
     if validate and (quant is not None or weights.has_packed()):
         _validate(model_dir)
 
-    def linear(prefixes: list[str], bias_expected: bool, kind: str | None = None) -> torch.nn.Module:
+    def linear(prefixes: list[str], bias_expected: bool, kind: str | None = None, channels=None) -> torch.nn.Module:
         parts = [weights.linear_part(p, quant) for p in prefixes]
         biases = [weights.bias(p, bias_expected) for p in prefixes]
         if shard is None or kind is None:
             return build_linear(parts, biases, quant, device, dtype)
         parts, biases = tensor_parallel.shard_linear(kind, parts, biases, full_cfg, quant, shard.rank,
-                                                     shard.world_size)  # fmt: skip
+                                                     shard.world_size, channels)  # fmt: skip
         if kind in ("qkv", "gate_up"):  # column-parallel
             return build_linear(parts, biases, quant, device, dtype)
         inner = build_linear(parts, [None] * len(parts), quant, device, dtype)
@@ -202,8 +202,12 @@ def load_model(
             mlp = SparseMoE(cfg, experts, shared)
         else:
             mlp_names = [f"{p}.{n}" for n in spec.gate_up]
-            mlp = MLP(linear(mlp_names, cfg.mlp_bias, "gate_up"), linear([f"{p}.mlp.down_proj"], cfg.mlp_bias, "down"),
-                      cfg.hidden_act)  # fmt: skip
+            channels = None  # act-order down_proj: each rank's whole groups (tensor_parallel.mlp_channels)
+            if shard is not None:
+                down = weights.linear_part(f"{p}.mlp.down_proj", quant)
+                channels = tensor_parallel.mlp_channels(down, shard.rank, shard.world_size)
+            mlp = MLP(linear(mlp_names, cfg.mlp_bias, "gate_up", channels),
+                      linear([f"{p}.mlp.down_proj"], cfg.mlp_bias, "down", channels), cfg.hidden_act)  # fmt: skip
         layers.append(DecoderLayer(cfg, attn, mlp))
     # A quantized checkpoint on the CPU keeps its bf16 embeddings and LM head in bf16 (the head's GEMV
     # reads bf16, accumulating in fp32): holding them in fp32 would double the largest tensors left.

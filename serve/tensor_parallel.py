@@ -18,9 +18,12 @@ output features (the packed dim of AWQ's qweight and of both formats' qzeros), r
 features (the packed dim of GPTQ's qweight). A row shard keeps exactly the groups its input rows use:
 without act-order these are whole groups (the shard must start and end on a group boundary); with
 act-order the shard's g_idx is remapped onto the groups its rows reference (as vLLM keeps the full
-scales). The CPU's resident 4-bit layout needs every group to hold `group_size` rows, which an
-act-order row shard does not: such a shard (o_proj and down_proj of an act-order checkpoint) is
-dequantized at load on the CPU (logged), still exact; CUDA's fused kernel reads any g_idx.
+scales). The CPU's resident 4-bit layout needs every group to hold `group_size` rows. For
+down_proj the engine chooses which intermediate channels a rank owns (`mlp_channels`): the channels of
+whole act-order groups, gate/up sharded to the same channels (a consistent permutation of the
+intermediate dim leaves the MLP unchanged), so the shard stays packed. o_proj's inputs are fixed by
+the rank's heads, so an act-order o_proj shard holds part of every group: on the CPU it is dequantized
+at load (logged), still exact; CUDA's fused kernel reads any g_idx.
 
 Embeddings and the LM head are replicated: for the models this engine serves the vocabulary
 projection of the few sampled rows costs far less than the extra all-gather (or all-reduce) per step a
@@ -209,44 +212,64 @@ def _select_outputs(part, index: torch.Tensor, spec):
     return _pack(sub, spec)
 
 
-def _select_inputs(part, start: int, stop: int, spec):
-    """The input features [start, stop) of one checkpoint Linear, with exactly the groups they use."""
+def _select_inputs(part, index: torch.Tensor, spec):
+    """The input features `index` (ascending) of one checkpoint Linear, with exactly the groups they use."""
     if isinstance(part, torch.Tensor):
-        return part[:, start:stop].contiguous()
+        return part.index_select(1, index).contiguous()
     qw = _unpack(part, spec)
-    g = qw.g_idx[start:stop].to(torch.int64)
+    g = qw.g_idx.index_select(0, index).to(torch.int64)
     used = torch.unique(g)  # sorted
     sub = packing.QuantizedWeight(
-        qw.intweight[:, start:stop].contiguous(), qw.scales.index_select(0, used),
+        qw.intweight.index_select(1, index).contiguous(), qw.scales.index_select(0, used),
         qw.zeros.index_select(0, used), torch.searchsorted(used, g).to(torch.int32), qw.bits, qw.group_size,
     )  # fmt: skip
     return _pack(sub, spec)
+
+
+def mlp_channels(down_part, rank: int, n: int) -> torch.Tensor | None:
+    """Rank `rank`'s intermediate channels when down_proj has act-order groups: the channels of groups
+    [rank G / N, (rank + 1) G / N), ascending, so that its down_proj shard holds whole groups (the CPU's
+    4-bit layout can then keep it packed); gate/up take the same channels, which leaves the MLP's output
+    unchanged. None (contiguous slices) for dense or contiguous-group layers, or groups that do not split."""
+    g_idx = getattr(down_part, "g_idx", None)
+    if g_idx is None:
+        return None
+    g = g_idx.to(torch.int64)
+    num = int(g.max()) + 1
+    counts = torch.bincount(g, minlength=num)
+    if num % n or not bool((counts == counts[0]).all()):
+        return None
+    per = num // n
+    return torch.nonzero((g >= rank * per) & (g < (rank + 1) * per)).flatten()
 
 
 def _arange(lo: int, hi: int) -> torch.Tensor:
     return torch.arange(lo, hi, dtype=torch.int64)
 
 
-def shard_linear(kind: str, parts: list, biases: list, cfg, spec, rank: int, n: int):
+def shard_linear(kind: str, parts: list, biases: list, cfg, spec, rank: int, n: int,
+                 channels: torch.Tensor | None = None):  # fmt: skip
     """(parts, biases) of rank `rank` for one engine Linear built from checkpoint `parts`.
 
     kind: "qkv" / "gate_up" (column-parallel; q|k|v or gate|up as separate parts or fused in one) or
-    "o" / "down" (row-parallel: the biases are returned whole, to be added after the all-reduce)."""
+    "o" / "down" (row-parallel: the biases are returned whole, to be added after the all-reduce).
+    `channels`: the MLP's intermediate channels of this rank (`mlp_channels`) instead of a contiguous slice."""
     r = _ranges(cfg, rank, n)
+    mlp = _arange(*r["mlp"]) if channels is None else channels
     if kind in ("o", "down"):
-        lo, hi = r["q"] if kind == "o" else r["mlp"]
-        return [_select_inputs(p, lo, hi, spec) for p in parts], biases
+        index = _arange(*r["q"]) if kind == "o" else mlp
+        return [_select_inputs(p, index, spec) for p in parts], biases
     if kind == "qkv":
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        segments = [(0, r["q"]), (q_size, r["k"]), (q_size + kv_size, r["k"])]
+        segments = [(0, _arange(*r["q"])), (q_size, _arange(*r["k"])), (q_size + kv_size, _arange(*r["k"]))]
     elif kind == "gate_up":
-        segments = [(0, r["mlp"]), (cfg.intermediate_size, r["mlp"])]
+        segments = [(0, mlp), (cfg.intermediate_size, mlp)]
     else:
         raise ValueError(f"unknown Linear kind {kind!r}")
     if len(parts) == len(segments):  # one checkpoint Linear per segment
-        indexes = [_arange(*rng) for _, rng in segments]
+        indexes = [index for _, index in segments]
     elif len(parts) == 1:  # fused in the checkpoint (Phi-3's qkv_proj / gate_up_proj)
-        indexes = [torch.cat([_arange(off + rng[0], off + rng[1]) for off, rng in segments])]
+        indexes = [torch.cat([off + index for off, index in segments])]
     else:
         raise ValueError(f"{kind}: {len(parts)} checkpoint Linears, expected 1 or {len(segments)}")
     new_parts = [_select_outputs(p, i, spec) for p, i in zip(parts, indexes, strict=True)]

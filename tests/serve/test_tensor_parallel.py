@@ -165,10 +165,14 @@ def test_quantized_two_ranks_match_one(tmp_path, llama, method, act_order):
     model = llm.engine.runner.model
     column = [m.self_attn.qkv_proj for m in model.layers] + [m.mlp.gate_up_proj for m in model.layers]
     rows = [m.inner for m in model.modules() if isinstance(m, RowParallelLinear)]
-    if llm.engine.quantization and all(isinstance(m, CpuQuantLinear) for m in column):
-        # column shards stay 4-bit; act-order row shards (partial groups) run dequantized on the CPU
-        kind = DenseLinear if act_order else CpuQuantLinear
-        assert all(isinstance(m, kind) for m in rows)
+    if all(isinstance(m, CpuQuantLinear) for m in column):  # the C++ kernels are built here
+        # down_proj shards hold whole act-order groups and stay 4-bit; an act-order o_proj shard (its
+        # heads' inputs: part of every group) runs dequantized on the CPU
+        o_rows = [m.self_attn.o_proj.inner for m in model.layers]
+        down_rows = [m.mlp.down_proj.inner for m in model.layers]
+        assert all(isinstance(m, CpuQuantLinear) for m in down_rows)
+        assert all(isinstance(m, DenseLinear if act_order else CpuQuantLinear) for m in o_rows)
+    assert len(rows) == 4
     llm.close()
 
 
@@ -241,6 +245,26 @@ def test_packed_shards_dequantize_to_the_slices_of_the_whole(method, fmt, sym, a
         parts, _ = tensor_parallel.shard_linear("qkv", [q, k, v], [None] * 3, cfg_qkv, spec, rank, 2)
         for shard in parts:
             assert torch.equal(shard.dequantize(spec), whole[48 * rank : 48 * rank + 48])
+
+
+def test_act_order_mlp_shards_hold_whole_groups_and_sum_to_the_whole_mlp():
+    gen = torch.Generator().manual_seed(5)
+    down, spec = _random_packed("gptq", "gptq", False, True, out_f=32, in_f=128, gs=32)  # 4 groups
+    gate, up = torch.randn(128, 32, generator=gen), torch.randn(128, 32, generator=gen)
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32,
+                               "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
+    x = torch.randn(5, 32, generator=gen)
+    whole = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.dequantize(spec).T
+    total = torch.zeros_like(whole)
+    for rank in range(2):
+        channels = tensor_parallel.mlp_channels(down, rank, 2)
+        assert channels is not None and channels.numel() == 64
+        (g, u), _ = tensor_parallel.shard_linear("gate_up", [gate, up], [None, None], cfg, spec, rank, 2, channels)
+        (d,), _ = tensor_parallel.shard_linear("down", [down], [None], cfg, spec, rank, 2, channels)
+        assert d.scales.shape[0] == 2  # exactly two whole groups of the four
+        total += (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.dequantize(spec).T
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-4)
 
 
 # ---- a worker that dies -----------------------------------------------------------------------------------
