@@ -59,6 +59,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    requested_tokens: int = 0  # the request's max_tokens
     error: str = ""
 
 
@@ -114,7 +115,7 @@ async def send(client: httpx.AsyncClient, args, req: BenchRequest) -> RequestRes
     body.update({"messages": [{"role": "user", "content": req.prompt}]} if chat else {"prompt": req.prompt})
     if args.ignore_eos:
         body["ignore_eos"] = True
-    result = RequestResult(prompt_tokens=req.prompt_len)
+    result = RequestResult(prompt_tokens=req.prompt_len, requested_tokens=req.output_len)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", args.endpoint, json=body) as r:
@@ -344,8 +345,7 @@ def parse_side_by_side(argv: list[str]):
         args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     except ValueError:
         p.error(f"--rates must be comma-separated numbers, got {args.rates!r}")
-    if not args.rates or any(not r > 0 for r in args.rates):
-        p.error("--rates needs at least one rate, every one > 0 (use bench/serve.py alone for 'inf')")
+
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in args.servers if s not in SERVERS]
     if unknown or not args.servers or len(set(args.servers)) != len(args.servers):
@@ -359,6 +359,10 @@ def parse_side_by_side(argv: list[str]):
             p.error(f"--overload-rate takes a number or 'auto', got {args.overload_rate!r}")
         if not args.overload_rate > 0:
             p.error("--overload-rate must be > 0")
+    if any(not r > 0 for r in args.rates):
+        p.error("--rates must each be > 0 (use bench/serve.py alone for 'inf')")
+    if not args.rates and not isinstance(args.overload_rate, float):
+        p.error("--rates is empty: give rates, or a numeric --overload-rate for an overload run alone")
     if args.overload_rate is not None and "qserve" not in args.servers:
         p.error("--overload-rate measures qserve: keep qserve in --servers")
     if not Path(args.dataset).is_file():
@@ -534,9 +538,10 @@ def drive_own_client(url: str, args, rate: float, num_prompts: int) -> tuple[dic
     return summary, results
 
 
-def classify(results: list[RequestResult], expected_tokens: int) -> dict:
-    """Overload accounting: every request must end complete or refused with a 429; anything else is lost."""
-    complete = [r for r in results if r.success and r.output_tokens == expected_tokens]
+def classify(results: list[RequestResult]) -> dict:
+    """Overload accounting: every request must end complete (all the tokens it asked for: EOS is ignored)
+    or refused with a 429; anything else is lost."""
+    complete = [r for r in results if r.success and r.output_tokens == r.requested_tokens > 0]
     refused = [r for r in results if r.status == 429]
     lost = [r for r in results if r not in complete and r not in refused]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in complete]
@@ -650,7 +655,9 @@ def side_by_side(argv: list[str]) -> dict:
         record["settings"]["vllm_version"] = probe.stdout.strip() or None
     previous = {sig: signal.signal(sig, _stop_all) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        if args.order == "interleaved":  # all servers up; each rate drives every server in turn
+        if not args.rates:
+            pass  # an overload run alone
+        elif args.order == "interleaved":  # all servers up; each rate drives every server in turn
             with contextlib.ExitStack() as stack:
                 urls = {}
                 for name in args.servers:
@@ -672,7 +679,7 @@ def side_by_side(argv: list[str]) -> dict:
             record["overload"] = {"rate": rate, "rate_rule": "2x qserve's highest request throughput on the curve"
                                   if args.overload_rate == "auto" else "given", "qserve_args": args.overload_args,
                                   "launch": launch, "load_avg_before": before[0], "client": "bench/serve.py",
-                                  **classify(results, args.output_len), "summary": summary,
+                                  **classify(results), "summary": summary,
                                   "requests": [asdict(r) for r in results]}  # fmt: skip
     finally:
         _stop_all()
@@ -681,8 +688,10 @@ def side_by_side(argv: list[str]) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     record["table"] = merge_table(record)
     _write(record, args)
-    png = plot(record, args.plot)
-    print(f"wrote {args.out} and {png}")
+    if record["table"]:
+        print(f"wrote {args.out} and {plot(record, args.plot)}")
+    else:
+        print(f"wrote {args.out}")
     print_side_by_side(record)
     return record
 

@@ -53,7 +53,8 @@ def test_arguments(bench, dataset, capsys):
     assert args.rates == [4.0] and args.servers == ["vllm", "qserve"] and args.overload_rate == "auto"
     bad = [
         (["--rates", "1,fast"], "--rates must be comma-separated numbers"),
-        (["--rates", "0"], "every one > 0"),
+        (["--rates", "0"], "--rates must each be > 0"),
+        (["--rates", ""], "--rates is empty"),
         (["--servers", "qserve,tgi"], "--servers takes each of qserve, vllm"),
         (["--servers", "qserve,qserve"], "at most once"),
         (["--output-len", "1"], "--output-len >= 2"),
@@ -165,16 +166,19 @@ def test_overload_counts_429s_and_lost_requests(bench, tokenizer, dataset, tmp_p
     args = bench.parse_side_by_side(["--dataset", str(dataset), "--output-len", "4", "--servers", "qserve"])
     with serve_in_thread(create_app(engine, [args.served_model_name])) as url:
         _, results = bench.drive_own_client(url, args, 1000.0, 12)
-    counts = bench.classify(results, 4)
+    assert all(r.requested_tokens == 4 for r in results)  # every answer is longer than 4 tokens: capped
+    counts = bench.classify(results)
     assert counts["sent"] == 12 and counts["lost"] == 0
     assert counts["completed"] >= 2 and counts["rejected_429"] >= 1
     assert counts["completed"] + counts["rejected_429"] == 12
     assert counts["rejected_with_retry_after"] == counts["rejected_429"]
     assert counts["p99_tpot_ms_admitted"] > 0
     # A truncated stream or a 500 is lost, not refused.
-    cut = bench.RequestResult(success=True, status=200, output_tokens=2, ttft=0.1, latency=0.2)
+    cut = bench.RequestResult(success=True, status=200, output_tokens=2, requested_tokens=4, ttft=0.1, latency=0.2)
+    short = bench.RequestResult(success=True, status=200, output_tokens=3, requested_tokens=3, ttft=0.1, latency=0.2)
     err = bench.RequestResult(status=500, error="HTTP 500: boom")
-    assert bench.classify([*results, cut, err], 4)["lost"] == 2
+    counts = bench.classify([*results, cut, short, err])
+    assert counts["lost"] == 2 and counts["completed"] == len([r for r in results if r.status == 200]) + 1
 
 
 def test_side_by_side_against_a_running_server_writes_json_and_plot(bench, tokenizer, dataset, tmp_path):
