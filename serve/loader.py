@@ -168,18 +168,31 @@ def load_model(
     if validate and (quant is not None or weights.has_packed()):
         _validate(model_dir)
 
-    def linear(prefixes: list[str], bias_expected: bool, kind: str | None = None, channels=None) -> torch.nn.Module:
+    def linear(prefixes: list[str], bias_expected: bool, kind: str | None = None, channels=None, mlp_cfg=None,
+               reduce: bool = True) -> torch.nn.Module:  # fmt: skip
+        """`mlp_cfg`: the config whose intermediate_size is this MLP's (an expert's); `reduce=False`: a
+        row-parallel shard whose all-reduce is the MoE block's, after its experts are summed."""
         parts = [weights.linear_part(p, quant) for p in prefixes]
         biases = [weights.bias(p, bias_expected) for p in prefixes]
         if shard is None or kind is None:
             return build_linear(parts, biases, quant, device, dtype)
-        parts, biases = tensor_parallel.shard_linear(kind, parts, biases, full_cfg, quant, shard.rank,
+        parts, biases = tensor_parallel.shard_linear(kind, parts, biases, mlp_cfg or full_cfg, quant, shard.rank,
                                                      shard.world_size, channels)  # fmt: skip
-        if kind in ("qkv", "gate_up"):  # column-parallel
+        if kind in ("qkv", "gate_up") or not reduce:  # column-parallel, or summed by the MoE block
             return build_linear(parts, biases, quant, device, dtype)
         inner = build_linear(parts, [None] * len(parts), quant, device, dtype)
         bias = None if biases[0] is None else biases[0].to(device=device, dtype=dtype)
         return tensor_parallel.RowParallelLinear(inner, bias, shard.comm)
+
+    def expert_mlp(gate: str, up: str, down: str, intermediate_size: int) -> MLP:
+        """A routed or shared expert; under tensor parallelism its gate/up column shard and its down row
+        shard (not reduced: the MoE block reduces once), act-order experts by whole groups."""
+        if shard is None:
+            return MLP(linear([gate, up], False), linear([down], False), cfg.hidden_act)
+        mcfg = tensor_parallel.mlp_config(full_cfg, intermediate_size)
+        channels = tensor_parallel.mlp_channels(weights.linear_part(down, quant), shard.rank, shard.world_size)
+        return MLP(linear([gate, up], False, "gate_up", channels, mcfg),
+                   linear([down], False, "down", channels, mcfg, reduce=False), cfg.hidden_act)  # fmt: skip
 
     rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions, cfg.rotary_dim).to(device)  # float32
     layers = []
@@ -191,15 +204,18 @@ def load_model(
         if cfg.num_experts:  # a MoE block: one gate|up and one down per expert, a float router
             gate, up, down = (f"{p}.{spec.experts}.{{e}}.{n}" for n in spec.expert_linears)
             experts = [
-                MLP(linear([gate.format(e=e), up.format(e=e)], False), linear([down.format(e=e)], False), cfg.hidden_act)
+                expert_mlp(gate.format(e=e), up.format(e=e), down.format(e=e), full_cfg.expert_intermediate_size)
                 for e in range(cfg.num_experts)
             ]
             shared = None
             if spec.shared_expert:  # Qwen2-MoE's dense shared expert
                 sp = f"{p}.{spec.shared_expert}"
-                shared = MLP(linear([f"{sp}.gate_proj", f"{sp}.up_proj"], False), linear([f"{sp}.down_proj"], False),
-                             cfg.hidden_act)  # fmt: skip
-            mlp = SparseMoE(cfg, experts, shared)
+                shared = expert_mlp(f"{sp}.gate_proj", f"{sp}.up_proj", f"{sp}.down_proj",
+                                    full_cfg.shared_expert_intermediate_size)  # fmt: skip
+            if shard is None:
+                mlp = SparseMoE(cfg, experts, shared)
+            else:  # each expert's intermediate slice; one all-reduce of the block's output
+                mlp = tensor_parallel.ParallelSparseMoE(cfg, experts, shared, shard.comm)
         else:
             mlp_names = [f"{p}.{n}" for n in spec.gate_up]
             channels = None  # act-order down_proj: each rank's whole groups (tensor_parallel.mlp_channels)

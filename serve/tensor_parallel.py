@@ -28,7 +28,15 @@ at load (logged), still exact; CUDA's fused kernel reads any g_idx.
 Embeddings and the LM head are replicated: for the models this engine serves the vocabulary
 projection of the few sampled rows costs far less than the extra all-gather (or all-reduce) per step a
 vocab-parallel head needs, and every rank already has the final hidden states after the last
-all-reduce. Mixture-of-experts blocks are refused for now (ConfigError).
+all-reduce.
+
+Mixture-of-experts blocks (`ParallelSparseMoE`) are sharded per expert's intermediate dimension, not expert
+parallel: every rank holds every expert's slice (gate/up column-parallel, down row-parallel, act-order
+experts by whole groups as the dense down_proj), the router is replicated, so every rank routes each
+token to the same experts, and the partial outputs of the routed experts (and of a shared expert,
+sharded the same way) are summed by one all-reduce per block. An expert's down_proj therefore has no
+all-reduce of its own. Unlike expert parallelism, no rank is idle when routing is unbalanced and no
+token is exchanged; an expert's intermediate size must divide by N.
 
 **Execution** (`TensorParallelExecutor`, `worker_main`). Rank 0 is the engine's own process: it keeps the
 scheduler, block manager and sampler. It starts N - 1 worker processes (fresh interpreters,
@@ -70,6 +78,7 @@ from torch import nn
 
 from qserve.errors import ConfigError, QserveError
 from qserve.kernels import packing
+from qserve.serve.model import SparseMoE
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +112,13 @@ def check_shardable(cfg, quant, n: int) -> None:
             f"{_valid_sizes(ok, limit)}"
         )
 
+    # the MLP's intermediate sizes: the dense MLP's, or each routed expert's and the shared expert's
     if cfg.num_experts:
-        raise ConfigError(
-            f"tensor_parallel_size={n}: mixture-of-experts blocks ({cfg.num_experts} experts per layer) are not "
-            "sharded yet; serve this model with tensor_parallel_size=1"
-        )
+        mlps = [(f"mlp.experts (gate/up/down of each of the {cfg.num_experts} experts)", cfg.expert_intermediate_size)]
+        if cfg.shared_expert_intermediate_size:
+            mlps.append(("mlp.shared_expert (gate/up/down)", cfg.shared_expert_intermediate_size))
+    else:
+        mlps = [("mlp.gate_up_proj / mlp.down_proj", cfg.intermediate_size)]
 
     def heads_ok(k: int) -> bool:
         kv = cfg.num_kv_heads
@@ -126,44 +137,51 @@ def check_shardable(cfg, quant, n: int) -> None:
         return local % quant.group_size == 0
 
     def cols_ok(k: int) -> bool:
-        if not heads_ok(k) or cfg.intermediate_size % k:
+        if not heads_ok(k) or any(size % k for _, size in mlps):
             return False
         if quant is None:
             return True
         per_word = 32 // quant.bits  # qzeros (and AWQ's qweight) pack the output features
         outs = [cfg.num_heads // k * cfg.head_dim, max(cfg.num_kv_heads // k, 1) * cfg.head_dim,
-                cfg.intermediate_size // k]  # fmt: skip
+                *(size // k for _, size in mlps)]  # fmt: skip
         return all(o % per_word == 0 for o in outs)
 
     q_size = cfg.num_heads * cfg.head_dim
-    all_ok = lambda k: heads_ok(k) and cols_ok(k) and rows_ok(k, q_size) and rows_ok(k, cfg.intermediate_size)
+    all_ok = lambda k: (heads_ok(k) and cols_ok(k) and rows_ok(k, q_size)
+                        and all(rows_ok(k, size) for _, size in mlps))  # fmt: skip
     if not heads_ok(n):
         fail("self_attn", f"{cfg.num_heads} attention heads / {cfg.num_kv_heads} KV heads do not split evenly "
              "over the ranks (the heads must divide by N; the KV heads by N, or N by the KV heads)", all_ok)  # fmt: skip
-    if cfg.intermediate_size % n:
-        fail("mlp.gate_up_proj / mlp.down_proj", f"intermediate_size={cfg.intermediate_size} does not divide "
-             f"by {n}", all_ok)  # fmt: skip
+    for layer, size in mlps:
+        if size % n:
+            fail(layer, f"intermediate_size={size} does not divide by {n}", all_ok)
     if not cols_ok(n):
-        fail("self_attn.qkv / mlp.gate_up_proj", f"a rank's output features are not a multiple of the "
-             f"{32 // quant.bits} a packed word holds", all_ok)  # fmt: skip
+        fail("self_attn.qkv / " + ", ".join(layer for layer, _ in mlps), f"a rank's output features are not a "
+             f"multiple of the {32 // quant.bits} a packed word holds", all_ok)  # fmt: skip
     group = "" if quant is None else f" (group_size={quant.group_size})"
     if not rows_ok(n, q_size):
         fail("self_attn.o_proj", f"its {q_size} input features split into {q_size // n} per rank, which is not "
              f"a whole number of quantization groups{group}", all_ok)  # fmt: skip
-    if not rows_ok(n, cfg.intermediate_size):
-        fail("mlp.down_proj", f"its {cfg.intermediate_size} input features split into "
-             f"{cfg.intermediate_size // n} per rank, which is not a whole number of quantization groups{group}",
-             all_ok)  # fmt: skip
+    for layer, size in mlps:
+        if not rows_ok(n, size):
+            fail(layer, f"down_proj's {size} input features split into {size // n} per rank, which is not a "
+                 f"whole number of quantization groups{group}", all_ok)  # fmt: skip
 
 
 def local_config(cfg, n: int):
-    """The ModelConfig one rank builds: its q heads, its KV heads (at least one) and its intermediate slice."""
+    """The ModelConfig one rank builds: its q heads, its KV heads (at least one) and its intermediate slices."""
     if n == 1:
         return cfg
     return dataclasses.replace(
         cfg, num_heads=cfg.num_heads // n, num_kv_heads=max(cfg.num_kv_heads // n, 1),
-        intermediate_size=cfg.intermediate_size // n,
+        intermediate_size=cfg.intermediate_size // n, expert_intermediate_size=cfg.expert_intermediate_size // n,
+        shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // n,
     )  # fmt: skip
+
+
+def mlp_config(cfg, intermediate_size: int):
+    """`cfg` as `shard_linear` reads it for one MLP of `intermediate_size` (a routed or shared expert)."""
+    return dataclasses.replace(cfg, intermediate_size=intermediate_size)
 
 
 def _ranges(cfg, rank: int, n: int) -> dict[str, tuple[int, int]]:
@@ -290,6 +308,23 @@ class RowParallelLinear(nn.Module):
         y = self.inner(x)
         self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+
+class ParallelSparseMoE(SparseMoE):
+    """A rank's MoE block: the replicated router, every expert's (and the shared expert's) intermediate
+    slice, and one all-reduce of the block's output. Each rank routes the same tokens to the same
+    experts (the router and its input are the same on every rank) and sums its experts' partial
+    down_proj products; the routing weights and the shared expert's sigmoid gate scale those partial
+    sums, so the reduced sum is the whole block's output."""
+
+    def __init__(self, cfg, experts: list[nn.Module], shared_expert: nn.Module | None, comm: Communicator) -> None:
+        super().__init__(cfg, experts, shared_expert)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        self.comm.all_reduce(y)
+        return y
 
 
 # ---- communication ----------------------------------------------------------------------------------
@@ -433,7 +468,7 @@ class _Workers:
             if code is not None:
                 reported = self._reported_failure(rank)
                 if reported is not None:  # the worker said why before it exited
-                    raise reported
+                    raise _worker_failure(rank, reported)
                 self.dead = TensorParallelError(
                     f"tensor-parallel worker rank {rank} (pid {proc.pid}) {_how(code)}; the engine cannot "
                     "continue (its shard of the model and KV cache are gone); restart the engine"
@@ -491,7 +526,7 @@ class _Workers:
                     self.check()
                     raise TensorParallelError(f"tensor-parallel worker rank {rank} closed its pipe") from None
                 if msg[0] == "failed":
-                    raise msg[1]
+                    raise _worker_failure(rank, msg[1])
                 if msg[0] != stage:
                     raise TensorParallelError(f"worker rank {rank} sent {msg[0]!r} while {stage!r} was expected")
                 del pending[rank]
@@ -517,6 +552,15 @@ class _Workers:
             import shutil
 
             shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def _worker_failure(rank: int, exc: BaseException) -> BaseException:
+    """What a worker that failed to start reported: the project's own errors (a ConfigError, a
+    CheckpointError) as they are, anything else as a TensorParallelError naming the rank."""
+    if isinstance(exc, QserveError):
+        return exc
+    return TensorParallelError(f"tensor-parallel worker rank {rank} failed to start: {type(exc).__name__}: {exc} "
+                               "(its log above has the traceback)")  # fmt: skip
 
 
 def _how(code: int) -> str:

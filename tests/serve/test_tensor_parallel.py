@@ -1,11 +1,13 @@
 """Tensor parallelism on CPU (gloo, two processes): N=2 greedy tokens equal N=1, refusals, dead workers.
 
 Each N=2 engine starts one worker interpreter (a few seconds on a loaded machine); the models are the
-tiny random Llamas of tiny_checkpoints (4 heads, 2 KV heads, intermediate 128, head_dim 16).
+tiny random Llamas of tiny_checkpoints (4 heads, 2 KV heads, intermediate 128, head_dim 16), and its tiny
+Mixtral and Qwen2-MoE (8 experts of intermediate 64, top-2; Qwen2-MoE with a shared expert of 128).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import re
@@ -176,6 +178,46 @@ def test_quantized_two_ranks_match_one(tmp_path, llama, method, act_order):
     llm.close()
 
 
+def assert_moe_sharded(llm: LLM, experts: int, expert_size: int, shared_size: int = 0) -> None:
+    """Every layer's MoE block is the all-reduced one; its experts hold half their intermediate channels
+    and reduce nothing themselves (o_proj is the only other row-parallel Linear)."""
+    model = llm.engine.runner.model
+    for layer in model.layers:
+        moe = layer.mlp
+        assert isinstance(moe, tensor_parallel.ParallelSparseMoE)
+        assert moe.gate.weight.shape == (experts, 64)  # the router is whole on every rank
+        mlps = [*moe.experts, *([moe.shared_expert] if shared_size else [])]
+        sizes = [expert_size] * experts + ([shared_size] if shared_size else [])
+        for mlp, size in zip(mlps, sizes, strict=True):
+            assert not isinstance(mlp.down_proj, RowParallelLinear)
+            x = torch.randn(3, 64)
+            assert mlp.gate_up_proj(x).shape == (3, size)  # gate|up: 2 x size / 2 channels
+            assert mlp.down_proj(torch.randn(3, size // 2)).shape == (3, 64)
+    rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
+    assert len(rows) == 2  # o_proj of both layers
+
+
+def test_mixtral_two_ranks_match_one(tmp_path):
+    model_dir = varied_model(tmp_path / "mixtral", "mixtral")  # 8 experts of intermediate 64, top-2
+    llm = assert_tp_matches_single(model_dir)
+    assert_moe_sharded(llm, experts=8, expert_size=64)
+    llm.close()
+
+
+def test_quantized_moe_with_a_shared_expert_two_ranks_match_one(tmp_path):
+    # Qwen2-MoE: 8 routed experts of intermediate 64 and a shared expert of 128, GPTQ act-order with
+    # group 32: each rank keeps one whole group of every expert's down_proj (two of the shared one's four)
+    src = varied_model(tmp_path / "qwen2_moe", "qwen2_moe")
+    qdir, _ = quantize_checkpoint(src, tmp_path / "q", "gptq", act_order=True)
+    llm = assert_tp_matches_single(qdir)
+    assert_moe_sharded(llm, experts=8, expert_size=64, shared_size=128)
+    downs = [m.down_proj for layer in llm.engine.runner.model.layers for m in layer.mlp.experts]
+    if all(isinstance(m, CpuQuantLinear) for m in downs):  # the C++ kernels are built here: still 4-bit
+        assert all(isinstance(layer.mlp.shared_expert.down_proj, CpuQuantLinear)
+                   for layer in llm.engine.runner.model.layers)  # fmt: skip
+    llm.close()
+
+
 # ---- refusals --------------------------------------------------------------------------------------------
 
 
@@ -192,13 +234,29 @@ def test_group_size_that_does_not_divide_is_refused(tmp_path, llama):
         tp_llm(qdir, 2)
 
 
-def test_mixture_of_experts_is_refused():
-    cfg = ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32,
-                               "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                               "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
-                               "num_experts_per_tok": 2})  # fmt: skip
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        tensor_parallel.check_shardable(cfg, None, 2)
+def test_expert_intermediate_size_that_does_not_divide_is_refused():
+    base = {"vocab_size": 32, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts_per_tok": 2}  # fmt: skip
+    mixtral = ModelConfig.from_hf({**base, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                                   "intermediate_size": 6, "num_local_experts": 4})  # fmt: skip
+    tensor_parallel.check_shardable(mixtral, None, 2)  # 3 channels of each expert per rank
+    with pytest.raises(ConfigError, match=r"^tensor_parallel_size=4: mlp.experts \(gate/up/down of each of the 4 "
+                                          r"experts\): intermediate_size=6 does not divide by 4; valid "
+                                          r"tensor_parallel_size values for this model: 1, 2$"):  # fmt: skip
+        tensor_parallel.check_shardable(mixtral, None, 4)
+    qwen2_moe = ModelConfig.from_hf({**base, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                                     "intermediate_size": 128, "num_experts": 4, "moe_intermediate_size": 8,
+                                     "shared_expert_intermediate_size": 6})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"mlp.shared_expert \(gate/up/down\): intermediate_size=6 does not "
+                                          r"divide by 4; valid tensor_parallel_size values for this model: 1, 2$"):  # fmt: skip
+        tensor_parallel.check_shardable(qwen2_moe, None, 4)
+    # packed: 32 / 2 = 16 inputs per rank of each expert's down_proj is half a group of 32
+    with pytest.raises(ConfigError, match=r"mlp.experts .*down_proj's 32 input features split into 16 per rank, "
+                                          r"which is not a whole number of quantization groups \(group_size=32\); "
+                                          r"valid tensor_parallel_size values for this model: 1$"):  # fmt: skip
+        tensor_parallel.check_shardable(dataclasses.replace(mixtral, intermediate_size=32,
+                                                            expert_intermediate_size=32),
+                                        QuantSpec("awq", 4, 32, "gptq", False), 2)  # fmt: skip
 
 
 # ---- the shards are exact -------------------------------------------------------------------------------
@@ -282,6 +340,39 @@ def test_killed_worker_fails_generation_within_seconds(llama):
     with pytest.raises(TensorParallelError):  # the engine stays failed
         llm.engine.check_health()
     llm.close()
+
+
+def test_worker_failing_to_load_fails_the_engine_promptly(tmp_path, llama, monkeypatch):
+    # The worker (a fresh interpreter) imports this sitecustomize, which makes its load_model fail;
+    # rank 0, already running, loads normally and must not wait for a worker that will never report.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import qserve.serve.loader as loader\n"
+        "def load_model(*args, **kwargs):\n"
+        "    raise OSError('model.safetensors: permission denied')\n"
+        "loader.load_model = load_model\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"^tensor-parallel worker rank 1 failed to start: OSError: "
+                                                  r"model.safetensors: permission denied"):  # fmt: skip
+        tp_llm(llama, 2)
+    assert time.monotonic() - start < 60  # the worker's start (seconds on a loaded machine), not a timeout
+    workers = [c for c in _children() if "qserve.serve.tp_worker" in c[1]]
+    assert not workers, f"the failed engine left its workers running: {workers}"
+
+
+def _children() -> list[tuple[int, str]]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_text().replace("\0", " ")))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 # ---- qserve serve --tensor-parallel-size 2 ---------------------------------------------------------------
