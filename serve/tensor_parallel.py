@@ -114,7 +114,8 @@ def check_shardable(cfg, quant, n: int) -> None:
 
     # the MLP's intermediate sizes: the dense MLP's, or each routed expert's and the shared expert's
     if cfg.num_experts:
-        mlps = [(f"mlp.experts (gate/up/down of each of the {cfg.num_experts} experts)", cfg.expert_intermediate_size)]
+        experts = f"mlp.experts (gate/up/down of each of the {cfg.num_experts} experts)"
+        mlps = [(experts, cfg.expert_intermediate_size)]
         if cfg.shared_expert_intermediate_size:
             mlps.append(("mlp.shared_expert (gate/up/down)", cfg.shared_expert_intermediate_size))
     else:
@@ -317,7 +318,7 @@ class ParallelSparseMoE(SparseMoE):
     down_proj products; the routing weights and the shared expert's sigmoid gate scale those partial
     sums, so the reduced sum is the whole block's output."""
 
-    def __init__(self, cfg, experts: list[nn.Module], shared_expert: nn.Module | None, comm: Communicator) -> None:
+    def __init__(self, cfg, experts: list[nn.Module], shared_expert: nn.Module | None, comm: Communicator):
         super().__init__(cfg, experts, shared_expert)
         self.comm = comm
 
