@@ -12,7 +12,7 @@ Stages, each a subprocess with its exit status and wall time recorded:
   structured  bench/structured.py on CUDA: JSON-schema validity, grammar-mask cost per step, decode
             throughput at batch 32 with a JSON schema vs unconstrained
   tp        tensor parallelism (needs 2 CUDA devices, else reported skipped, not passed): a random-weight
-            fp16 checkpoint of Llama-3-8B's shapes written here, decode throughput at batch 1 and 16
+            fp16 checkpoint of Llama-3-8B's shapes written here (--tp-format gptq: its RTN 4-bit form), decode throughput at batch 1 and 16
             (--max-tokens new tokens) at TP=1 and TP=2 (both eager: TP > 1 runs without CUDA graphs; TP=1
             with graphs reported beside), greedy tokens compared; passes when TP2/TP1 >= 1.6 at both
             batch sizes and the first 8 greedy tokens of every prompt agree
@@ -290,7 +290,7 @@ def tp_run(model: str, tp: int, device: str, dtype: str, eager: bool, max_tokens
 
     start = time.perf_counter()
     llm = LLM(model, dtype=dtype, device=device, tensor_parallel_size=tp, enforce_eager=eager, max_num_seqs=16,
-              max_model_len=512, gpu_memory_utilization=0.5, validate=False)  # fmt: skip
+              max_model_len=max(512, 64 + max_tokens), gpu_memory_utilization=0.5, validate=False)  # fmt: skip
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompts = tp_prompts(max(batches))
@@ -351,24 +351,38 @@ def tp_summary(tp1: dict, tp2: dict, target: float = TP_TARGET, checked_tokens: 
                       "tp2": {k: v for k, v in tp2.items() if k.endswith("_tok_s")}}}  # fmt: skip
 
 
-def tp_stage(py: str, work: Path, max_tokens: int, device_count: int) -> dict:
+def tp_quantize_cmd(src: Path, dst: Path, group_size: int, device: str) -> list[str]:
+    """qserve's round-to-nearest 4-bit GPTQ layout of `src` (no calibration data, no evaluation)."""
+    return ["qserve", "quantize", str(src), "--method", "rtn", "--format", "gptq", "--group-size", str(group_size),
+            "--device", device, "--no-eval", "--output", str(dst)]  # fmt: skip
+
+
+def tp_stage(py: str, work: Path, max_tokens: int, device_count: int, fmt: str = "fp16") -> dict:
     """The tensor-parallel stage: needs two CUDA devices; writes the Llama-3-8B-shaped fp16 checkpoint
-    (once), times TP=1 and TP=2 (each its own process), and TP=1 with CUDA graphs for reference."""
+    (once; with fmt "gptq" also its 4-bit RTN GPTQ form, group 128), times TP=1 and TP=2 (each its own
+    process), and TP=1 with CUDA graphs for reference."""
+    if fmt not in ("fp16", "gptq"):
+        raise ValueError(f"tp_stage: format {fmt!r} is not one of fp16, gptq")
     if device_count < 2:
         return {"exit": None, "status": "skipped",
                 "note": f"skipped: needs 2 CUDA devices (found {device_count}); not a pass"}  # fmt: skip
     start = time.perf_counter()
-    stage = _tp_stage(py, work, max_tokens)
+    stage = _tp_stage(py, work, max_tokens, fmt)
     return {**stage, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _tp_stage(py: str, work: Path, max_tokens: int) -> dict:
-    ckpt = work / "llama3-8b-shaped-fp16"
-    stage: dict = {"checkpoint": str(ckpt), "shape": LLAMA3_8B_SHAPE, "dtype": "float16", "runs": {}}
-    if not (ckpt / "model.safetensors.index.json").exists():
-        stage["write"] = run("tp-write", [py, __file__, "--tp-write", str(ckpt)], work, 900)
+def _tp_stage(py: str, work: Path, max_tokens: int, fmt: str) -> dict:
+    src = work / "llama3-8b-shaped-fp16"
+    ckpt = src if fmt == "fp16" else work / "llama3-8b-shaped-rtn-gptq-g128"
+    stage: dict = {"checkpoint": str(ckpt), "shape": LLAMA3_8B_SHAPE, "format": fmt, "dtype": "float16", "runs": {}}
+    if not (src / "model.safetensors.index.json").exists():
+        stage["write"] = run("tp-write", [py, __file__, "--tp-write", str(src)], work, 900)
         if stage["write"]["exit"] != 0:
             return {**stage, "exit": stage["write"]["exit"], "status": "failed", "note": "writing the checkpoint failed"}
+    if fmt == "gptq" and not (ckpt / "config.json").exists():
+        stage["quantize"] = run("tp-quantize", tp_quantize_cmd(src, ckpt, 128, "cuda"), work, 1800)
+        if stage["quantize"]["exit"] != 0:
+            return {**stage, "exit": stage["quantize"]["exit"], "status": "failed", "note": "RTN quantization failed"}
     for label, tp, mode in (("tp1", 1, "eager"), ("tp2", 2, "eager"), ("tp1_graphs", 1, "graphs")):
         res = work / f"tp-{label}.json"
         res.unlink(missing_ok=True)
@@ -460,6 +474,8 @@ def main(argv=None) -> int:
                     "quantize, engine, structured, moe, tp)")
     ap.add_argument("--engine-one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--moe-one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tp-format", choices=("fp16", "gptq"), default="fp16",
+                    help="tp stage's checkpoint: fp16 (cuBLAS GEMMs) or its 4-bit RTN GPTQ form (group 128)")
     ap.add_argument("--tp-write", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--tp-one", nargs=3, metavar=("MODEL", "TP", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -533,7 +549,7 @@ def main(argv=None) -> int:
     if "tp" not in skip:
         import torch
 
-        stages["tp"] = tp_stage(py, args.work, args.max_tokens, torch.cuda.device_count())
+        stages["tp"] = tp_stage(py, args.work, args.max_tokens, torch.cuda.device_count(), args.tp_format)
     figures = _figures(stages, args.work)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     report = {

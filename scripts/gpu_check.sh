@@ -3,7 +3,8 @@
 # then compile check for this GPU's arch, the gpu-marked tests, bench/kernels.py and engine throughput
 # (SmolLM2-135M fp16 and AWQ, CUDA graphs on and off) and the fused MoE stage; prints one table, writes one JSON
 # (bench/results/gpu_check.json; --out elsewhere). Arguments go to scripts/gpu_check.py
-# (--skip compile,tests,kernels,quantize,engine,moe; --num-prompts N; --max-tokens N).
+# (--skip compile,tests,kernels,quantize,engine,structured,moe,tp; --num-prompts N; --max-tokens N;
+# --tp-format fp16|gptq). The tp stage (TP=2 vs TP=1 decode, Llama-3-8B shapes) needs 2 GPUs, else it is skipped.
 # Exit 0: every stage passed; 1: a stage failed (see the table and runs/gpu-check/*.log); 2: no GPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

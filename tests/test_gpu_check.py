@@ -134,3 +134,24 @@ def test_tp_checkpoint_writer_tiny_on_cpu_tp1_equals_tp2(tmp_path):
     summary = gc.tp_summary(runs[1], runs[2])
     assert summary["greedy_all_equal"], summary["common_prefix"]
     assert set(summary["ratios"]) == {"batch1", "batch4"}
+
+
+def test_tp_gptq_variant_tiny_on_cpu(tmp_path):
+    """--tp-format gptq at a tiny size: the stage's RTN command quantizes the written checkpoint to the
+    GPTQ layout, and the quantized model gives the same greedy tokens at TP=1 and TP=2 (gloo, CPU)."""
+    pytest.importorskip("torch")
+    gc = _gpu_check_module()
+    src = gc.write_random_llama(tmp_path / "fp", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=128, vocab_size=512, dtype="float32")  # fmt: skip
+    dst = tmp_path / "gptq"
+    cmd = gc.tp_quantize_cmd(src, dst, 32, "cpu")
+    cmd[0] = str(Path(sys.executable).parent / "qserve")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    runs = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}.json"
+        assert gc.tp_run(str(dst), tp, "cpu", "float32", True, 6, out, batches=(1, 3)) == 0
+        runs[tp] = json.loads(out.read_text())
+    assert gc.tp_summary(runs[1], runs[2])["greedy_all_equal"]
