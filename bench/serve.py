@@ -431,7 +431,7 @@ class Server:
     def __enter__(self) -> Server:
         if not port_free(self.port):
             raise BenchSetupError(f"port {self.port} for {self.name} is in use; stop that server or pick another port")
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
+        self.log = open(self.log_path, "w")
         start = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         _LIVE.add(self)

@@ -32,7 +32,7 @@ def bench():
 
 @pytest.fixture
 def dataset(tmp_path):
-    words = "the quick brown fox jumps over a lazy dog and keeps running far away".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "keeps", "running", "far", "away"]
     convs = [
         {"conversations": [{"from": "human", "value": " ".join(words[: 4 + i % 8]) + f" {i}"},
                            {"from": "gpt", "value": " ".join(words * 2)}]}
@@ -82,7 +82,7 @@ def test_wrong_vllm_venv_is_a_clear_error_before_any_server_starts(bench, datase
     fake = tmp_path / "venv"
     (fake / "bin").mkdir(parents=True)
     (fake / "bin" / "python").symlink_to(sys.executable)
-    with pytest.raises(bench.BenchSetupError, match="import vllm.benchmarks.serve` fails there"):
+    with pytest.raises(bench.BenchSetupError, match=r"import vllm\.benchmarks\.serve` fails there"):
         bench.vllm_python(fake)
     assert not (tmp_path / "r.json").exists()
 
