@@ -96,15 +96,24 @@ def check_time(args: dict) -> None:
     assert set(args) == {"zone"} and isinstance(args["zone"], int) and -12 <= args["zone"] <= 14
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=["in-process", "core-process"])
+def engine(request, tmp_path_factory):
+    """Every test runs against the step loop in a thread and against the engine-core process that
+    `qserve serve` uses by default (grammars, masks and tool-call parsing across the ZeroMQ split)."""
     from qserve.serve.async_engine import AsyncLLMEngine
+    from qserve.serve.engine_core import EngineCoreClient
 
     # The Hermes tool prompt is ~800 tokens of the tiny 384-token vocabulary: a longer context than 512.
     model_dir = varied_model(
         tmp_path_factory.mktemp("structured-server") / "m", "llama", max_position_embeddings=2048
     )
-    return AsyncLLMEngine(model=str(model_dir), max_model_len=2048, validate=False)
+    if request.param == "in-process":
+        yield AsyncLLMEngine(model=str(model_dir), max_model_len=2048, validate=False)
+        return
+    core = EngineCoreClient(model=str(model_dir), max_model_len=2048, validate=False, log_level="warning")
+    yield core
+    core.close()
+    assert core.exitcode == 0 and core.death is None
 
 
 @pytest.fixture(scope="module")
