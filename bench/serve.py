@@ -319,7 +319,11 @@ def parse_side_by_side(argv: list[str]):
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64, help="Output tokens per request (EOS ignored).")
     p.add_argument("--max-prompt-len", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="Prompt sampling seed of the first rate; the k-th rate uses seed + k, so a later rate "
+                   "does not replay prompts an earlier one left in the servers' prefix caches.")  # fmt: skip
+    p.add_argument("--same-prompts", action="store_true",
+                   help="Every rate sends the prompts of --seed (prefix caches then hold them after the first).")  # fmt: skip
     p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="ShareGPT-format JSON.")
     p.add_argument("--served-model-name", default="smollm2")
     p.add_argument("--qserve-port", type=int, default=8011)
@@ -505,12 +509,20 @@ def maybe_server(name: str, args, checkpoint: Path, extra: str, log_dir: Path, t
         yield server.url, {"command": shlex.join(command), "startup_s": server.startup_s, "log": str(log_path)}
 
 
+def rate_seed(args, rate: float) -> int:
+    """The prompt seed for `rate`: --seed + its position in --rates (unless --same-prompts); --seed for a rate
+    outside the list (the overload run)."""
+    if getattr(args, "same_prompts", False) or rate not in args.rates:
+        return args.seed
+    return args.seed + list(args.rates).index(rate)
+
+
 def vllm_bench_command(python: Path, url: str, args, rate: float, result_dir: Path, name: str,
                        checkpoint: Path) -> list[str]:  # fmt: skip
     return [str(python), str(VLLM_CLI), "bench", "serve", "--backend", "openai", "--base-url", url,
             "--endpoint", "/v1/completions", "--model", args.served_model_name, "--tokenizer", str(checkpoint),
             "--dataset-name", "sharegpt", "--dataset-path", args.dataset, "--num-prompts", str(args.num_prompts),
-            "--sharegpt-output-len", str(args.output_len), "--request-rate", f"{rate:g}", "--seed", str(args.seed),
+            "--sharegpt-output-len", str(args.output_len), "--request-rate", f"{rate:g}", "--seed", str(rate_seed(args, rate)),
             "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", name]  # fmt: skip
 
@@ -533,7 +545,7 @@ def drive_own_client(url: str, args, rate: float, num_prompts: int) -> tuple[dic
     client_args = parse_args(["--base-url", url, "--model", args.served_model_name, "--dataset", args.dataset,
                               "--num-prompts", str(num_prompts), "--max-tokens", str(args.output_len),
                               "--max-prompt-len", str(args.max_prompt_len), "--request-rate", f"{rate:g}",
-                              "--seed", str(args.seed), "--ignore-eos"])  # fmt: skip
+                              "--seed", str(rate_seed(args, rate)), "--ignore-eos"])  # fmt: skip
     summary, results = asyncio.run(run(client_args))
     return summary, results
 
@@ -645,6 +657,7 @@ def side_by_side(argv: list[str]) -> dict:
     record = {
         "settings": {"checkpoint": str(checkpoint), "checkpoint_name": checkpoint.name, "rates": args.rates,
                      "num_prompts": args.num_prompts, "output_len": args.output_len, "seed": args.seed,
+                     "prompt_seeds": {f"{r:g}": rate_seed(args, r) for r in args.rates},
                      "dataset": args.dataset, "client": client, "servers": args.servers,
                      "dtype": "each server's default", "cpus": os.cpu_count()},
         "provenance": _provenance([SIDE_BY_SIDE, *argv]), "servers": {},
