@@ -156,3 +156,24 @@ def make_tiny_model(
     tok.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
     return path
+
+
+def wait_until_healthy(proc, url: str, timeout: float, output=lambda: "") -> None:
+    """Poll `url`/health until it answers 200, for a server started as subprocess `proc`.
+
+    Fails (AssertionError, for tests) as soon as the process exits or after `timeout` seconds, with
+    `output()` (what the server printed so far) in the message."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{output()}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server did not become healthy in {timeout:g} s:\n{output()}"
+        time.sleep(0.2)

@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -37,6 +36,7 @@ from qserve.serve.model import ModelConfig
 from qserve.serve.quant_linear import CpuQuantLinear, DenseLinear, PackedLinear
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.tensor_parallel import RowParallelLinear, TensorParallelError
+from qserve.testing import wait_until_healthy
 
 PREFIX = "A paged key-value cache stores attention state in fixed-size blocks. "
 PROMPTS = [
@@ -392,16 +392,7 @@ def test_qserve_serve_with_two_ranks_answers_the_openai_client_and_exits_when_a_
     reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"qserve serve exited with {proc.returncode}:\n{''.join(lines)}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "qserve serve did not become healthy in 180 s:\n" + "".join(lines)
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, 180, lambda: "".join(lines))
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         out = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=12,
                                         temperature=0.0, extra_body={"ignore_eos": True})  # fmt: skip

@@ -18,6 +18,7 @@ from server_testing import MODEL, free_port
 
 from qserve.serve.api.app import create_app
 from qserve.serve.metrics import EngineStats, StatsLogger
+from qserve.testing import wait_until_healthy
 
 CMPL = "/v1/completions"
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -172,16 +173,7 @@ def _serve(model_dir, *flags, wait_for: str | None = None):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"qserve serve exited:\n{proc.stdout.read()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "qserve serve did not become healthy in 120 s"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, 120, lambda: proc.stdout.read() if proc.poll() is not None else "")
         ok = httpx.post(f"{url}{CMPL}", json=BODY, timeout=60)
         assert ok.status_code == 200
         assert httpx.post(f"{url}{CMPL}", json={**BODY, "max_token": 1}).status_code == 400
