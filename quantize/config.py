@@ -426,10 +426,9 @@ def _summarise(bad: dict[str, int]) -> str:
 def gptq_settings_line(cfg: QuantConfig) -> str:
     """The GPTQ settings in force, one line for the start of a run, with why the defaults are what they are."""
     parts = [
-        "symmetric" if cfg.sym else "zero points (asymmetric)",
+        f"symmetric ({cfg.sym_scale or 'absmax'} scale)" if cfg.sym else "zero points (asymmetric)",
         ("act-order" + (" + static groups" if cfg.static_groups else "")) if cfg.desc_act else "no act-order",
-        ("MSE ranges" if cfg.mse else "min/max ranges")
-        + (f" ({cfg.sym_scale} symmetric scale)" if cfg.sym and cfg.sym_scale else ""),
+        "MSE ranges" if cfg.mse else "min/max ranges",
         f"first-token weight {cfg.resolved_first_token_weight():g}",
         f"damp {cfg.damp:g}",
     ]

@@ -511,8 +511,12 @@ def test_gptq_run_says_which_settings_are_in_force_and_why():
     from qserve.quantize.config import gptq_settings_line
 
     line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq"))
-    assert line.startswith("gptq: symmetric, act-order, min/max ranges, first-token weight 1, damp 0.01.")
+    assert line.startswith(
+        "gptq: symmetric (absmax scale), act-order, min/max ranges, first-token weight 1, damp 0.01."
+    )
     assert "Marlin" in line and "bench/RESULTS.md" in line
+    line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq", sym_scale="signed"))
+    assert line.startswith("gptq: symmetric (signed scale), act-order,")
     line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq", sym=False, desc_act=False,
                                           mse=False, first_token_weight=1.0, gptaq=True))  # fmt: skip
     assert line.startswith("gptq: zero points (asymmetric), no act-order, min/max ranges, first-token weight 1,")
