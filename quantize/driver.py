@@ -87,7 +87,7 @@ def _rtn_block(block: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> BlockOutco
         start = time.perf_counter()
         linear = block.get_submodule(name)
         w = linear.weight.detach().float()
-        qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, sym_scale=cfg.sym_scale or "absmax")
+        qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.sym, sym_scale=cfg.sym_scale)
         _write_back(linear, qw)
         err = (linear.weight.float() - w).norm() / w.norm().clamp(min=1e-12)
         qweights[name] = qw
@@ -315,7 +315,7 @@ def _gptq_block(
             if needs_fallback(name, tokens, in_f):  # a MoE expert the router starved (quantize/moe.py)
                 qw = rtn_quantize(
                     linears[name].weight.detach().float(), cfg.bits, cfg.group_size, cfg.sym,
-                    sym_scale=cfg.sym_scale or "absmax",
+                    sym_scale=cfg.sym_scale,
                 )  # fmt: skip
                 _write_back(linears[name], qw)
                 qweights[name] = qw
@@ -331,7 +331,7 @@ def _gptq_block(
                 static_groups=cfg.static_groups,
                 block_size=cfg.block_size,
                 mse=cfg.mse,
-                sym_scale=cfg.sym_scale or "absmax",
+                sym_scale=cfg.sym_scale,
             )
             _write_back(linears[name], res.qweight)
             qweights[name] = res.qweight

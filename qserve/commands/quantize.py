@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from qserve.errors import ConfigError
-from qserve.quantize.config import CALIB_MODES, DEVICES, DTYPES, LAYOUTS, METHODS, QuantConfig
+from qserve.quantize.config import CALIB_MODES, DEVICES, DTYPES, LAYOUTS, METHODS, SYM_SCALES, QuantConfig
 
 _DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(QuantConfig) if f.default is not dataclasses.MISSING
@@ -125,7 +125,7 @@ def _opt(*decls: str, field: str, **kwargs):
 @_opt(
     "--sym-scale",
     field="sym_scale",
-    type=click.Choice(["absmax", "signed"]),
+    type=click.Choice(SYM_SCALES),
     help="GPTQ/RTN, symmetric: a group's scale 2*max|w|/15 (absmax, the reference quantizer's; clips a "
     "positive extreme) or max(max/7, -min/8) (signed: both extremes on the -8..7 grid).",
 )
