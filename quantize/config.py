@@ -32,10 +32,28 @@ SYM_SCALES = ("absmax", "signed")
 # A symmetric GPTQ/RTN run's group scale when sym_scale is not given.
 DEFAULT_SYM_SCALE = "absmax"
 
+# vLLM's Marlin GPTQ kernel (gptq_marlin), the fast path for GPTQ checkpoints on GPUs, takes symmetric
+# weights only (uint4b8 / uint8b128), these group sizes, and Linear shapes its tiles divide: out_features a
+# multiple of 64 and in_features a multiple of 128 (and of the group size). A GPTQ checkpoint with zero
+# points loads through vLLM's exllama GPTQ kernel, transformers/GPTQModel and qserve instead.
+MARLIN_BITS = (4, 8)
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MARLIN_OUT_MULTIPLE = 64
+MARLIN_IN_MULTIPLE = 128
+# Why a model Marlin cannot run gets zero points with MSE ranges and gptaq (bench/RESULTS.md section 3).
+ZERO_POINTS_MEASURED = (
+    "zero points + MSE + gptaq measured best on such a model (SmolLM2-135M, hidden 576: 0.576 of "
+    "asymmetric RTN's loss recovered at 128 x 512; 9.7% below it at 32 x 512; bench/RESULTS.md section 3)"
+)
+
 GPTQ_DEFAULTS_NOTE = (
-    "symmetric (vLLM's Marlin GPTQ kernel takes symmetric 4/8-bit weights only; --asym for zero points) "
-    "and act-order without static groups (Marlin and exllama read its g_idx; without act-order GPTQ "
-    "measured worse than rounding on SmolLM2, with it below rounding: bench/RESULTS.md, GPTQ section)"
+    "symmetric when every quantized layer fits vLLM's Marlin GPTQ kernel (4/8 bits, group size -1/32/64/128, "
+    "out_features % 64 == 0, in_features % 128 == 0; Marlin takes symmetric weights only), otherwise zero "
+    "points with MSE ranges and gptaq (read by vLLM's exllama GPTQ kernel, transformers and qserve; measured "
+    "best where Marlin cannot run, bench/RESULTS.md section 3); --sym/--asym, --mse/--no-mse and "
+    "--gptaq/--no-gptaq choose explicitly. Act-order without static groups (Marlin and exllama read its "
+    "g_idx; without act-order GPTQ measured worse than rounding on SmolLM2, with it below rounding: "
+    "bench/RESULTS.md, GPTQ section)"
 )
 
 
@@ -50,8 +68,10 @@ class QuantConfig:
     # None = automatic: the largest of AUTO_GROUP_SIZES that divides every quantized layer's in_features,
     # chosen once the checkpoint header is read (`resolve_group_size`). An explicit size is never changed.
     group_size: int | None = None
-    # GPTQ checkpoints in the wild are symmetric (vLLM's CPU GPTQ path refuses sym=false); AWQ's are
-    # asymmetric ("zero_point": true). None resolves to that per-method default.
+    # None = the method's default. AWQ: asymmetric ("zero_point": true, as AWQ checkpoints are); RTN: by
+    # layout (symmetric GPTQ, asymmetric AWQ). GPTQ: automatic, chosen once the layer shapes are known
+    # (`resolve_gptq_grid`): symmetric when every layer fits vLLM's Marlin kernel, else zero points
+    # (GPTQ_DEFAULTS_NOTE). An explicit choice is never changed.
     sym: bool | None = None
     format: str | None = None  # checkpoint layout; only rtn may choose, gptq/awq write their own
     calib: str = "c4"
@@ -81,7 +101,8 @@ class QuantConfig:
     first_token_weight: float | None = None
     # Each group's scale/zero from a search over shrunk [min, max] ranges (the GPTQ reference
     # quantizer's `mse` option: least sum |w - q(w)|^2.4 per row) instead of the plain min/max.
-    mse: bool = False
+    # None = automatic (GPTQ): on with zero points, off when symmetric (GPTQ_DEFAULTS_NOTE).
+    mse: bool | None = None
     # How a symmetric group's scale covers its range (GPTQ and RTN; SYM_SCALES in kernels/packing.py):
     # "signed" puts both extremes on the -8..7 grid, "absmax" is the reference quantizer's 2*max|w|/15.
     # None = DEFAULT_SYM_SCALE for a symmetric run; an asymmetric run has no use for it.
@@ -90,8 +111,9 @@ class QuantConfig:
     # quantized model's inputs to the float model's output on the float model's inputs, instead of to
     # the float layer on the quantized inputs. Corrects the error carried in from earlier layers; costs
     # a float-block forward per block (per true-sequential group when memory is short) and a second
-    # copy of the block activations.
-    gptaq: bool = False
+    # copy of the block activations. None = automatic (GPTQ): on with zero points (except on MoE models,
+    # which cannot pair the float model's expert inputs), off when symmetric (GPTQ_DEFAULTS_NOTE).
+    gptaq: bool | None = None
     # Activation-aware scales before the solve (AWQ's per-channel scale search, folded into the previous
     # norm or Linear, an identity on the float block), then GPTQ on the scaled weights. The scales give
     # the channels that carry large activations finer steps on the grid, which GPTQ's column-by-column
@@ -118,13 +140,22 @@ class QuantConfig:
                 f"format={self.format!r} does not go with method={self.method!r}: {self.method} writes the "
                 f"{self.method} layout; only --method rtn can choose --format"
             )
-        if self.sym is None:
+        if self.sym is None and self.method == "gptq" and self.sym_scale is not None:
+            # A symmetric scale rule was asked for: that is a choice of symmetric weights.
+            object.__setattr__(self, "sym", True)
+        if self.sym is None and self.method != "gptq":
             object.__setattr__(self, "sym", self.format == "gptq")
+        # GPTQ with zero points takes MSE ranges and gptaq (measured best); symmetric GPTQ and the other
+        # methods neither. GPTQ's gptaq waits for resolve_gptq_grid, which knows whether the model is MoE.
+        if self.mse is None and (self.method != "gptq" or self.sym is not None):
+            object.__setattr__(self, "mse", self.method == "gptq" and not self.sym)
+        if self.gptaq is None and self.method != "gptq":
+            object.__setattr__(self, "gptaq", False)
         if self.desc_act is None:
             object.__setattr__(self, "desc_act", self.method == "gptq")
         if self.sym_scale is not None:
             _one_of("sym_scale", self.sym_scale, SYM_SCALES)
-            if not self.sym:
+            if self.sym is False:
                 raise ConfigError(
                     f"sym_scale={self.sym_scale!r} chooses a symmetric group's scale, but this run stores zero "
                     "points (--asym); drop --sym-scale or quantize with --sym"
@@ -224,8 +255,16 @@ class QuantConfig:
             _check_type(key, value, _FIELD_TYPES[key])
         return cls(**d)
 
+    @property
+    def grid_pending(self) -> bool:
+        """True while GPTQ's automatic choices (sym, and with it mse/gptaq) wait for the layer shapes."""
+        return self.sym is None or self.mse is None or self.gptaq is None
+
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields that decide the quantized tensors (what a resumed run must share)."""
+        """The fields that decide the quantized tensors (what a resumed run must share): the resolved
+        values, so that a resumed run cannot flip an automatic choice."""
+        if self.grid_pending:
+            raise ValueError("fingerprint_dict needs resolved sym/mse/gptaq; call resolve_gptq_grid first")
         skip = {"output", "resume", "eval", "eval_windows", "eval_seqlen", "quiet", "model"}
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         d["first_token_weight"] = self.resolved_first_token_weight()
@@ -261,9 +300,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "block_size": (int,),
     "skip_first": (int,),
     "first_token_weight": (float, int, type(None)),
-    "mse": (bool,),
+    "mse": (bool, type(None)),
     "sym_scale": (str, type(None)),
-    "gptaq": (bool,),
+    "gptaq": (bool, type(None)),
     "awq_scales": (bool,),
     "duo_scaling": (bool,),
     "clip": (bool,),
@@ -423,12 +462,85 @@ def _summarise(bad: dict[str, int]) -> str:
     return "; ".join(f"{s} (in_features {in_f}, {n}x)" for s, (n, in_f) in by_suffix.items())
 
 
-def gptq_settings_line(cfg: QuantConfig) -> str:
-    """The GPTQ settings in force, one line for the start of a run, with why the defaults are what they are."""
+def marlin_misfits(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """Why vLLM's Marlin GPTQ kernel cannot run these layers at `cfg`'s bits and (resolved) group size,
+    one reason per kind of layer and dimension; empty when it can (symmetric weights given)."""
+    reasons = []
+    if cfg.bits not in MARLIN_BITS:
+        reasons.append(f"{cfg.bits} bits is not one Marlin takes ({' or '.join(map(str, MARLIN_BITS))})")
+    if cfg.group_size not in MARLIN_GROUP_SIZES:
+        reasons.append(
+            f"group size {cfg.group_size} is not one Marlin takes ({', '.join(map(str, MARLIN_GROUP_SIZES))})"
+        )
+    seen = set()
+    for name, (out_f, in_f) in shapes.items():
+        checks = (
+            ("out_features", out_f, MARLIN_OUT_MULTIPLE),
+            ("in_features", in_f, MARLIN_IN_MULTIPLE),
+            ("in_features", in_f, cfg.group_size if cfg.group_size and cfg.group_size > 0 else 1),
+        )
+        for dim, size, multiple in checks:
+            key = (_suffix(name), dim, multiple)
+            if size % multiple and key not in seen:
+                seen.add(key)
+                reasons.append(f"{_suffix(name)} {dim} {size} is not a multiple of {multiple}")
+    return reasons
+
+
+def resolve_gptq_grid(
+    cfg: QuantConfig, shapes: dict[str, tuple[int, int]], moe: bool = False
+) -> tuple[QuantConfig, str | None]:
+    """`cfg` with GPTQ's automatic sym (and with it mse and gptaq) resolved for these layers, and why
+    (None when nothing was automatic). Needs a resolved group size (`resolve_group_size`).
+
+    Symmetric when vLLM's Marlin GPTQ kernel can run every layer (`marlin_misfits` is empty): Marlin takes
+    symmetric weights only. Otherwise zero points, with MSE ranges and gptaq unless the user chose them
+    (gptaq stays off on a mixture-of-experts model, `moe`, where it is not supported). Explicit values are
+    never changed, so resolving twice (a resumed run) gives the same config.
+    """
+    if not cfg.grid_pending:
+        return cfg, None
+    if cfg.group_size is None:
+        raise ValueError("resolve_gptq_grid needs a resolved group size; call resolve_group_size first")
+    if cfg.sym is not None:  # an explicit choice; only gptaq is left to resolve
+        gptaq = cfg.gptaq if cfg.gptaq is not None else not cfg.sym and not moe
+        why = None
+        if moe and not cfg.sym and cfg.gptaq is None:
+            why = "--asym; gptaq stays off: it is not supported for mixture-of-experts models"
+        return dataclasses.replace(cfg, gptaq=gptaq), why
+    misfits = marlin_misfits(cfg, shapes)
+    if not misfits:
+        why = (
+            f"auto: every quantized layer fits vLLM's Marlin GPTQ kernel ({cfg.bits} bits, group size "
+            f"{cfg.group_size}, out_features % {MARLIN_OUT_MULTIPLE} == 0, in_features % {MARLIN_IN_MULTIPLE} "
+            "== 0), which takes symmetric weights only; --asym for zero points"
+        )
+        gptaq = False if cfg.gptaq is None else cfg.gptaq
+        return dataclasses.replace(cfg, sym=True, gptaq=gptaq), why
+    listed = "; ".join(misfits[:2]) + (f" (and {len(misfits) - 2} more)" if len(misfits) > 2 else "")
+    why = f"auto: {listed}, so vLLM's Marlin kernel cannot run this model; {ZERO_POINTS_MEASURED}"
+    gptaq = cfg.gptaq
+    if gptaq is None:
+        gptaq = not moe
+        if moe:
+            why += "; gptaq stays off: it is not supported for mixture-of-experts models"
+    return dataclasses.replace(cfg, sym=False, gptaq=gptaq), why + "; --sym to choose symmetric"
+
+
+def gptq_settings_line(cfg: QuantConfig, why: str | None = None) -> str:
+    """The GPTQ settings in force, one line for the start of a run, with why the defaults are what they are.
+
+    `why`: how the automatic sym choice was made (`resolve_gptq_grid`'s second value)."""
+    if cfg.sym is None:
+        grid = "symmetric or zero points (automatic: chosen once the layer shapes are read)"
+    elif cfg.sym:
+        grid = f"symmetric ({cfg.sym_scale or DEFAULT_SYM_SCALE} scale{'; ' + why if why else ''})"
+    else:
+        grid = f"zero points ({why or 'asymmetric'})"
     parts = [
-        f"symmetric ({cfg.sym_scale or 'absmax'} scale)" if cfg.sym else "zero points (asymmetric)",
+        grid,
         ("act-order" + (" + static groups" if cfg.static_groups else "")) if cfg.desc_act else "no act-order",
-        "MSE ranges" if cfg.mse else "min/max ranges",
+        "MSE ranges with zero points" if cfg.mse is None else "MSE ranges" if cfg.mse else "min/max ranges",
         f"first-token weight {cfg.resolved_first_token_weight():g}",
         f"damp {cfg.damp:g}",
     ]
@@ -436,6 +548,8 @@ def gptq_settings_line(cfg: QuantConfig) -> str:
         parts.append("AWQ scales")
     if cfg.gptaq:
         parts.append("gptaq")
+    elif cfg.gptaq is None:
+        parts.append("gptaq with zero points")
     if cfg.skip_first:
         parts.append(f"skip first {cfg.skip_first}")
     return f"gptq: {', '.join(parts)}. Defaults: {GPTQ_DEFAULTS_NOTE}."

@@ -72,6 +72,8 @@ def quantize_block(
     """Quantize every Linear of `block` in place (weights become their dequantized values).
 
     `float_side`: the float model beside it, for GPTQ's asymmetric calibration (`cfg.gptaq`)."""
+    if cfg.sym is None:
+        raise ValueError("cfg.sym is still automatic; resolve it first (quantize.config.resolve_gptq_grid)")
     if cfg.method == "rtn":
         return _rtn_block(block, spec, cfg)
     if inputs is None:

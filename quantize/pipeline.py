@@ -20,6 +20,7 @@ from qserve.quantize.config import (
     calibration_warning,
     check_layer_shapes,
     gptq_settings_line,
+    resolve_gptq_grid,
     resolve_group_size,
 )
 from qserve.quantize.driver import quantize_blocks
@@ -102,6 +103,9 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     shapes = _layer_shapes(ckpt, spec, n_blocks)
     cfg, chosen = resolve_group_size(cfg, shapes)
     check_layer_shapes(cfg, shapes)
+    # GPTQ's automatic symmetric / zero points (and MSE, gptaq) by vLLM Marlin fit; resolved before the
+    # resume fingerprint, so a resumed run gets (and is checked against) the same values.
+    cfg, grid_why = resolve_gptq_grid(cfg, shapes, moe=spec.experts is not None)
     calib_source = check_source(cfg.calib) if cfg.method != "rtn" else None
     if cfg.eval:
         check_source(EVAL_DATASET)
@@ -114,7 +118,7 @@ def quantize_model(cfg: QuantConfig, log: Callable[[str], None] = print) -> Quan
     if chosen:
         log(chosen)
     if cfg.method == "gptq":
-        log(gptq_settings_line(cfg))
+        log(gptq_settings_line(cfg, grid_why))
     warning = calibration_warning(cfg, shapes)
     if warning:
         log(warning)
@@ -212,8 +216,9 @@ def _validate(output: Path, log: Callable[[str], None]) -> None:
 
 
 def resolve_config(cfg: QuantConfig) -> QuantConfig:
-    """`cfg` with its automatic group size resolved against the model's layers (reads only headers)."""
-    if cfg.group_size is not None:
+    """`cfg` with its automatic group size and GPTQ grid (sym, mse, gptaq) resolved against the model's
+    layers (reads only headers)."""
+    if cfg.group_size is not None and not cfg.grid_pending:
         return cfg
     from transformers import AutoConfig
 
@@ -223,7 +228,8 @@ def resolve_config(cfg: QuantConfig) -> QuantConfig:
     config = AutoConfig.from_pretrained(model_dir)
     spec = arch_for_config(config)
     shapes = _layer_shapes(LazyCheckpoint(model_dir), spec, config.num_hidden_layers)
-    return resolve_group_size(cfg, shapes)[0]
+    cfg = resolve_group_size(cfg, shapes)[0]
+    return resolve_gptq_grid(cfg, shapes, moe=spec.experts is not None)[0]
 
 
 def _evaluate(

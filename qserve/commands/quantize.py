@@ -50,7 +50,8 @@ def _opt(*decls: str, field: str, **kwargs):
     "--sym/--asym",
     "sym",
     default=None,
-    help="Symmetric (GPTQ default) or zero-point (AWQ default) quantization.",
+    help="Symmetric or zero-point quantization. Default: AWQ zero points; RTN by layout; GPTQ automatic, "
+    "symmetric when every layer fits vLLM's Marlin GPTQ kernel, else zero points (the log says which).",
 )
 @click.option(
     "--format",
@@ -120,7 +121,7 @@ def _opt(*decls: str, field: str, **kwargs):
     "--mse/--no-mse",
     field="mse",
     help="GPTQ: choose each group's scale by a search over shrunk ranges (least |w - q|^2.4), "
-    "not min/max.",
+    "not min/max. Default: on with zero points, off when symmetric.",
 )
 @_opt(
     "--sym-scale",
@@ -130,11 +131,11 @@ def _opt(*decls: str, field: str, **kwargs):
     "positive extreme) or max(max/7, -min/8) (signed: both extremes on the -8..7 grid).",
 )
 @_opt(
-    "--gptaq",
+    "--gptaq/--no-gptaq",
     field="gptaq",
-    is_flag=True,
     help="GPTQ: asymmetric calibration (GPTAQ): fit each layer on the quantized model's inputs to the "
-    "float model's outputs, correcting the error carried in from earlier layers.",
+    "float model's outputs, correcting the error carried in from earlier layers. Default: on with zero "
+    "points (not on MoE models), off when symmetric.",
 )
 @_opt(
     "--awq-scales/--no-awq-scales",
