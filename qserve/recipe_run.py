@@ -93,7 +93,7 @@ def _stage_quantize(recipe: Recipe, progress: bool, log) -> dict:
     if output.exists():
         resolved = resolve_config(probe)
         if _finished_checkpoint_matches(output, resolved):
-            return {"reused": True, "checkpoint": str(output), "group_size": resolved.group_size}
+            return {"reused": True, "checkpoint": str(output), **_resolved_grid(resolved.to_dict())}
     resume = partial_dir(output).exists()
     cfg: QuantConfig = recipe.quant_config(eval=False, resume=resume, quiet=not progress)
     report = quantize_model(cfg, log=log)
@@ -101,8 +101,17 @@ def _stage_quantize(recipe: Recipe, progress: bool, log) -> dict:
         "reused": False,
         "resumed_from_block": report.resumed_from_block,
         "checkpoint": str(output),
-        "group_size": report.config["group_size"],
+        **_resolved_grid(report.config),
     }
+
+
+# The automatic choices a quantize run resolves against the model's layers (group size; GPTQ's sym and,
+# with it, mse, gptaq and the symmetric scale), recorded in the run report as resolved.
+RESOLVED_KEYS = ("group_size", "sym", "mse", "gptaq", "sym_scale")
+
+
+def _resolved_grid(config: dict) -> dict:
+    return {k: config[k] for k in RESOLVED_KEYS if k in config}
 
 
 def _stage_validate(recipe: Recipe, log) -> dict:
@@ -286,7 +295,8 @@ def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None]
         if progress:
             log(f"[run {number}/{len(STAGES)}] {stage.name} {stage.status} in {_duration(stage.seconds)}")
         if stage.name == "quantize" and stage.detail.get("group_size") is not None:
-            report.quant_config["group_size"] = stage.detail["group_size"]  # an automatic size, resolved
+            # automatic choices, resolved (group size; GPTQ's sym, mse, gptaq)
+            report.quant_config.update(_resolved_grid(stage.detail))
         if stage.name == "eval" and stage.status == "ok":
             report.gates = _gates(recipe, stage.detail)
     report.wall_seconds = time.perf_counter() - start

@@ -146,10 +146,11 @@ class QuantConfig:
         if self.sym is None and self.method != "gptq":
             object.__setattr__(self, "sym", self.format == "gptq")
         # GPTQ with zero points takes MSE ranges and gptaq (measured best); symmetric GPTQ and the other
-        # methods neither. GPTQ's gptaq waits for resolve_gptq_grid, which knows whether the model is MoE.
+        # methods neither. GPTQ's gptaq with zero points waits for resolve_gptq_grid, which knows whether the
+        # model is MoE.
         if self.mse is None and (self.method != "gptq" or self.sym is not None):
             object.__setattr__(self, "mse", self.method == "gptq" and not self.sym)
-        if self.gptaq is None and self.method != "gptq":
+        if self.gptaq is None and (self.method != "gptq" or self.sym):
             object.__setattr__(self, "gptaq", False)
         if self.desc_act is None:
             object.__setattr__(self, "desc_act", self.method == "gptq")
@@ -472,7 +473,8 @@ def marlin_misfits(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list
         reasons.append(
             f"group size {cfg.group_size} is not one Marlin takes ({', '.join(map(str, MARLIN_GROUP_SIZES))})"
         )
-    seen = set()
+    # (dimension, size, multiple) -> the kinds of layer (per-block names collapsed) that miss it
+    misses: dict[tuple[str, int, int], list[str]] = {}
     for name, (out_f, in_f) in shapes.items():
         checks = (
             ("out_features", out_f, MARLIN_OUT_MULTIPLE),
@@ -480,10 +482,13 @@ def marlin_misfits(cfg: QuantConfig, shapes: dict[str, tuple[int, int]]) -> list
             ("in_features", in_f, cfg.group_size if cfg.group_size and cfg.group_size > 0 else 1),
         )
         for dim, size, multiple in checks:
-            key = (_suffix(name), dim, multiple)
-            if size % multiple and key not in seen:
-                seen.add(key)
-                reasons.append(f"{_suffix(name)} {dim} {size} is not a multiple of {multiple}")
+            kinds = misses.setdefault((dim, size, multiple), [])
+            if size % multiple and _suffix(name) not in kinds:
+                kinds.append(_suffix(name))
+    for (dim, size, multiple), kinds in misses.items():
+        if kinds:
+            more = f" and {len(kinds) - 1} more kind(s) of layer" if len(kinds) > 1 else ""
+            reasons.append(f"{kinds[0]}{more}: {dim} {size} is not a multiple of {multiple}")
     return reasons
 
 

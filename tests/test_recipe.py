@@ -30,7 +30,8 @@ def test_valid_recipe_and_env(tmp_path, monkeypatch):
     r = load_recipe(write(tmp_path, BASE))
     assert r.output == "/data/runs/x"
     cfg = r.quant_config()
-    assert cfg.method == "gptq" and cfg.group_size == 64 and cfg.n_samples == 8 and cfg.sym is True
+    assert cfg.method == "gptq" and cfg.group_size == 64 and cfg.n_samples == 8
+    assert cfg.sym is None and cfg.mse is None and cfg.gptaq is None  # automatic: resolved with the shapes
     assert r.eval.windows == 2 and r.eval.gates.max_ppl_increase == 0.2
     assert r.serve_smoke.prompts == ("hi",)
 

@@ -56,6 +56,9 @@ def test_run_end_to_end(tmp_path, tiny_llama_dir, method):
     report = json.loads((rep_dir / "run_report.json").read_text())
     assert report["ok"] is True
     assert [s["status"] for s in report["stages"]] == ["ok", "ok", "ok", "ok"]
+    # The recipe leaves the grid automatic: the report records it resolved (64-wide model: not Marlin).
+    grid = {k: report["quant_config"][k] for k in ("group_size", "sym", "mse", "gptaq")}
+    assert grid == {"group_size": 32, "sym": False, "mse": method == "gptq", "gptaq": method == "gptq"}
     ppl = report["stages"][2]["detail"]["ppl"]["wikitext2"]
     assert ppl["original"]["windows"] == ppl["quantized"]["windows"] == 2
     assert report["gates"] and report["gates"][0]["passed"]
@@ -67,7 +70,9 @@ def test_run_end_to_end(tmp_path, tiny_llama_dir, method):
     # A second run reuses the finished checkpoint instead of failing on the existing output.
     again = CliRunner().invoke(cli, ["run", str(recipe), "--quiet", "--set", "serve_smoke.enabled=false"])
     assert again.exit_code == 0, again.output
-    assert json.loads((rep_dir / "run_report.json").read_text())["stages"][0]["status"] == "reused"
+    reused = json.loads((rep_dir / "run_report.json").read_text())
+    assert reused["stages"][0]["status"] == "reused"
+    assert {k: reused["quant_config"][k] for k in grid} == grid
 
 
 def test_failing_gate_gives_exit_code_and_report(tmp_path, tiny_llama_dir):

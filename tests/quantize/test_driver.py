@@ -193,9 +193,9 @@ def test_gptq_with_awq_scales_folds_them_and_still_serves_the_float_model(tmp_pa
 
 def test_shared_hessians_equal_separately_accumulated_ones(tmp_path, models, calib, monkeypatch):
     """q/k/v (and gate/up) read one input: accumulating H once must change nothing."""
-    quantize_tiny(models["llama"], tmp_path / "shared", calib, "gptq")
+    quantize_tiny(models["llama"], tmp_path / "shared", calib, "gptq", sym=True)
     monkeypatch.setattr(ArchSpec, "input_owners", property(lambda self: {}))
-    quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq")
+    quantize_tiny(models["llama"], tmp_path / "separate", calib, "gptq", sym=True)
     a, b = read_tensors(tmp_path / "shared"), read_tensors(tmp_path / "separate")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -240,7 +240,8 @@ def test_skip_first_leaves_each_windows_leading_tokens_out_of_the_hessians(
     for skip in (0, 3):
         seen[skip] = []
         quantize_tiny(  # weight 1: the rows reach the solvers unscaled, so they compare exactly
-            models["llama"], tmp_path / f"skip{skip}", calib, "gptq", skip_first=skip, first_token_weight=1.0
+            models["llama"], tmp_path / f"skip{skip}", calib, "gptq", skip_first=skip, first_token_weight=1.0,
+            sym=True,  # no gptaq: `record` takes the quantized inputs only
         )
     assert {x.shape[-2] for _, x in seen[3]} == {32 - 3}
     assert {x.shape[-2] for _, x in seen[0]} == {32}
@@ -254,7 +255,7 @@ def test_skip_first_leaves_each_windows_leading_tokens_out_of_the_hessians(
 
 
 def test_skip_first_is_checked_and_fingerprinted(tmp_path):
-    base = dict(model="m", output="o", method="gptq", seqlen=16)
+    base = dict(model="m", output="o", method="gptq", seqlen=16, sym=True)
     assert QuantConfig(**base, skip_first=1).fingerprint_dict() != QuantConfig(**base).fingerprint_dict()
     with pytest.raises(ConfigError, match="skip_first=16"):
         QuantConfig(**base, skip_first=16)
@@ -296,7 +297,7 @@ def test_first_token_weight_scales_each_windows_first_rows_in_the_hessians(tmp_p
 
 
 def test_first_token_weight_is_checked_and_fingerprinted():
-    base = dict(model="m", output="o", method="gptq", seqlen=16)
+    base = dict(model="m", output="o", method="gptq", seqlen=16, sym=True)
     assert (
         QuantConfig(**base, first_token_weight=0.5).fingerprint_dict()
         != QuantConfig(**base, first_token_weight=1.0).fingerprint_dict()
@@ -401,8 +402,8 @@ def test_run_that_does_not_fit_in_memory_is_refused(tmp_path, models, calib, mon
     monkeypatch.setattr("qserve.quantize.memory.available_bytes", lambda device: 100 * 1024**2)
     with pytest.raises(
         ResourceError, match=r"needs ~.* GiB .* of 0.10 GiB available on cpu; this run will not fit"
-    ):
-        quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq")
+    ):  # symmetric: no gptaq, whose estimate adds a note on where the float inputs go
+        quantize_tiny(models["llama"], tmp_path / "out", calib, "gptq", sym=True)
 
 
 def test_memory_estimate_grows_with_calibration_tokens(models):
@@ -492,15 +493,19 @@ def test_eval_compares_original_and_quantized_on_the_same_windows(tmp_path, mode
 
 
 def test_config_defaults_follow_each_ecosystem():
-    assert QuantConfig(model="m", output="o", method="gptq").sym is True
+    # GPTQ's sym (and mse/gptaq with it) waits for the layer shapes: test_gptq_auto_grid.py.
+    assert QuantConfig(model="m", output="o", method="gptq").sym is None
     assert QuantConfig(model="m", output="o", method="awq").sym is False
     assert QuantConfig(model="m", output="o", method="awq").format == "awq"
     assert QuantConfig(model="m", output="o", method="rtn").format == "gptq"
     assert QuantConfig(model="m", output="o", method="gptq").calib_mode == "windows"
     assert QuantConfig(model="m", output="o", method="awq").calib_mode == "concat"
-    # GPTQ's measured defaults: act-order on the symmetric (Marlin) grid.
-    gptq = QuantConfig(model="m", output="o", method="gptq")
+    # GPTQ's measured defaults: act-order; on the symmetric (Marlin) grid neither MSE nor gptaq, with zero
+    # points MSE (and gptaq, resolved with the shapes, which say whether the model is MoE).
+    gptq = QuantConfig(model="m", output="o", method="gptq", sym=True)
     assert (gptq.desc_act, gptq.static_groups, gptq.mse, gptq.gptaq) == (True, False, False, False)
+    gptq = QuantConfig(model="m", output="o", method="gptq", sym=False)
+    assert (gptq.desc_act, gptq.static_groups, gptq.mse, gptq.gptaq) == (True, False, True, None)
     assert gptq.resolved_first_token_weight() == 1.0
     awq = QuantConfig(model="m", output="o", method="awq")
     assert (awq.desc_act, awq.mse) == (False, False)
@@ -510,7 +515,7 @@ def test_config_defaults_follow_each_ecosystem():
 def test_gptq_run_says_which_settings_are_in_force_and_why():
     from qserve.quantize.config import gptq_settings_line
 
-    line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq"))
+    line = gptq_settings_line(QuantConfig(model="m", output="o", method="gptq", sym=True))
     assert line.startswith(
         "gptq: symmetric (absmax scale), act-order, min/max ranges, first-token weight 1, damp 0.01."
     )
@@ -640,6 +645,6 @@ def test_gptaq_one_float_pass_equals_a_float_pass_per_group(tmp_path, models, ca
     assert sum(u == [] for u in calls) == len(held_calls)
     a, b = read_tensors(tmp_path / "held"), read_tensors(tmp_path / "per-group")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq")
+    quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq", gptaq=False)  # zero points' default is on
     plain = read_tensors(tmp_path / "plain")
     assert any(not torch.equal(a[k], plain[k]) for k in a if k.endswith("qweight"))

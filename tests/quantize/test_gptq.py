@@ -281,7 +281,7 @@ def test_mse_is_a_gptq_option():
 
     with pytest.raises(ConfigError, match="mse is a GPTQ option"):
         QuantConfig(model="m", output="o", method="awq", group_size=64, mse=True)
-    assert QuantConfig(model="m", output="o", method="gptq", mse=True).fingerprint_dict()["mse"] is True
+    assert QuantConfig(model="m", output="o", method="gptq", sym=True, mse=True).fingerprint_dict()["mse"] is True
 
 
 # --- asymmetric calibration (GPTAQ) ----------------------------------------------------------------
@@ -342,7 +342,8 @@ def test_gptaq_is_a_gptq_option():
 
     with pytest.raises(ConfigError, match="gptaq is a GPTQ option"):
         QuantConfig(model="m", output="o", method="awq", group_size=64, gptaq=True)
-    assert QuantConfig(model="m", output="o", method="gptq", gptaq=True).fingerprint_dict()["gptaq"] is True
+    cfg = QuantConfig(model="m", output="o", method="gptq", sym=True, gptaq=True)
+    assert cfg.fingerprint_dict()["gptaq"] is True
 
 
 # --- how a symmetric group's scale covers its range -------------------------------------------------
@@ -406,7 +407,9 @@ def test_sym_scale_config():
     from qserve.quantize.config import QuantConfig
 
     assert qc.SYM_SCALES == SYM_SCALES  # restated in the torch-free config module
-    assert QuantConfig(model="m", output="o", method="gptq").sym_scale == qc.DEFAULT_SYM_SCALE
+    assert QuantConfig(model="m", output="o", method="gptq", sym=True).sym_scale == qc.DEFAULT_SYM_SCALE
+    # GPTQ's automatic grid gets the default scale once it resolves to symmetric (test_gptq_auto_grid.py).
+    assert QuantConfig(model="m", output="o", method="gptq").sym_scale is None
     assert QuantConfig(model="m", output="o", method="rtn", sym=True).sym_scale == qc.DEFAULT_SYM_SCALE
     assert QuantConfig(model="m", output="o", method="gptq", sym=False).sym_scale is None
     assert QuantConfig(model="m", output="o", method="awq", group_size=64).sym_scale is None

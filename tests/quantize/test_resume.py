@@ -55,12 +55,17 @@ def _assert_same_tensors(a, b):
     assert not different, different
 
 
-@pytest.mark.parametrize("gptaq, awq_scales", [(False, False), (True, False), (False, True)])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq, awq_scales):
+@pytest.mark.parametrize(
+    "sym, gptaq, awq_scales", [(True, False, False), (True, True, False), (True, False, True), (None, None, False)]
+)
+def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, sym, gptaq, awq_scales):
     """With --gptaq the float model's activations are saved and restored beside the quantized ones;
-    with --awq-scales the folded norms of finished blocks come back from disk."""
+    with --awq-scales the folded norms of finished blocks come back from disk. Without grid flags
+    (sym/gptaq None) the automatic grid (zero points + MSE + gptaq on this 64-wide model) resolves the
+    same way in the resumed run."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    flags = {"gptaq": gptaq, "awq_scales": awq_scales, "n_grid": 4}
+    grid = {k: v for k, v in (("sym", sym), ("gptaq", gptaq)) if v is not None}
+    flags = {**grid, "awq_scales": awq_scales, "n_grid": 4}
     quantize_tiny(model4, whole, calib, "gptq", desc_act=True, **flags)
 
     script = tmp_path / "child.py"
@@ -78,7 +83,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq, aw
         str(calib),
     ]
     args += ["--n-samples", "4", "--seqlen", "32", "--device", "cpu", "--no-eval", "--quiet"]
-    args += ["--gptaq"] if gptaq else []
+    args += [] if sym is None else ["--sym" if sym else "--asym"]
+    args += [] if gptaq is None else ["--gptaq" if gptaq else "--no-gptaq"]
     args += ["--awq-scales"] if awq_scales else []
     args += ["--n-grid", "4"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -100,6 +106,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model4, calib, gptaq, aw
     assert not (tmp_path / "killed.partial").exists()
     # Logs of the blocks done before the kill come back from disk.
     assert report.blocks[0]["layers"][0]["layer"] == "self_attn.q_proj"
+    if sym is None:
+        assert (report.config["sym"], report.config["mse"], report.config["gptaq"]) == (False, True, True)
 
 
 class _Crash(Exception):
