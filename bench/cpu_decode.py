@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--llama-venv", type=Path, default=None,
                     help="venv with llama-cpp-python (default: $LLAMA_VENV, else ../llama-venv)")  # fmt: skip
     ap.add_argument(
+        "--llama-extra-bufts",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llama.cpp's extra CPU buffer types (AMX, weight repacking): auto = on unless a probe run crashes "
+        "(the AMX matmul segfaults on some machines), then off (%(default)s)",
+    )
+    ap.add_argument(
         "--systems", default=",".join(SYSTEMS), help="comma-separated subset of packed,dense,llama"
     )
     ap.add_argument("--threads", type=int, default=2)
@@ -124,10 +131,13 @@ def default_gguf() -> Path:
     return _embedded_gguf_path(EMBEDDED_MODELS["smollm2-135m"])
 
 
-def call_llama(python: Path, request: dict) -> dict:
+def call_llama(python: Path, request: dict, check: bool = True) -> dict | None:
+    """The worker's JSON row; with check=False, None when it failed (a crash in llama.cpp included)."""
     proc = subprocess.run([str(python), str(LLAMA_WORKER)], input=json.dumps(request), capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": str(request.get("threads", 1))})  # fmt: skip
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LLAMA_WORKER ")), None)
+    if not check and (proc.returncode != 0 or line is None):
+        return None
     if proc.returncode != 0 or line is None:
         raise SystemExit(
             f"llama.cpp worker ({request['mode']}) failed, exit {proc.returncode}:\n{proc.stderr[-3000:]}"
@@ -271,10 +281,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         n_ctx = max(len(p) for p in [*prompt_ids, warmup_ids]) + args.max_tokens + 16
         common = {"threads": args.threads, "max_tokens": args.max_tokens, "prompts": prompt_ids,
                   "warmup": warmup_ids, "warmup_tokens": WARMUP_TOKENS, "n_ctx": n_ctx}  # fmt: skip
+        if llama:
+            llama["extra_bufts"] = args.llama_extra_bufts != "off"
+            if args.llama_extra_bufts == "auto":
+                req = {**common, "mode": "probe", "gguf": llama.get("decode_gguf", str(llama["gguf"]))}
+                if call_llama(llama["python"], req, check=False) is None:
+                    llama["extra_bufts"] = False
+                    llama["extra_bufts_note"] = (
+                        "the probe with extra buffer types (AMX, repack) crashed: measured without"
+                    )
+                    print("llama.cpp: " + llama["extra_bufts_note"], flush=True)
         for r in range(args.repeats):
             for system in args.systems:
                 if system == "llama":
-                    row = call_llama(llama["python"], {"mode": "decode", **common,
+                    row = call_llama(llama["python"], {"mode": "decode", **common, "extra_bufts": llama["extra_bufts"],
                                                        "gguf": llama.get("decode_gguf", str(llama["gguf"]))})  # fmt: skip
                 else:
                     row = call_qserve(system, {"model": str(models[system]), **common})

@@ -3,7 +3,12 @@
 Reads one JSON request on stdin and prints one line `LLAMA_WORKER {json}`. Modes:
   info      llama_cpp's version and llama.cpp's system-info line (the ISA it was built for)
   quantize  requantize `gguf` to llama.cpp type `quant` (Q4_0, Q8_0, ...) at `out`
+  probe     load `gguf` and evaluate a few tokens: a build whose extra CPU buffer types crash (the AMX
+            matmul segfaults on some machines) dies here, not in the measurement
   decode    batch-1 greedy decode of each prompt (token ids) for `max_tokens` tokens, EOS ignored
+
+`extra_bufts` false loads the model with llama_model_params.use_extra_bufts off: no AMX and no weight
+repacking (llama.cpp's --no-repack), the plain ggml CPU matmuls.
 
 Decode runs llama.cpp's own forward (`Llama.eval`) one token at a time and takes the argmax of the
 last logits row, so every prompt yields exactly `max_tokens` tokens whatever the model samples.
@@ -61,6 +66,32 @@ def quantize(req: dict) -> dict:
     }
 
 
+def load(req: dict):
+    import llama_cpp
+    import llama_cpp.llama_cpp as low  # what Llama() calls for its model parameters
+
+    if not req.get("extra_bufts", True):
+        default_params = low.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = params
+    return llama_cpp.Llama(
+        req["gguf"], n_ctx=req["n_ctx"], n_batch=512, n_threads=req["threads"], n_threads_batch=req["threads"],
+        logits_all=False, verbose=False,
+    )  # fmt: skip
+
+
+def probe(req: dict) -> dict:
+    llm = load(req)
+    llm.eval(req["warmup"])
+    llm.eval(req["warmup"][:1])
+    return {"ok": True}
+
+
 def decode(req: dict) -> dict:
     import llama_cpp
     import numpy as np
@@ -68,10 +99,7 @@ def decode(req: dict) -> dict:
     llama_cpp.llama_backend_init()
     before = rss_bytes()
     start = time.perf_counter()
-    llm = llama_cpp.Llama(
-        req["gguf"], n_ctx=req["n_ctx"], n_batch=512, n_threads=req["threads"], n_threads_batch=req["threads"],
-        logits_all=False, verbose=False,
-    )  # fmt: skip
+    llm = load(req)
     load_s = time.perf_counter() - start
     n_vocab = llm.n_vocab()
     eos = llama_cpp.llama_vocab_eos(llama_cpp.llama_model_get_vocab(llm.model))
@@ -113,7 +141,7 @@ def decode(req: dict) -> dict:
 
 def main() -> None:
     req = json.loads(sys.stdin.read())
-    row = {"info": info, "quantize": quantize, "decode": decode}[req["mode"]](req)
+    row = {"info": info, "quantize": quantize, "probe": probe, "decode": decode}[req["mode"]](req)
     print("LLAMA_WORKER " + json.dumps(row), flush=True)
 
 

@@ -38,6 +38,7 @@ def test_arguments(bench, monkeypatch):
     args = bench.parse_args(["--model", "ckpt"])
     assert args.systems == ["packed", "dense", "llama"] and args.threads == 2 and args.max_tokens == 128
     assert args.dense == "smollm2-135m" and args.quant is None and args.repeats == 3
+    assert args.llama_extra_bufts == "auto"
     assert args.llama_venv == BENCH.parents[2] / "llama-venv"
     monkeypatch.setenv("LLAMA_VENV", "/opt/lv")
     assert bench.parse_args(["--systems", "dense,llama"]).llama_venv == Path("/opt/lv")
@@ -54,6 +55,7 @@ def test_arguments(bench, monkeypatch):
         (["--systems", "dense", "--quant", "Q4_0"], "--quant applies to llama.cpp"),
         (["--model", "m", "--max-tokens", "1"], "--max-tokens must be >= 2"),
         (["--model", "m", "--threads", "0"], "--threads must be >= 1"),
+        (["--model", "m", "--llama-extra-bufts", "maybe"], "invalid choice: 'maybe'"),
     ],
 )
 def test_bad_arguments_are_named(bench, capsys, argv, message):
@@ -129,3 +131,13 @@ def test_qserve_only_run_writes_json(bench, tiny_llama_dir, tmp_path):
     assert saved["median"]["dense"]["decode_tok_s"] == run["summary"]["decode_tok_s"]
     assert saved["provenance"]["command"].startswith("python bench/cpu_decode.py --systems dense")
     assert "llama_cpp" not in saved and saved["max_tokens"] == 5
+
+
+def test_a_crashing_llama_worker(bench, tmp_path):
+    """A worker killed by llama.cpp (the AMX matmul's SIGSEGV) is None to the probe, a clear exit elsewhere."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "ggml: boom" >&2\nkill -SEGV $$\n')
+    python.chmod(0o755)
+    assert bench.call_llama(python, {"mode": "probe", "threads": 1}, check=False) is None
+    with pytest.raises(SystemExit, match=r"llama.cpp worker \(decode\) failed, exit -11:\nggml: boom"):
+        bench.call_llama(python, {"mode": "decode", "threads": 1})
