@@ -946,7 +946,11 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * rows, r = std::min(N, r0 + rows) - r0;
       at::Tensor tile = w.narrow(0, r0, r).to(at::kFloat);  // [r, K], one conversion of the tile
-      y.narrow(1, r0, r).copy_(at::mm(xf, tile.t()));
+      // Copy by pointer, not y.narrow(...).copy_(): worker threads do not inherit the caller's
+      // InferenceMode, and an in-place op on an inference tensor outside it throws (seen at 2 threads).
+      const at::Tensor part = at::mm(xf, tile.t()).contiguous();  // [M, r]
+      const float* pp = part.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + r0, pp + m * r, sizeof(float) * r);
     }
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -203,3 +203,20 @@ def test_auto_isa_is_the_best_the_cpu_has(monkeypatch):
     else:
         expected = "avx2" if ops.has_avx2() else "scalar"
     assert cpu_packed.isa_name() == expected
+
+
+def test_bf16_weight_kernel_tiles_under_inference_mode_on_two_threads(gen):
+    # Above the fused rows the bf16 kernel splits the weight into tiles over OpenMP threads. Worker threads
+    # do not inherit InferenceMode, so writing a tile's product into the (inference) output tensor with a
+    # tensor op threw there; the engine runs under inference_mode with 2 threads (a 4-bit model's LM head
+    # on a prefill-sized batch).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(4096, 576, generator=gen).bfloat16()  # several tiles
+        x = torch.randn(64, 576, generator=gen)
+        with torch.inference_mode():
+            y = cpu_packed.linear_bf16_weight(x, w)
+        torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4 * 576**0.5)
+    finally:
+        torch.set_num_threads(threads)
