@@ -9,6 +9,7 @@ present, else `prefix.weight`, so partially quantized checkpoints (`modules_to_n
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,15 +283,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later), where oneDNN runs torch's bf16 GEMMs.
+
+    QSERVE_CPU_AUTO_DTYPE=float32|bfloat16 overrides what `auto` picks on the CPU (the test suite pins
+    float32 so that its exact comparisons with transformers do not depend on the machine)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+CPU_AUTO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """'auto': the checkpoint's half dtype on CUDA (bf16 for fp32 checkpoints); float32 on CPU, because
-    this project's CPUs (AVX2, no AVX512-BF16/AMX) run bf16 GEMMs ~5x slower than fp32 at batch 64
-    (measured: 21 ms vs 4.5 ms for SmolLM2's MLP at M=64), which outweighs bf16's halved weight reads."""
+    """'auto': the checkpoint's half dtype on CUDA (bf16 for fp32 checkpoints). On the CPU, bf16 for an
+    unquantized model where the CPU has AMX, else float32:
+    - with AMX (oneDNN's bf16 GEMMs), SmolLM2's 576x1536 GEMM ran 2.3x (M=8) to 3.7x (M=2048) faster in
+      bf16 than in fp32, and the engine's 64 x 128 ShareGPT load 1.9x (bench/RESULTS.md section 4);
+    - without it (AVX2, or AVX512-BF16 alone, unmeasured) bf16 GEMMs ran ~5x slower than fp32 at batch 64
+      (21 ms vs 4.5 ms for SmolLM2's MLP at M=64), which outweighs bf16's halved weight reads;
+    - a 4-bit checkpoint keeps fp32 activations: its C++ kernels were measured with them (int8 at decode).
+    QSERVE_CPU_AUTO_DTYPE overrides the CPU choice (cpu_has_amx_bf16)."""
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
     if device.type != "cuda":
+        forced = os.environ.get("QSERVE_CPU_AUTO_DTYPE", "").strip().lower()
+        if forced:
+            if forced not in CPU_AUTO_DTYPES:
+                raise ConfigError(
+                    f"QSERVE_CPU_AUTO_DTYPE={forced!r} is not one of {', '.join(CPU_AUTO_DTYPES)}; unset it or pick one"
+                )
+            return CPU_AUTO_DTYPES[forced]
+        if "quantization_config" not in hf_config and cpu_has_amx_bf16():
+            return torch.bfloat16
         return torch.float32
     declared = _DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or ""), torch.bfloat16)
     return declared if declared != torch.float32 else torch.bfloat16

@@ -242,6 +242,8 @@ def run_server(cfg) -> None:
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
     show_default=True,
+    help="Compute dtype. auto: the checkpoint's half dtype on CUDA; on the CPU bf16 for an unquantized "
+    "model where the CPU has AMX (oneDNN's bf16 GEMMs), else float32.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Engine seed for unseeded sampling.")
