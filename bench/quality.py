@@ -49,19 +49,25 @@ METHODS = {
     "rtn-asym": (["--method", "rtn", "--format", "gptq", "--asym"], None),
     "awq": (["--method", "awq"], "rtn-asym"),
     "gptq": (["--method", "gptq", "--desc-act", "--sym"], "rtn-sym"),
-    "gptq-asym": (["--method", "gptq", "--desc-act", "--asym"], "rtn-asym"),
+    # --asym alone now also turns on MSE ranges and gptaq (the zero-point defaults): these rows keep them off
+    "gptq-asym": (["--method", "gptq", "--desc-act", "--asym", "--no-mse", "--no-gptaq"], "rtn-asym"),
     "gptq-static": (["--method", "gptq", "--desc-act", "--static-groups", "--sym"], "rtn-sym"),
     # the first token of each calibration window (the attention sink) left out of the Hessians
     "gptq-skip1": (["--method", "gptq", "--desc-act", "--sym", "--skip-first", "1"], "rtn-sym"),
-    "gptq-asym-skip1": (["--method", "gptq", "--desc-act", "--asym", "--skip-first", "1"], "rtn-asym"),
+    "gptq-asym-skip1": (
+        ["--method", "gptq", "--desc-act", "--asym", "--no-mse", "--no-gptaq", "--skip-first", "1"],
+        "rtn-asym",
+    ),
     # each group's range from GPTQ's MSE search over shrunk [min, max] (--mse)
     "gptq-mse": (["--method", "gptq", "--desc-act", "--sym", "--mse"], "rtn-sym"),
-    "gptq-asym-mse": (["--method", "gptq", "--desc-act", "--asym", "--mse"], "rtn-asym"),
+    "gptq-asym-mse": (["--method", "gptq", "--desc-act", "--asym", "--mse", "--no-gptaq"], "rtn-asym"),
     # asymmetric calibration (--gptaq): each layer fitted to the float model's output
     "gptq-gptaq": (["--method", "gptq", "--desc-act", "--sym", "--gptaq"], "rtn-sym"),
     "gptq-asym-mse-gptaq": (["--method", "gptq", "--desc-act", "--asym", "--mse", "--gptaq"], "rtn-asym"),
-    # the defaults `qserve quantize --method gptq` runs with, whatever they are (symmetric grid)
-    "gptq-default": (["--method", "gptq"], "rtn-sym"),
+    # the defaults `qserve quantize --method gptq` runs with, whatever they are: on SmolLM2 (576-wide
+    # layers, which vLLM's Marlin kernel cannot run) zero points + MSE + gptaq, hence rtn-asym; a model
+    # that fits Marlin resolves to the symmetric grid and should be read against rtn-sym
+    "gptq-default": (["--method", "gptq"], "rtn-asym"),
     # symmetric act-order (the form vLLM's Marlin GPTQ kernel loads) with the range search, and each
     # calibration window's first (attention-sink) token down-weighted in the Hessians
     "gptq-sym-act-mse": (["--method", "gptq", "--desc-act", "--sym", "--mse"], "rtn-sym"),
