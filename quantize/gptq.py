@@ -99,7 +99,8 @@ class GPTQ:
             if self.cross is None:
                 self.cross = torch.zeros_like(self.hessian)
             self.cross.mul_(self.n_samples / total)
-            self.cross.addmm_(dx.sub_(x).t(), x, alpha=2.0 / total)
+            # out of place: `_rows` may return the caller's own tensor (fp32 on the device already)
+            self.cross.addmm_((dx - x).t(), x, alpha=2.0 / total)
         self.n_samples = total
 
     def take_hessian(self, other: GPTQ) -> None:

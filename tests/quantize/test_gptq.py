@@ -421,3 +421,17 @@ def test_sym_scale_config():
         QuantConfig(model="m", output="o", method="awq", sym=True, group_size=64, sym_scale="signed")
     with pytest.raises(ConfigError, match="sym_scale"):
         QuantConfig(model="m", output="o", method="gptq", sym_scale="max")
+
+
+def test_add_batch_leaves_the_float_inputs_untouched():
+    # asymmetric calibration: the float inputs may be the caller's tensor (fp32 on the device already);
+    # the cross term must not be formed by subtracting in place from it
+    gen = torch.Generator().manual_seed(0)
+    gptq = GPTQ(torch.randn(8, 16, generator=gen))
+    x = torch.randn(2, 5, 16, generator=gen)
+    xf = torch.randn(2, 5, 16, generator=gen)
+    before = xf.clone()
+    gptq.add_batch(x, xf)
+    torch.testing.assert_close(xf, before, rtol=0, atol=0)
+    rows, rows_f = x.reshape(-1, 16), xf.reshape(-1, 16)
+    torch.testing.assert_close(gptq.cross, 2.0 / 10 * (rows_f - rows).t() @ rows)
