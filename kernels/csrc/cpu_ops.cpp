@@ -7,7 +7,8 @@
 // runs these shapes on one thread at about a third of the machine's read bandwidth.
 //
 // paged_decode: one query token per sequence attending over its blocks of the paged KV cache, read in
-// place (the torch path must first gather each sequence's blocks into a padded tensor).
+// place (the torch path must first gather each sequence's blocks into a padded tensor); fp32 or bf16
+// caches (a bf16 model's), fp32 scores and accumulation either way.
 //
 // rope_write_kv: RoPE on the q and k heads of a fused qkv projection and the k/v write into the paged
 // cache in one pass (the torch path takes ~10 small ops per layer for it).
@@ -165,47 +166,20 @@ at::Tensor linear_small_m(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu(),
-              "qserve_cpu::paged_decode: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && key_cache.scalar_type() == at::kFloat &&
-                  value_cache.scalar_type() == at::kFloat,
-              "qserve_cpu::paged_decode: float32 only");
-  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
-              "qserve_cpu::paged_decode: q [S, H, D] and caches [blocks, block_size, KVH, D] expected, got ",
-              q.sizes(), ", ", key_cache.sizes(), " and ", value_cache.sizes());
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
-              "qserve_cpu::paged_decode: int32 block_tables and seq_lens expected");
-  TORCH_CHECK(q.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && seq_lens.is_contiguous(),
-              "qserve_cpu::paged_decode: contiguous tensors only");
-  const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t NB = key_cache.size(0), BS = key_cache.size(1), KVH = key_cache.size(2);
-  TORCH_CHECK(key_cache.size(3) == D && KVH > 0 && H % KVH == 0,
-              "qserve_cpu::paged_decode: ", H, " query heads of dim ", D, " over ", KVH, " kv heads of dim ",
-              key_cache.size(3));
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && seq_lens.numel() == S,
-              "qserve_cpu::paged_decode: one block table row and one length per sequence expected");
-  const int64_t MB = block_tables.size(1), G = H / KVH;
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  // Validate every block the kernel will read before any thread starts: a bad table is an error,
-  // never a read outside the cache.
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t len = lens[s];
-    TORCH_CHECK(len >= 1 && len <= MB * BS, "qserve_cpu::paged_decode: sequence ", s, " has length ", len,
-                " but its block table holds ", MB * BS, " slots");
-    for (int64_t b = 0; b < (len + BS - 1) / BS; ++b)
-      TORCH_CHECK(bt[s * MB + b] >= 0 && bt[s * MB + b] < NB, "qserve_cpu::paged_decode: sequence ", s,
-                  " block ", b, " is ", bt[s * MB + b], ", outside the cache's ", NB, " blocks");
-  }
-  at::Tensor out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = key_cache.data_ptr<float>();
-  const float* vp = value_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+// The decode kernel over caches of element type T (float or bfloat16), fp32 q, scores and accumulators.
+template <typename T>
+inline float dot_kv(const float* __restrict x, const T* __restrict w, int64_t D) {
+  float a = 0.f;
+#pragma omp simd reduction(+ : a)
+  for (int64_t k = 0; k < D; ++k) a += x[k] * static_cast<float>(w[k]);
+  return a;
+}
+
+template <typename T>
+void paged_decode_impl(const float* qp, const T* kp, const T* vp, float* op, const int32_t* bt,
+                       const int32_t* lens, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB,
+                       float sc) {
+  const int64_t G = H / KVH;
   // One task per (sequence, kv head): its G query heads share every K/V row they read (GQA).
   at::parallel_for(0, S * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores, acc(G * D);
@@ -215,8 +189,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const 
       const float* qs = qp + (s * H + kh * G) * D;  // G consecutive heads
       scores.resize(G * len);
       for (int64_t t = 0; t < len; ++t) {
-        const float* krow = kp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot1(qs + g * D, krow, D) * sc;
+        const T* krow = kp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot_kv(qs + g * D, krow, D) * sc;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < G; ++g) {  // softmax in place, max-subtracted
@@ -232,18 +206,69 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const 
         for (int64_t t = 0; t < len; ++t) row[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {
-        const float* vrow = vp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
+        const T* vrow = vp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
-          float* a = acc.data() + g * D;
+          float* acc_g = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * vrow[d];
+          for (int64_t d = 0; d < D; ++d) acc_g[d] += p * static_cast<float>(vrow[d]);
         }
       }
       std::copy(acc.begin(), acc.end(), op + (s * H + kh * G) * D);
     }
   });
-  return out;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu(),
+              "qserve_cpu::paged_decode: CPU tensors only");
+  const auto kv_type = key_cache.scalar_type();
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  (kv_type == at::kFloat || kv_type == at::kBFloat16) && value_cache.scalar_type() == kv_type,
+              "qserve_cpu::paged_decode: float32 or bfloat16 q and caches (both caches alike) expected, got ",
+              q.scalar_type(), ", ", kv_type, " and ", value_cache.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(),
+              "qserve_cpu::paged_decode: q [S, H, D] and caches [blocks, block_size, KVH, D] expected, got ",
+              q.sizes(), ", ", key_cache.sizes(), " and ", value_cache.sizes());
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
+              "qserve_cpu::paged_decode: int32 block_tables and seq_lens expected");
+  TORCH_CHECK(q.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  block_tables.is_contiguous() && seq_lens.is_contiguous(),
+              "qserve_cpu::paged_decode: contiguous tensors only");
+  const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = key_cache.size(0), BS = key_cache.size(1), KVH = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == D && KVH > 0 && H % KVH == 0,
+              "qserve_cpu::paged_decode: ", H, " query heads of dim ", D, " over ", KVH, " kv heads of dim ",
+              key_cache.size(3));
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && seq_lens.numel() == S,
+              "qserve_cpu::paged_decode: one block table row and one length per sequence expected");
+  const int64_t MB = block_tables.size(1);
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  // Validate every block the kernel will read before any thread starts: a bad table is an error,
+  // never a read outside the cache.
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t len = lens[s];
+    TORCH_CHECK(len >= 1 && len <= MB * BS, "qserve_cpu::paged_decode: sequence ", s, " has length ", len,
+                " but its block table holds ", MB * BS, " slots");
+    for (int64_t b = 0; b < (len + BS - 1) / BS; ++b)
+      TORCH_CHECK(bt[s * MB + b] >= 0 && bt[s * MB + b] < NB, "qserve_cpu::paged_decode: sequence ", s,
+                  " block ", b, " is ", bt[s * MB + b], ", outside the cache's ", NB, " blocks");
+  }
+  // bf16 q is widened once (S x H x D values); bf16 caches are read in place and widened per row.
+  const at::Tensor qf = q.scalar_type() == at::kFloat ? q : q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(qf);
+  const float sc = static_cast<float>(scale);
+  if (kv_type == at::kFloat) {
+    paged_decode_impl<float>(qf.data_ptr<float>(), key_cache.data_ptr<float>(), value_cache.data_ptr<float>(),
+                             out.data_ptr<float>(), bt, lens, S, H, KVH, D, BS, MB, sc);
+  } else {
+    paged_decode_impl<c10::BFloat16>(qf.data_ptr<float>(), key_cache.data_ptr<c10::BFloat16>(),
+                                     value_cache.data_ptr<c10::BFloat16>(), out.data_ptr<float>(), bt, lens, S,
+                                     H, KVH, D, BS, MB, sc);
+  }
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 // Rotate-half RoPE of one head: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), halves of length `half`.

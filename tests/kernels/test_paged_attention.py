@@ -193,15 +193,27 @@ def test_cpu_single_sequence_decode(ctx, gen, cpu_path):
     torch.testing.assert_close(got, d.expected, **attention_tolerances(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("specs", [DECODES, [(300, 1), (1, 1), (129, 1)]])
-def test_cpp_decode_reads_only_the_context(specs, gen):
+def test_cpp_decode_reads_only_the_context(specs, dtype, gen):
     # The C++ kernel reads blocks in place and only up to each length, so NaN in every unwritten
-    # slot (including the tail of each last block) must not reach the output.
+    # slot (including the tail of each last block) must not reach the output. bf16 caches (a bf16
+    # model's) are read in place too, with fp32 scores and accumulation.
     if not cpu_ext.available():
         pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
-    d = make_batch(specs, 9, 3, 64, 16, torch.float32, gen, junk=float("nan"))
+    d = make_batch(specs, 9, 3, 64, 16, dtype, gen, junk=float("nan"))
+    assert d.key_cache.dtype == dtype and d.q.dtype == dtype
     got = cpu_ext.paged_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens, d.scale)
-    torch.testing.assert_close(got, d.expected, **attention_tolerances(torch.float32))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), d.expected, **attention_tolerances(dtype))
+
+
+def test_cpp_decode_refuses_mixed_cache_dtypes(gen):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    d = make_batch([(20, 1)], 4, 2, 16, 8, torch.float32, gen, junk=0.0)
+    with pytest.raises(RuntimeError, match="both caches alike"):
+        cpu_ext.paged_decode(d.q, d.key_cache, d.value_cache.bfloat16(), d.block_tables, d.seq_lens, d.scale)
 
 
 def test_cpp_decode_rejects_tables_that_point_outside_the_cache(gen):
