@@ -33,8 +33,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+# $QSERVE_DATA (as everywhere in qserve), else ../shared/data beside the checkout
 DEFAULT_DATASET = (
-    Path(__file__).resolve().parents[2] / "shared/data/prompts/sharegpt/sharegpt_v3_first500.json"
+    Path(os.environ.get("QSERVE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    / "prompts/sharegpt/sharegpt_v3_first500.json"
 )
 # vLLM's ShareGPT filter: drop a conversation whose prompt or answer is shorter than MIN_TOKENS, whose
 # prompt is longer than --max-prompt-len (1024), or whose prompt + answer exceed MAX_TOTAL_TOKENS.

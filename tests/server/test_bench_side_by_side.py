@@ -228,12 +228,13 @@ def test_vllm_cli_answers_for_the_cpu_wheel(monkeypatch):
     assert cli.version("vllm") == "0.33.0"
 
 
-def test_each_rate_samples_its_own_prompts_unless_asked_not_to(bench, tmp_path):
+def test_each_rate_samples_its_own_prompts_unless_asked_not_to(bench, tmp_path, dataset):
     """A later rate must not replay the prompts an earlier one left in the servers' prefix caches."""
-    args = bench.parse_side_by_side(["--rates", "1,2,4", "--seed", "5", "--vllm-venv", str(tmp_path)])
+    data = ["--dataset", str(dataset)]
+    args = bench.parse_side_by_side(["--rates", "1,2,4", "--seed", "5", "--vllm-venv", str(tmp_path), *data])
     assert [bench.rate_seed(args, r) for r in (1.0, 2.0, 4.0)] == [5, 6, 7]
     assert bench.rate_seed(args, 0.3) == 5  # the overload rate, outside the curve
     command = bench.vllm_bench_command(Path("py"), "http://h", args, 4.0, tmp_path, "r.json", tmp_path)
     assert command[command.index("--seed") + 1] == "7"
-    same = bench.parse_side_by_side(["--rates", "1,2", "--same-prompts", "--vllm-venv", str(tmp_path)])
+    same = bench.parse_side_by_side(["--rates", "1,2", "--same-prompts", "--vllm-venv", str(tmp_path), *data])
     assert [bench.rate_seed(same, r) for r in (1.0, 2.0)] == [0, 0]
