@@ -28,7 +28,9 @@ log = logging.getLogger("qserve.serve.api")
 
 EVENT_LOOP = "asyncio"
 HTTP_PROTOCOL = "h11"
-# After the grace period, how long uvicorn waits for the cancelled requests' connections to close.
+# Once drained, how long uvicorn waits for the idle connections to close. When the drain is cut short
+# (grace period over, or a second signal) it waits 0 s: the requests still running are cancelled at once,
+# so `--shutdown-timeout N` means their streams end N s after SIGTERM, not N s plus this wait.
 _CANCEL_WAIT = 2.0
 # Signals closer together than this count as one: a person's second Ctrl-C comes later than that.
 _SAME_SIGNAL_S = 0.5
@@ -66,8 +68,15 @@ class DrainingServer(uvicorn.Server):
         elif sig == signal.SIGINT and self.should_exit:
             self.force_exit = True  # a third Ctrl-C: stop waiting for anything
         else:  # a second signal: stop draining now, aborting what is still running
-            self.drain.cut_short = self.drain.in_flight > 0
-            self.should_exit = True
+            self._cut(self.drain.in_flight > 0)
+
+    def _cut(self, requests_left: bool) -> None:
+        """Stop now; requests still in flight are cancelled by uvicorn's shutdown without its usual wait
+        (their engine requests are aborted as the cancelled handlers unwind). Signal-handler safe."""
+        self.drain.cut_short = requests_left
+        if requests_left:
+            self.config.timeout_graceful_shutdown = 0.0
+        self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         state = self.drain
@@ -80,10 +89,9 @@ class DrainingServer(uvicorn.Server):
                 log.info("drained: no request in flight; shutting down")
                 self.should_exit = True
             elif time.monotonic() >= (state.deadline or 0.0):
-                state.cut_short = True
                 log.warning("grace period of %g s over with %d request(s) still in flight: aborting them",
                             state.timeout, state.in_flight)  # fmt: skip
-                self.should_exit = True
+                self._cut(True)
         if self.should_exit and not state.draining:
             state.begin(0.0)  # shutting down for another reason: refuse new requests meanwhile
         return await super().on_tick(counter)
