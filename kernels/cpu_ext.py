@@ -147,6 +147,30 @@ def paged_decode(*args) -> torch.Tensor:
     return torch.ops.qserve_cpu.paged_decode(*args)
 
 
+def paged_prefill(*args) -> torch.Tensor:
+    """(q [T, H, D], key_cache, value_cache, block_tables int32, query_start_loc int32, seq_lens int32,
+    scale) -> [T, H, D]: a mixed batch of prefill chunks and decodes, causal, over the paged cache read in
+    place (`torch_attention.paged_attention_torch`)."""
+    return torch.ops.qserve_cpu.paged_prefill(*args)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., N] (fp32 or bf16, contiguous) by weight [N] in one pass, fp32 arithmetic, rounded
+    as the torch path rounds (`serve.model.RMSNorm`)."""
+    return torch.ops.qserve_cpu.rms_norm(x, weight, eps)
+
+
+def usable_low_precision(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled ops that also take bf16 can take these: one dtype (fp32 or bf16), contiguous,
+    on the CPU, and built."""
+    dtype = tensors[0].dtype
+    return (
+        dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and available()
+    )
+
+
 def rope_write_kv(*args) -> torch.Tensor:
     """(qkv [T, (H + 2 KVH) D], cos [T, D/2], sin [T, D/2], key_cache, value_cache, slot_mapping int64,
     num_heads) -> rotated q [T, H, D]; the rotated k and v land in the caches (`ops.rope_and_write_kv`)."""

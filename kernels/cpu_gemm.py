@@ -25,6 +25,8 @@ AVX-512 machine of 2026-12-01 (2 threads, same forward's GEMMs; `torch.sum` over
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -74,3 +76,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.bmm(x2.expand(SPLIT_WAYS, rows, in_features), parts)  # [T, rows, out/T]
     y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
+
+
+def onednn_bf16_packing() -> bool:
+    """Whether bf16 weights on the CPU are held in oneDNN's blocked layout (`DenseLinear`): torch was built
+    with oneDNN, this CPU has its bf16 GEMMs (AVX512-BF16 or AMX), and QSERVE_CPU_ONEDNN_PACK is not 0.
+
+    Measured on the AMX machine (2026-12-03, 2 threads, SmolLM2-135M's 120 GEMMs per forward, ms):
+
+        rows M        1      3      7     64    200    512   2048
+        F.linear   19.1   17.3   17.9   36.9    124    271   ~760
+        packed     10.6   10.2   11.3   27.7    103    269   ~750
+
+    `F.linear` reorders the plain weight into that layout on every call; at decode sizes that is most of
+    the time. (qserve's own bf16 GEMV kernel, which the plain path takes for M <= 2, is ~20 ms at M=1.)"""
+    if os.environ.get("QSERVE_CPU_ONEDNN_PACK", "1") == "0":
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without these ops: the plain path
+        return False
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] (bf16, CPU) reordered into oneDNN's blocked layout (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the weight as `onednn_pack` left it; x in bf16 (other dtypes are
+    computed in bf16 and returned in theirs)."""
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    if rows == 0:
+        return x.new_zeros(*x.shape[:-1], out_features)
+    x2 = x.reshape(rows, in_features)
+    dtype = x2.dtype
+    if dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
+    y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], out_features).to(dtype)

@@ -213,7 +213,7 @@ def rope_and_write_kv(
     flat slots (-1 skips); returns the rotated q [T, H, D]."""
     n = qkv.shape[0]
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    if cpu_ext.usable(qkv, key_cache, value_cache):
+    if cpu_ext.usable_low_precision(qkv, key_cache, value_cache) and cos.dtype in (torch.float32, qkv.dtype):
         return cpu_ext.rope_write_kv(
             qkv,
             cos.reshape(n, -1).contiguous(),

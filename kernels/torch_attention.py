@@ -276,6 +276,19 @@ def paged_attention_torch(
     is_decode = q_lens == 1
     if bool(is_decode.all()):
         return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale, window)
+    if causal and window is None and q.shape[0] and _cpp_decode_takes(q.contiguous(), key_cache, value_cache):
+        # The whole mixed batch in one C++ call, blocks read in place, each query over its causal prefix.
+        # SmolLM2's heads, bf16, 2 threads, one layer (AMX machine, 2026-12-03): a 1000-token prompt
+        # 84 ms through the SDPA calls below, 31 ms this way; 300 tokens 7.0 vs 2.8; 83 tokens 1.06 vs 0.26.
+        return cpu_ext.paged_prefill(
+            q.contiguous(),
+            key_cache,
+            value_cache,
+            block_tables.to(torch.int32).contiguous(),
+            query_start_loc.to(torch.int32).contiguous(),
+            seq_lens.to(torch.int32).contiguous(),
+            float(scale),
+        )
     out = torch.empty_like(q)
     decode_ids = torch.nonzero(is_decode).flatten()
     if decode_ids.numel():

@@ -78,12 +78,27 @@ class PackedLinear:
 
 
 class DenseLinear(nn.Module):
+    """An unquantized Linear (or a 4-bit one dequantized at load where no packed kernel takes it).
+
+    A bf16 weight on a CPU whose oneDNN has bf16 GEMMs (AVX512-BF16/AMX) is reordered once, at load, into
+    oneDNN's blocked layout (`cpu_gemm.onednn_bf16_packing`) and held only in that form: every GEMM then
+    skips the per-call reorder of the plain weight that `F.linear` pays. `weight` stays as a meta tensor
+    with the shape and dtype, so code that asks for them still can."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.packed: torch.Tensor | None = None  # oneDNN's opaque blocked weight, or None
+        self.packed_bytes = 0
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_gemm.onednn_bf16_packing():
+            self.packed = cpu_gemm.onednn_pack(weight)
+            self.packed_bytes = weight.numel() * weight.element_size()
+            weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_gemm.onednn_linear(x, self.packed, self.bias, self.weight.shape[0])
         return cpu_gemm.linear(x, self.weight, self.bias)
 
 
@@ -379,7 +394,9 @@ def resident_weight_bytes(model: nn.Module) -> int:
     for t in model.parameters():
         add(t)
     for module in model.modules():
-        if isinstance(module, CpuQuantLinear):
+        if isinstance(module, DenseLinear):
+            total += module.packed_bytes  # 0 unless the weight lives in oneDNN's layout (its meta one adds 0)
+        elif isinstance(module, CpuQuantLinear):
             for w in module.weights:
                 for t in (w.qdata, w.scales, w.zeros, w.perm):
                     add(t)

@@ -208,6 +208,54 @@ def test_cpp_decode_reads_only_the_context(specs, dtype, gen):
     torch.testing.assert_close(got.float(), d.expected, **attention_tolerances(dtype))
 
 
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (8, 1, 64), (32, 8, 128), (6, 2, 256), (6, 2, 48), (70, 1, 64)],
+)
+def test_cpp_decode_bodies(heads, kv_heads, head_dim, dtype, generic, gen):
+    # Head dims 64/128/256 take the register-blocked AVX-512 body where the CPU has it (query heads
+    # per kv head 1 to 8 span one or several register blocks); 48, and 70 heads per kv head, always
+    # take the generic loop; `generic=True` forces that loop. Contexts cover a partial 16-wide tail.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    d = make_batch([(300, 1), (1, 1), (17, 1), (129, 1)], heads, kv_heads, head_dim, 16, dtype, gen,
+                   junk=float("nan"))  # fmt: skip
+    got = torch.ops.qserve_cpu.paged_decode(d.q, d.key_cache, d.value_cache, d.block_tables, d.seq_lens,
+                                            d.scale, generic)  # fmt: skip
+    torch.testing.assert_close(got.float(), d.expected, **attention_tolerances(dtype))
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128), (6, 2, 48)])
+def test_cpp_prefill_mixed_batch(heads, kv_heads, head_dim, dtype, generic, gen):
+    # Whole prompts, a chunk after a cached prefix, decodes and a long prompt in one call; NaN in every
+    # slot no token was written to, so reading past a causal prefix or a context would show.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    specs = [(37, 37), (5, 1), (70, 20), (16, 16), (33, 1), (300, 300)]
+    b = make_batch(specs, heads, kv_heads, head_dim, 16, dtype, gen, junk=float("nan"))
+    got = torch.ops.qserve_cpu.paged_prefill(b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc,
+                                             b.seq_lens, b.scale, generic)  # fmt: skip
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), b.expected, **attention_tolerances(dtype))
+
+
+def test_cpu_mixed_batch_takes_the_cpp_prefill(gen, monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    calls = []
+    real = cpu_ext.paged_prefill
+    monkeypatch.setattr(cpu_ext, "paged_prefill", lambda *a: calls.append(1) or real(*a))
+    b = make_batch(MIXED, 9, 3, 64, 16, torch.bfloat16, gen, junk=0.0)
+    torch.testing.assert_close(paged_attention(*b.args()).float(), b.expected, **attention_tolerances(torch.bfloat16))
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="queries and length"):
+        real(b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens - 30, b.scale)
+
+
 def test_cpp_decode_refuses_mixed_cache_dtypes(gen):
     if not cpu_ext.available():
         pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")

@@ -64,3 +64,49 @@ def test_cpp_kernel_rejects_a_slot_outside_the_cache(gen):
     slots[1] = kc.shape[0] * kc.shape[1]
     with pytest.raises(RuntimeError, match="outside the cache"):
         rope_and_write_kv(qkv, cos, sin, kc, vc, slots, 2)
+
+
+@pytest.mark.parametrize("cos_dtype", [torch.float32, torch.bfloat16])
+def test_cpp_kernel_bf16_matches_fp32_rope_rounded_once(cos_dtype, gen):
+    # bf16 qkv and caches (a bf16 model's): RoPE in fp32 on the bf16 inputs, each output rounded once,
+    # so it equals the fp32 kernel on the same (exactly representable) inputs, rounded to bf16.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    qkv, cos, sin, kc, vc, slots = _case(9, 9, 3, 64, gen)
+    qkv, kc, vc = qkv.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    cos, sin = cos.to(cos_dtype), sin.to(cos_dtype)
+    kc32, vc32 = kc.float(), vc.float()
+    q = rope_and_write_kv(qkv, cos, sin, kc, vc, slots, 9)
+    q32 = rope_and_write_kv(qkv.float(), cos.float(), sin.float(), kc32, vc32, slots, 9)
+    assert q.dtype == torch.bfloat16
+    # fp32 results that differ by an fma contraction may round to neighbouring bf16 values
+    torch.testing.assert_close(q.float(), q32.bfloat16().float(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(kc.float(), kc32.bfloat16().float(), rtol=2**-7, atol=1e-6)
+    assert torch.equal(vc.float(), vc32)
+    assert (q.float() == q32.bfloat16().float()).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (33, 64), (4, 3, 128), (5, 100)])
+def test_cpp_rms_norm_bf16_matches_the_torch_path(shape, gen, monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    from qserve.serve.model import RMSNorm
+
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight = torch.nn.Parameter((torch.rand(shape[-1], generator=gen) + 0.5).bfloat16(), requires_grad=False)
+    x = (torch.randn(shape, generator=gen) * 3).bfloat16()
+    calls = []
+    real = cpu_ext.rms_norm
+    monkeypatch.setattr(cpu_ext, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    got = norm(x)
+    assert calls, "the bf16 norm did not take the C++ kernel"
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    want = norm(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and len(calls) == 1
+    # fp32 sums in another order and 1/sqrt vs rsqrt: at most one bf16 ulp on a few elements
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+    assert (got == want).float().mean() > 0.98
+    x32 = x.float()
+    norm32 = RMSNorm(shape[-1], 1e-5)
+    norm32.weight = torch.nn.Parameter(norm.weight.float(), requires_grad=False)
+    torch.testing.assert_close(cpu_ext.rms_norm(x32, norm32.weight, 1e-5), norm32(x32), rtol=1e-6, atol=1e-6)
