@@ -154,6 +154,11 @@ def paged_prefill(*args) -> torch.Tensor:
     return torch.ops.qserve_cpu.paged_prefill(*args)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a bf16 [..., 2 I] gate|up projection output, in one pass (`serve.model.MLP`)."""
+    return torch.ops.qserve_cpu.silu_mul(gate_up)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [..., N] (fp32 or bf16, contiguous) by weight [N] in one pass, fp32 arithmetic, rounded
     as the torch path rounds (`serve.model.RMSNorm`)."""

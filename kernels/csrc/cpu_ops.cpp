@@ -634,6 +634,45 @@ void rms_norm_bf16_avx512(const c10::BFloat16* x, const c10::BFloat16* w, c10::B
 }
 #endif
 
+// silu_mul: [n, 2I] (gate | up, a fused projection's output) -> silu(gate) * up [n, I] for bf16, in one
+// pass; rounded as torch rounds the two ops it replaces (silu to bf16, then the product to bf16).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.scalar_type() == at::kBFloat16 && gate_up.is_contiguous() &&
+                  gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "qserve_cpu::silu_mul: a contiguous bf16 CPU tensor [..., 2 I] expected, got ", gate_up.scalar_type(),
+              " ", gate_up.sizes());
+  const int64_t I = gate_up.size(-1) / 2, rows = I ? gate_up.numel() / (2 * I) : 0;
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = I;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  using B = c10::BFloat16;
+  const B* xp = gate_up.data_ptr<B>();
+  B* op = out.data_ptr<B>();
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const B* g = xp + r * 2 * I;
+      const B* u = g + I;
+      B* o = op + r * I;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= I; i += 16) {
+        const __m512 gv = load16(g + i);
+        // silu(g) = g / (1 + exp(-g)); exp512 clamps below, overflows to inf above (-> 0, as it should)
+        const __m512 sv = from_bf16(to_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16(_mm512_mul_ps(sv, load16(u + i))));
+      }
+#endif
+      for (; i < I; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        const float sv = static_cast<float>(static_cast<B>(gv / (1.f + std::exp(-gv))));
+        o[i] = static_cast<B>(sv * static_cast<float>(u[i]));
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "qserve_cpu::rms_norm: CPU tensors only");
   const auto dt = x.scalar_type();
@@ -671,6 +710,7 @@ TORCH_LIBRARY(qserve_cpu, m) {
         "Tensor slot_mapping, int num_heads) -> Tensor");
   m.def("linear_small_m(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("paged_decode(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, bool generic=False) -> Tensor");
   m.def("paged_prefill(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -683,4 +723,5 @@ TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {
   m.impl("paged_prefill", &paged_prefill);
   m.impl("rope_write_kv", &rope_write_kv);
   m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
 }

@@ -104,8 +104,9 @@ def test_packed_linear_matches_the_reference(fmt, group_size, act_order, out_fea
         y = cpu_packed.linear(x, w)
         expected = reference.dequant_gemm_reference(x, *tensors, fmt=fmt, group_size=group_size)
         assert y.dtype == torch.float32 and y.shape == (rows, out_features)
-        # fp32 sums of 256 products |x| ~ 1, |w| ~ 3 in another order: error ~ sqrt(K) ulps of |y| ~ 50
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=2e-4, msg=lambda m, r=rows: f"M={r}: {m}")
+        # fp32 sums of 256 products |x| ~ 1, |w| ~ 3 in another order: typically ~sqrt(K) ulps of |y| ~ 50
+        # (~6e-5), seen up to 2.1e-4 over random seeds; a wrong nibble, scale or zero is off by O(1)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-3, msg=lambda m, r=rows: f"M={r}: {m}")
         xb = x.bfloat16()
         yb = cpu_packed.linear(xb, w)
         assert yb.dtype == torch.bfloat16
@@ -130,7 +131,7 @@ def test_prefill_path_runs_under_inference_mode_on_several_threads(isa, gen):
     finally:
         torch.set_num_threads(threads)
     expected = reference.dequant_gemm_reference(x, *tensors, fmt="awq", group_size=64)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-3)
 
 
 def test_packed_linear_keeps_leading_dims_and_non_contiguous_input(isa, gen):
@@ -140,7 +141,7 @@ def test_packed_linear_keeps_leading_dims_and_non_contiguous_input(isa, gen):
     y = cpu_packed.linear(x, w)
     assert y.shape == (3, 2, 128)
     expected = reference.dequant_gemm_reference(x.reshape(6, 128), *tensors, fmt="awq", group_size=32)
-    torch.testing.assert_close(y.reshape(6, 128), expected, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(y.reshape(6, 128), expected, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("in_features", [576, 49, 33])  # 49, 33: tails shorter than a vector

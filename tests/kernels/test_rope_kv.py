@@ -110,3 +110,27 @@ def test_cpp_rms_norm_bf16_matches_the_torch_path(shape, gen, monkeypatch):
     norm32 = RMSNorm(shape[-1], 1e-5)
     norm32.weight = torch.nn.Parameter(norm.weight.float(), requires_grad=False)
     torch.testing.assert_close(cpu_ext.rms_norm(x32, norm32.weight, 1e-5), norm32(x32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 3072), (64, 256), (3, 2, 40)])
+def test_cpp_silu_mul_bf16_matches_the_torch_path(shape, gen, monkeypatch):
+    # The MLP's silu(gate) * up on a bf16 gate|up output in one pass; odd widths take the scalar tail.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    import torch.nn.functional as F
+
+    from qserve.serve.model import MLP
+
+    x = (torch.randn(shape, generator=gen) * 4).bfloat16()
+    x.view(-1)[:4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp under/overflow, zeros
+    gate, up = x.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = cpu_ext.silu_mul(x)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    # exp in another implementation: the silu may land one bf16 ulp apart before the product
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-30)
+    assert (got == want).float().mean() > 0.97
+    calls = []
+    monkeypatch.setattr(cpu_ext, "silu_mul", lambda t: calls.append(1) or want.reshape(*t.shape[:-1], -1))
+    ident = torch.nn.Identity()
+    assert torch.equal(MLP(ident, ident)(x), want) and calls == [1]  # the MLP takes the fused op in bf16
