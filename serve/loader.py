@@ -264,6 +264,8 @@ def load_model(
             weight = weight.float() + cfg.norm_offset  # Gemma's norms scale by (1 + w): add the 1 once
         weight = weight.to(device=device, dtype=dtype)
         model.get_submodule(module_name).weight = torch.nn.Parameter(weight, requires_grad=False)
+    if dtype == torch.bfloat16:
+        model.pack_tied_head()  # CPU + oneDNN bf16 only; a no-op elsewhere
     return LoadedModel(model.eval(), cfg, quant, hf_config)
 
 

@@ -542,6 +542,23 @@ class CausalLM(nn.Module):
             layer.self_attn.window = cfg.layer_window(i)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = lm_head  # None: tied to the embedding
+        self.packed_head: torch.Tensor | None = None  # see pack_tied_head
+        self.packed_head_bytes = 0
+
+    def pack_tied_head(self) -> None:
+        """A bf16 model with a tied head on a CPU whose oneDNN has bf16 GEMMs: keep a copy of the embedding
+        in oneDNN's blocked layout for the LM-head GEMMs of batched steps (the lookup keeps the plain
+        table), as vLLM's CPU backend does. Costs vocab x hidden x 2 bytes; SmolLM2's head at 64 rows,
+        2 threads: 13.1 ms plain, 7.5 ms packed (2026-12-03, AMX machine)."""
+        w = self.embed_tokens.weight
+        if (
+            self.lm_head is None
+            and w.device.type == "cpu"
+            and w.dtype == torch.bfloat16
+            and cpu_gemm.onednn_bf16_packing()
+        ):
+            self.packed_head = cpu_gemm.onednn_pack(w)
+            self.packed_head_bytes = w.numel() * w.element_size()
 
     def forward(
         self,
@@ -567,5 +584,12 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden] -> float32 logits [rows, vocab]; called only on rows that sample."""
         if self.lm_head is None:
-            return cpu_gemm.linear(hidden, self.embed_tokens.weight).float()
+            w = self.embed_tokens.weight
+            if (
+                self.packed_head is not None
+                and hidden.dtype == torch.bfloat16
+                and hidden.shape[0] > cpu_gemm.BF16_KERNEL_MAX_ROWS  # fewer rows: the bf16 GEMV kernel
+            ):
+                return cpu_gemm.onednn_linear(hidden, self.packed_head, None, w.shape[0]).float()
+            return cpu_gemm.linear(hidden, w).float()
         return self.lm_head(hidden).float()

@@ -393,6 +393,7 @@ def resident_weight_bytes(model: nn.Module) -> int:
 
     for t in model.parameters():
         add(t)
+    total += getattr(model, "packed_head_bytes", 0)  # CausalLM's oneDNN copy of a tied bf16 head
     for module in model.modules():
         if isinstance(module, DenseLinear):
             total += module.packed_bytes  # 0 unless the weight lives in oneDNN's layout (its meta one adds 0)

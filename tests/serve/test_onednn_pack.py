@@ -68,12 +68,21 @@ def test_bf16_engine_same_tokens_packed_or_not(tiny_llama_dir, monkeypatch):
 
     def run():
         llm = LLM(str(tiny_llama_dir), device="cpu", dtype="bfloat16")
-        packed = [m for m in llm.engine.runner.model.modules() if isinstance(m, DenseLinear)]
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], packed
+        model = llm.engine.runner.model
+        packed = [m for m in model.modules() if isinstance(m, DenseLinear)]
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], packed, model
 
-    tokens, layers = run()
+    tokens, layers, model = run()
     assert layers and all(m.packed is not None for m in layers)
+    # the tied head: a packed copy for batched steps, counted in the resident bytes
+    emb = model.embed_tokens.weight
+    assert model.lm_head is None and model.packed_head is not None and model.packed_head_bytes == emb.numel() * 2
+    hidden = torch.randn(5, emb.shape[1]).bfloat16()
+    torch.testing.assert_close(model.compute_logits(hidden), F.linear(hidden.float(), emb.float()), rtol=2**-7,
+                               atol=0.05)  # fmt: skip
+    assert resident_weight_bytes(model) >= sum(p.numel() * 2 for p in model.parameters() if p.device.type != "meta")
     monkeypatch.setenv("QSERVE_CPU_ONEDNN_PACK", "0")
-    plain_tokens, plain_layers = run()
-    assert all(m.packed is None for m in plain_layers)
+    plain_tokens, plain_layers, plain_model = run()
+    assert all(m.packed is None for m in plain_layers) and plain_model.packed_head is None
+    assert resident_weight_bytes(model) == resident_weight_bytes(plain_model) + model.packed_head_bytes
     assert tokens == plain_tokens
