@@ -206,6 +206,24 @@ def from_checkpoint(
     return qw.intweight, qw.scales, qw.zeros, None if g_idx is None else qw.g_idx
 
 
+# bf16 activations from this many rows multiply bf16 tiles (`bf16_tiles`). SmolLM2 AWQ g64's 120 GEMMs
+# per forward, 2 threads, AMX machine (2026-12-03), fp32 tiles + sgemm vs bf16 tiles + oneDNN, ms:
+# M=33 82 vs 117, M=64 133 vs 133, M=128 231 vs 173, M=512 1013 vs 506, M=2048 3937 vs 1857.
+BF16_TILES_MIN_ROWS = 128
+
+
+def bf16_tiles() -> bool:
+    """Whether bf16 activations (from BF16_TILES_MIN_ROWS rows: prompt chunks) multiply bf16-rounded
+    dequantized tiles with oneDNN's bf16 GEMM (this CPU has AVX512-BF16/AMX and QSERVE_CPU_BF16_TILES is
+    not 0) rather than fp32 tiles with sgemm; the bf16 rounding of the weights is the dense bf16 path's."""
+    if os.environ.get("QSERVE_CPU_BF16_TILES", "1") == "0":
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
     """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32."""
     k = w.qdata.shape[1] * 2
@@ -223,8 +241,9 @@ def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
         )
     else:
         y = torch.ops.qserve_cpu.packed_linear(
-            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[name]
-        )
+            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[name],
+            x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and bf16_tiles(),
+        )  # fmt: skip
     return y if flat else y.view(*x.shape[:-1], w.out_features)
 
 

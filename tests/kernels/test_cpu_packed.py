@@ -110,8 +110,14 @@ def test_packed_linear_matches_the_reference(fmt, group_size, act_order, out_fea
         xb = x.bfloat16()
         yb = cpu_packed.linear(xb, w)
         assert yb.dtype == torch.bfloat16
-        # bf16 activations are read exactly and accumulated in fp32: only the bf16 output rounds
+        # bf16 activations are read exactly and accumulated in fp32: only the bf16 output rounds (and from
+        # BF16_TILES_MIN_ROWS rows, on CPUs with bf16 GEMMs, each weight too: 2^-9 relative)
         exact = reference.dequant_gemm_reference(xb.float(), *tensors, fmt=fmt, group_size=group_size)
+        if rows >= cpu_packed.BF16_TILES_MIN_ROWS and cpu_packed.bf16_tiles():
+            dense = reference.dequant_gemm_reference(torch.eye(in_f), *tensors, fmt=fmt, group_size=group_size)
+            bound = (xb.float().abs() @ dense.abs()) * 2.0**-8 + exact.abs() * 2.0**-8 + 1e-6
+            assert ((yb.float() - exact).abs() <= bound).all(), f"M={rows}"
+            continue
         torch.testing.assert_close(
             yb.float(), exact, rtol=8e-3, atol=1e-2, msg=lambda m, r=rows: f"M={r}: {m}"
         )
@@ -221,3 +227,22 @@ def test_bf16_weight_kernel_tiles_under_inference_mode_on_two_threads(gen):
         torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4 * 576**0.5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not cpu_packed.bf16_tiles(), reason="this CPU's oneDNN has no bf16 GEMMs (AVX512-BF16/AMX)")
+def test_bf16_prompt_rows_multiply_bf16_tiles(gen, monkeypatch):
+    # bf16 activations from BF16_TILES_MIN_ROWS rows: dequantized tiles rounded to bf16 (2^-9 relative
+    # per weight) into oneDNN's bf16 GEMM with fp32 sums, then the bf16 output rounding; fewer rows and
+    # QSERVE_CPU_BF16_TILES=0 keep the exact fp32 tiles.
+    tensors = checkpoint_linear("awq", 200, 256, 64, False, gen)
+    w = resident(tensors, "awq", 64)
+    dense = cpu_packed.dequantize(w)  # [out, in] fp32
+    x = torch.randn(cpu_packed.BF16_TILES_MIN_ROWS + 5, 256, generator=gen).bfloat16()
+    exact = x.float() @ dense.T
+    y = cpu_packed.linear(x, w).float()
+    bound = (x.float().abs() @ dense.abs().T) * 2.0**-8 + exact.abs() * 2.0**-8 + 1e-6
+    assert ((y - exact).abs() <= bound).all()
+    monkeypatch.setenv("QSERVE_CPU_BF16_TILES", "0")
+    y32 = cpu_packed.linear(x, w).float()
+    torch.testing.assert_close(y32, exact.bfloat16().float(), rtol=8e-3, atol=1e-2)
+    assert not torch.equal(y, y32)  # the two settings took different paths
