@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -166,6 +167,22 @@ at::Tensor linear_small_m(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// The cache slot of a sequence's position t: block table[t / BS], offset t % BS, with a shift and a mask
+// when BS is a power of two (it is by default): a division per key read costs more than the read.
+struct SlotOf {
+  int64_t BS, mask;
+  int shift;
+  explicit SlotOf(int64_t bs) : BS(bs), mask(bs - 1), shift(-1) {
+    if (bs > 0 && (bs & (bs - 1)) == 0)
+      for (shift = 0; (int64_t{1} << shift) < bs; ++shift) {
+      }
+  }
+  inline int64_t operator()(const int32_t* table, int64_t t) const {
+    return shift >= 0 ? static_cast<int64_t>(table[t >> shift]) * BS + (t & mask)
+                      : static_cast<int64_t>(table[t / BS]) * BS + t % BS;
+  }
+};
+
 // The decode kernel over caches of element type T (float or bfloat16), fp32 q, scores and accumulators.
 template <typename T>
 inline float dot_kv(const float* __restrict x, const T* __restrict w, int64_t D) {
@@ -201,6 +218,25 @@ inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the high half of a fl
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// exp(row - max(row)) in place over row[0, len); returns 1 / the sum (the caller scales the outputs).
+inline float softmax_row(float* row, int64_t len) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + t));
+  float m = _mm512_reduce_max_ps(mx);
+  for (; t < len; ++t) m = std::max(m, row[t]);
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (t = 0; t < len; t += 16) {
+    const __mmask16 mask =
+        len - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - t)) - 1u);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), mv));
+    _mm512_mask_storeu_ps(row + t, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 // Rows ahead to prefetch: a block's rows for one kv head are strided (the other heads sit between them),
 // which the hardware prefetcher follows poorly, and the next block is anywhere in the cache.
 constexpr int64_t kAhead = 8;
@@ -221,9 +257,8 @@ void decode_task_avx512(const float* qs, const T* kp, const T* vp, float* out, c
   constexpr int64_t D = 16 * NV;
   constexpr int GB = NV <= 4 ? 4 : (NV <= 8 ? 2 : 1);
   scores.resize(G * len);
-  auto row_of = [&](const T* base, int64_t t) {
-    return base + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
-  };
+  const SlotOf slot(BS);
+  auto row_of = [&](const T* base, int64_t t) { return base + (slot(table, t) * KVH + kh) * D; };
   for (int64_t g0 = 0; g0 < G; g0 += GB) {
     const int gn = static_cast<int>(std::min<int64_t>(GB, G - g0));
     __m512 qv[GB][NV];
@@ -243,24 +278,7 @@ void decode_task_avx512(const float* qs, const T* kp, const T* vp, float* out, c
     }
   }
   float inv[64];  // G <= 64 (checked by the caller)
-  for (int64_t g = 0; g < G; ++g) {
-    float* row = scores.data() + g * len;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + t));
-    float m = _mm512_reduce_max_ps(mx);
-    for (; t < len; ++t) m = std::max(m, row[t]);
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (t = 0; t < len; t += 16) {
-      const __mmask16 mask = len - t >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                           : static_cast<__mmask16>((1u << (len - t)) - 1u);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), mv));
-      _mm512_mask_storeu_ps(row + t, mask, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
-  }
+  for (int64_t g = 0; g < G; ++g) inv[g] = softmax_row(scores.data() + g * len, len);
   for (int64_t g0 = 0; g0 < G; g0 += GB) {
     const int gn = static_cast<int>(std::min<int64_t>(GB, G - g0));
     __m512 acc[GB][NV];
@@ -317,6 +335,7 @@ void attend_rows_impl(const float* qp, const T* kp, const T* vp, float* op, cons
                       int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB, float sc, bool use_fast,
                       RowFn row_of) {
   const int64_t G = H / KVH;
+  const SlotOf slot(BS);
   at::parallel_for(0, R * KVH, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores, acc(G * D);
     for (int64_t task = t0; task < t1; ++task) {
@@ -330,7 +349,7 @@ void attend_rows_impl(const float* qp, const T* kp, const T* vp, float* op, cons
 #endif
       scores.resize(G * len);
       for (int64_t t = 0; t < len; ++t) {
-        const T* krow = kp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
+        const T* krow = kp + (slot(table, t) * KVH + kh) * D;
         for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot_kv(qs + g * D, krow, D) * sc;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -347,7 +366,7 @@ void attend_rows_impl(const float* qp, const T* kp, const T* vp, float* op, cons
         for (int64_t t = 0; t < len; ++t) row[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {
-        const T* vrow = vp + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * KVH + kh) * D;
+        const T* vrow = vp + (slot(table, t) * KVH + kh) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * len + t];
           float* acc_g = acc.data() + g * D;
@@ -420,11 +439,168 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const 
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+#if defined(__AVX512F__)
+// Query tokens per blocked prefill task: their G heads each form the rows that share one transposed K
+// tile of 16 keys (scores) and each V row (outputs).
+constexpr int64_t kPrefillBlock = 16;
+
+// One blocked prefill task: qn consecutive query tokens of one sequence (causal prefix lengths first_len,
+// first_len + 1, ...) for one kv head, head_dim D = 16 NV. Scores are 16 keys at a time from a K tile
+// transposed once into fp32 [D][16] and shared by every row (no horizontal sum per dot product, as the
+// per-row body needs); softmax as the per-row body does; V rows accumulated four output rows at a time.
+template <typename T, int NV>
+void prefill_block_avx512(const float* qp, const T* kp, const T* vp, float* op, const int32_t* table, int64_t row0,
+                          int64_t qn, int64_t first_len, int64_t H, int64_t G, int64_t KVH, int64_t kh, int64_t BS,
+                          float sc, std::vector<float>& qbuf, std::vector<float>& sbuf, std::vector<float>& kt) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t R = qn * G, Lmax = first_len + qn - 1, Lpad = (Lmax + 15) / 16 * 16;
+  // row r = query r / G, head r % G; its causal length and q/output offset computed once (no division
+  // in the loops)
+  const SlotOf slot(BS);
+  int64_t lens[kPrefillBlock * 64], offs[kPrefillBlock * 64];  // R <= kPrefillBlock x G, G <= 64
+  for (int64_t r = 0; r < R; ++r) {
+    lens[r] = first_len + r / G;
+    offs[r] = ((row0 + r / G) * H + kh * G + r % G) * D;
+  }
+  auto len_of = [&](int64_t r) { return lens[r]; };
+  auto qrow = [&](int64_t r) { return qp + offs[r]; };
+  qbuf.resize(R * D);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = qrow(r);
+    for (int64_t d = 0; d < D; ++d) qbuf[r * D + d] = src[d] * sc;
+  }
+  sbuf.resize(R * Lpad);
+  kt.resize(D * 16);
+  for (int64_t t0 = 0; t0 < Lmax; t0 += 16) {
+    const int64_t nt = std::min<int64_t>(16, Lmax - t0);
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j < nt) {
+        const int64_t t = t0 + j;
+        const T* row = kp + (slot(table, t) * KVH + kh) * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * 16 + j] = static_cast<float>(row[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) kt[d * 16 + j] = 0.f;
+      }
+    }
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+      if (t0 >= len_of(r + 3)) continue;  // no row of the group sees this tile (lengths grow with r)
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float *q0 = &qbuf[r * D], *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 kv = _mm512_loadu_ps(&kt[d * 16]);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), kv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), kv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), kv, a3);
+      }
+      _mm512_storeu_ps(&sbuf[r * Lpad + t0], a0);
+      _mm512_storeu_ps(&sbuf[(r + 1) * Lpad + t0], a1);
+      _mm512_storeu_ps(&sbuf[(r + 2) * Lpad + t0], a2);
+      _mm512_storeu_ps(&sbuf[(r + 3) * Lpad + t0], a3);
+    }
+    for (; r < R; ++r) {  // the last R % 4 rows, one at a time
+      if (t0 >= len_of(r)) continue;
+      __m512 a = _mm512_setzero_ps();
+      const float* q0 = &qbuf[r * D];
+      for (int64_t d = 0; d < D; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), _mm512_loadu_ps(&kt[d * 16]), a);
+      _mm512_storeu_ps(&sbuf[r * Lpad + t0], a);
+    }
+  }
+  std::vector<float> inv(R);
+  for (int64_t r = 0; r < R; ++r) inv[r] = softmax_row(&sbuf[r * Lpad], len_of(r));  // each row's own prefix
+  constexpr int RB = NV <= 4 ? 4 : 2;  // output rows accumulated at once (RB x NV registers)
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int rn = static_cast<int>(std::min<int64_t>(RB, R - r0));
+    __m512 acc[RB][NV];
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    const int64_t lmax = len_of(r0 + rn - 1);
+    for (int64_t t = 0; t < lmax; ++t) {
+      const T* vrow = vp + (slot(table, t) * KVH + kh) * D;
+      __m512 vv[NV];
+      for (int v = 0; v < NV; ++v) vv[v] = load16(vrow + 16 * v);
+      for (int i = 0; i < rn; ++i) {
+        if (t >= len_of(r0 + i)) continue;
+        const __m512 pv = _mm512_set1_ps(sbuf[(r0 + i) * Lpad + t]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(pv, vv[v], acc[i][v]);
+      }
+    }
+    for (int i = 0; i < rn; ++i) {
+      const int64_t r = r0 + i;
+      float* dst = op + offs[r];
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(dst + 16 * v, _mm512_mul_ps(acc[i][v], _mm512_set1_ps(inv[r])));
+    }
+  }
+}
+#endif
+
 // paged_prefill: a mixed batch (prefill chunks and decodes) over the paged cache, causal with the
 // queries as the last q_len of each sequence's seq_len positions (chunked prefill after a cached
-// prefix), the KV of the chunk already written. Each query token is a row attending to its causal
-// prefix, through the same per-row body as decode; rows are handed to threads short and long in turn so
-// that a long prompt's triangle splits evenly.
+// prefix), the KV of the chunk already written. Each query token attends to its causal prefix: with
+// AVX-512 and head dim 64/128/256, chunks in blocks of kPrefillBlock tokens sharing transposed K tiles
+// (prefill_blocked) and decodes through the decode body; otherwise every token as a row of the generic
+// loop. Work is handed to threads short and long in turn so that a long prompt's triangle splits evenly.
+#if defined(__AVX512F__)
+// paged_prefill's AVX-512 driver: decodes (one query) as per-row tasks, longer chunks as blocks of
+// kPrefillBlock query tokens, each task for one kv head; tasks alternate from both ends of the list
+// (long and short) so each thread's contiguous share of them is about as costly.
+struct PrefillTask {
+  int64_t seq, row0, qn, first_len, kh;
+};
+
+template <typename T, int NV>
+void prefill_blocked_impl(const float* qp, const T* kp, const T* vp, float* op, const int32_t* bt,
+                          const std::vector<PrefillTask>& tasks, int64_t H, int64_t KVH, int64_t BS, int64_t MB,
+                          float sc) {
+  const int64_t G = H / KVH, n = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf, sbuf, kt, scores;
+    for (int64_t i = t0; i < t1; ++i) {
+      const PrefillTask& tk = tasks[(i % 2 == 0) ? i / 2 : n - 1 - i / 2];
+      const int32_t* table = bt + tk.seq * MB;
+      if (tk.qn == 1) {
+        decode_task_avx512<T, NV>(qp + (tk.row0 * H + tk.kh * G) * 16 * NV, kp, vp,
+                                  op + (tk.row0 * H + tk.kh * G) * 16 * NV, table, tk.first_len, G, KVH, tk.kh, BS,
+                                  sc, scores);
+      } else {
+        prefill_block_avx512<T, NV>(qp, kp, vp, op, table, tk.row0, tk.qn, tk.first_len, H, G, KVH, tk.kh, BS, sc,
+                                    qbuf, sbuf, kt);
+      }
+    }
+  });
+}
+
+void prefill_blocked(const float* qp, const at::Tensor& key_cache, const at::Tensor& value_cache, float* op,
+                     const int32_t* bt, const int32_t* qsl, const int32_t* lens, int64_t S, int64_t H, int64_t KVH,
+                     int64_t D, int64_t BS, int64_t MB, float sc) {
+  std::vector<PrefillTask> tasks;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t q_len = qsl[s + 1] - qsl[s], base = lens[s] - q_len;
+    for (int64_t i0 = 0; i0 < q_len; i0 += kPrefillBlock) {
+      const int64_t qn = std::min<int64_t>(kPrefillBlock, q_len - i0);
+      for (int64_t kh = 0; kh < KVH; ++kh) tasks.push_back({s, qsl[s] + i0, qn, base + i0 + 1, kh});
+    }
+  }
+  auto run = [&](auto nv_tag) {
+    constexpr int NV = decltype(nv_tag)::value;
+    if (key_cache.scalar_type() == at::kFloat)
+      prefill_blocked_impl<float, NV>(qp, key_cache.data_ptr<float>(), value_cache.data_ptr<float>(), op, bt, tasks,
+                                      H, KVH, BS, MB, sc);
+    else
+      prefill_blocked_impl<c10::BFloat16, NV>(qp, key_cache.data_ptr<c10::BFloat16>(),
+                                              value_cache.data_ptr<c10::BFloat16>(), op, bt, tasks, H, KVH, BS, MB,
+                                              sc);
+  };
+  if (D == 64)
+    run(std::integral_constant<int, 4>{});
+  else if (D == 128)
+    run(std::integral_constant<int, 8>{});
+  else
+    run(std::integral_constant<int, 16>{});
+}
+#endif
+
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                          const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                          const at::Tensor& seq_lens, double scale, bool generic) {
@@ -473,6 +649,13 @@ at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& key_cache, const
   at::Tensor out = at::empty_like(qf);
   if (T == 0) return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
   const float sc = static_cast<float>(scale);
+#if defined(__AVX512F__)
+  if (!generic && (D == 64 || D == 128 || D == 256) && H / KVH <= 64) {
+    prefill_blocked(qf.data_ptr<float>(), key_cache, value_cache, out.data_ptr<float>(), bt, qsl, lens, S, H, KVH, D,
+                    BS, MB, sc);
+    return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  }
+#endif
   auto row_of = [&](int64_t r) {  // 0, T-1, 1, T-2, ...: each thread's contiguous range gets short and long rows
     const int64_t row = (r % 2 == 0) ? r / 2 : T - 1 - r / 2;
     return AttnRow{row, seq_of[row], len_of[row]};
