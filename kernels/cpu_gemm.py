@@ -90,12 +90,7 @@ def onednn_bf16_packing() -> bool:
 
     `F.linear` reorders the plain weight into that layout on every call; at decode sizes that is most of
     the time. (qserve's own bf16 GEMV kernel, which the plain path takes for M <= 2, is ~20 ms at M=1.)"""
-    if os.environ.get("QSERVE_CPU_ONEDNN_PACK", "1") == "0":
-        return False
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without these ops: the plain path
-        return False
+    return os.environ.get("QSERVE_CPU_ONEDNN_PACK", "1") != "0" and cpu_packed.onednn_bf16_supported()
 
 
 def onednn_pack(weight: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ off (0: exact fp32 math everywhere); `auto` (the default) turns it on where it w
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -216,11 +217,15 @@ def bf16_tiles() -> bool:
     """Whether bf16 activations (from BF16_TILES_MIN_ROWS rows: prompt chunks) multiply bf16-rounded
     dequantized tiles with oneDNN's bf16 GEMM (this CPU has AVX512-BF16/AMX and QSERVE_CPU_BF16_TILES is
     not 0) rather than fp32 tiles with sgemm; the bf16 rounding of the weights is the dense bf16 path's."""
-    if os.environ.get("QSERVE_CPU_BF16_TILES", "1") == "0":
-        return False
+    return os.environ.get("QSERVE_CPU_BF16_TILES", "1") != "0" and onednn_bf16_supported()
+
+
+@functools.cache
+def onednn_bf16_supported() -> bool:
+    """Whether torch was built with oneDNN and this CPU has its bf16 GEMMs (AVX512-BF16 or AMX); asked once."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):  # a torch without these ops
         return False
 
 

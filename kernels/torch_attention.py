@@ -276,13 +276,14 @@ def paged_attention_torch(
     is_decode = q_lens == 1
     if bool(is_decode.all()):
         return paged_decode_torch(q, key_cache, value_cache, block_tables, seq_lens, scale, window)
-    if causal and window is None and q.shape[0] and _cpp_decode_takes(q.contiguous(), key_cache, value_cache):
+    q = q.contiguous()
+    if causal and window is None and q.shape[0] and _cpp_decode_takes(q, key_cache, value_cache):
         # The whole mixed batch in one C++ call, blocks read in place, each query over its causal prefix.
         # SmolLM2's heads, bf16, 2 threads, one layer (AMX machine, 2026-12-03): a 1000-token prompt
         # 84-110 ms through the SDPA calls below, 19-23 ms this way (27 with one query per task instead of
         # blocks of 16); 300 tokens 7-11 vs 1.7-1.9 ms; 83 tokens 0.7-1.3 vs 0.20.
         return cpu_ext.paged_prefill(
-            q.contiguous(),
+            q,
             key_cache,
             value_cache,
             block_tables.to(torch.int32).contiguous(),
