@@ -27,7 +27,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp")  # one library; cpu_packed adds to its ops
+# one library; cpu_packed and calib_ops add to cpu_ops' ops
+_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp", _CSRC / "calib_ops.cpp")
+_HEADERS = (_CSRC / "vec_math.h",)  # included by the sources: part of the build key
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when unavailable
 
@@ -45,7 +47,11 @@ def _cpu_signature() -> str:
 def _build_dir() -> Path:
     """A directory per (source, torch version, CPU): the home cache, or the temp dir if that is read-only."""
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in _SOURCES), torch.__version__.encode(), _cpu_signature().encode()):
+    for part in (
+        *(src.read_bytes() for src in (*_SOURCES, *_HEADERS)),
+        torch.__version__.encode(),
+        _cpu_signature().encode(),
+    ):
         key.update(part)
     name = f"cpu_ops-{key.hexdigest()[:16]}"
     root = Path(os.environ.get("QSERVE_EXT_CACHE", Path.home() / ".cache" / "qserve" / "torch_extensions"))
@@ -119,6 +125,7 @@ def _load() -> bool:
         )
         torch.ops.qserve_cpu.linear_small_m  # noqa: B018 - raises if the library did not register
         torch.ops.qserve_cpu.packed_linear  # noqa: B018
+        torch.ops.qserve_cpu.mse_qparams  # noqa: B018
     except Exception as exc:  # no compiler / ninja / headers, or a failed build: the torch path stands in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _state["error"] = f"{type(exc).__name__}: {first}"

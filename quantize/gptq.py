@@ -12,13 +12,16 @@ produces are exactly what the packed checkpoint holds.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from qserve.errors import ConfigError
+from qserve.kernels import cpu_ext
 from qserve.kernels.packing import (
+    SYM_SCALES,
     QuantizedWeight,
     compute_qparams,
     dequantize_tensor,
@@ -79,7 +82,8 @@ class GPTQ:
         `float_inp`: the same rows as the float model computes them (asymmetric calibration). The solve
         then targets the float layer's output on those, W x_float, instead of W x. Either every batch
         has it or none does."""
-        x = _rows(inp, self.hessian.device)  # [rows, in]
+        gram = _amx_gram(inp, self.hessian)
+        x = inp.detach().reshape(-1, inp.shape[-1]) if gram else _rows(inp, self.hessian.device)  # [rows, in]
         rows = x.shape[0]
         if (float_inp is None) != (self.cross is None) and self.n_samples > 0:
             raise ValueError(f"{self.name}: float inputs must be given with every batch or with none")
@@ -89,18 +93,27 @@ class GPTQ:
         # Rescale the old mean before adding, so no term ever holds an un-normalised sum over all
         # batches (which loses fp32 precision and can overflow with many long sequences).
         self.hessian.mul_(self.n_samples / total)
-        self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
+        if gram:  # bf16 inputs on AMX: exact products, fp32 sums (kernels/csrc/calib_ops.cpp)
+            self.hessian.add_(torch.ops.qserve_cpu.bf16_gram(x, x), alpha=2.0 / total)
+        else:
+            self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
         if float_inp is not None:
-            dx = _rows(float_inp, self.hessian.device)
-            if dx.shape != x.shape:
+            fx = float_inp.detach().reshape(-1, float_inp.shape[-1])
+            if fx.shape != x.shape:
                 raise ValueError(
-                    f"{self.name}: float inputs {tuple(dx.shape)} do not match the inputs {tuple(x.shape)}"
+                    f"{self.name}: float inputs {tuple(fx.shape)} do not match the inputs {tuple(x.shape)}"
                 )
             if self.cross is None:
                 self.cross = torch.zeros_like(self.hessian)
             self.cross.mul_(self.n_samples / total)
+            # The cross term stays an fp32 product of the exact difference dX = X_f - X: through the bf16
+            # Gram it needs either X_f^T X - X^T X, which cancels most of X^T X where one token dominates
+            # H (the attention sink in SmolLM2's down_proj: 3.5e-5 relative error and a measurably worse
+            # model), or dX split into two bf16 parts, two Gram calls no faster than this product.
+            fx = _rows(fx, self.hessian.device)
+            xf = x if x.dtype == torch.float32 else x.float()
             # out of place: `_rows` may return the caller's own tensor (fp32 on the device already)
-            self.cross.addmm_((dx - x).t(), x, alpha=2.0 / total)
+            self.cross.addmm_((fx - xf).t(), xf, alpha=2.0 / total)
         self.n_samples = total
 
     def take_hessian(self, other: GPTQ) -> None:
@@ -220,6 +233,21 @@ class GPTQ:
             frac = min(max(frac * 2.0, 1e-4), _MAX_DAMP)
 
 
+def _amx_gram(inp: torch.Tensor, hessian: torch.Tensor) -> bool:
+    """Whether bf16 inputs accumulate through the AMX Gram kernel: bf16 on the CPU beside a CPU Hessian,
+    the compiled kernels built, AMX-BF16 present and QSERVE_GPTQ_AMX not 0."""
+    if inp.dtype != torch.bfloat16 or inp.device.type != "cpu" or hessian.device.type != "cpu":
+        return False
+    if os.environ.get("QSERVE_GPTQ_AMX", "1") == "0":
+        return False
+    return cpu_ext.available() and _has_amx()
+
+
+@functools.cache
+def _has_amx() -> bool:
+    return bool(torch.ops.qserve_cpu.has_amx_bf16())
+
+
 def _rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1]).to(device, torch.float32)
 
@@ -324,7 +352,31 @@ def mse_qparams(
     """Like `compute_qparams` (one group per row of w [rows, cols]), but each row's range is the
     min/max shrunk by the factor p in {1, 1 - 1/grid, ...} (down to 1 - max_shrink) that minimises
     sum |w - dequant(quant(w))|^norm over the row. p = 1 is always a candidate, so the chosen error is
-    never above min/max's."""
+    never above min/max's.
+
+    On the CPU the search runs as one C++ pass per row (kernels/csrc/calib_ops.cpp: the same fp32
+    operations, ~10x faster); elsewhere, or without the compiled kernels, as the torch loop below."""
+    w = w.float()
+    if w.device.type == "cpu" and w.dim() == 2 and cpu_ext.available():
+        if sym and sym_scale not in SYM_SCALES:  # as compute_qparams: only a symmetric grid reads it
+            raise ValueError(f"sym_scale={sym_scale!r}: expected one of {', '.join(SYM_SCALES)}")
+        return torch.ops.qserve_cpu.mse_qparams(
+            w.contiguous(), bits, sym, float(norm), grid, float(max_shrink), int(sym_scale == "signed")
+        )
+    return mse_qparams_torch(w, bits, sym, norm=norm, grid=grid, max_shrink=max_shrink, sym_scale=sym_scale)
+
+
+def mse_qparams_torch(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    *,
+    norm: float = MSE_NORM,
+    grid: int = MSE_GRID,
+    max_shrink: float = MSE_MAX_SHRINK,
+    sym_scale: str = "absmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mse_qparams` as torch ops (any device): the definition the C++ search is tested against."""
     w = w.float()
     best_scale, best_zero = compute_qparams(w, bits, sym, sym_scale=sym_scale)
     best_err = _lp_error(w, best_scale, best_zero, bits, norm)

@@ -30,7 +30,13 @@
 #include <immintrin.h>
 #endif
 
+#include "vec_math.h"
+
 namespace {
+
+#if defined(__AVX512F__)
+using qserve_vec::exp512;
+#endif
 
 #if defined(__AVX512F__)
 // Floats ahead of the current position to prefetch in each row (1 KiB): measured best of 0/256/1024.
@@ -193,25 +199,6 @@ inline float dot_kv(const float* __restrict x, const T* __restrict w, int64_t D)
 }
 
 #if defined(__AVX512F__)
-// exp(x) for the max-subtracted scores of a softmax (x <= 0): 2^n p(r) with n = round(x / ln 2) and
-// r = x - n ln 2 (ln 2 split in two for exactness), p the Cephes single-precision polynomial; about
-// 2 ulp, vs ~20 cycles per element for std::exp.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the high half of a float
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -80,7 +80,7 @@ def _opt(*decls: str, field: str, **kwargs):
     "--dtype",
     field="dtype",
     type=click.Choice(DTYPES),
-    help="Compute dtype (auto: float32 on CPU, the model's half dtype on CUDA).",
+    help="Compute dtype of the calibration forwards (auto: the model's half dtype on CUDA; on CPU float32, or bfloat16 for GPTQ on a bf16 model where the CPU has AVX512-BF16/AMX).",
 )
 @_opt("--damp", field="damp", type=float, help="GPTQ: Hessian damping, fraction of mean(diag(H)).")
 @_opt(
