@@ -234,11 +234,17 @@ class GPTQ:
 
 
 def _amx_gram(inp: torch.Tensor, hessian: torch.Tensor) -> bool:
-    """Whether bf16 inputs accumulate through the AMX Gram kernel: bf16 on the CPU beside a CPU Hessian,
-    the compiled kernels built, AMX-BF16 present and QSERVE_GPTQ_AMX not 0."""
+    """Whether bf16 inputs accumulate through the AMX Gram kernel: QSERVE_GPTQ_AMX=1, bf16 on the CPU
+    beside a CPU Hessian, the compiled kernels built and AMX-BF16 present.
+
+    Opt-in: on SmolLM2 at 128 x 512 it cut the default GPTQ run from 465 s to 347 s but scored 23.81 and
+    23.85 against 23.30 with the fp32 product (bench/RESULTS.md section 3), although on synthetic data it
+    is closer to an fp64 reference than sgemm. A suspect: each C tile sums all of a chunk's tokens in one
+    fp32 accumulator, after every window's first (attention-sink) token, whose products are orders of
+    magnitude larger than the rest."""
     if inp.dtype != torch.bfloat16 or inp.device.type != "cpu" or hessian.device.type != "cpu":
         return False
-    if os.environ.get("QSERVE_GPTQ_AMX", "1") == "0":
+    if os.environ.get("QSERVE_GPTQ_AMX", "0") != "1":
         return False
     return cpu_ext.available() and _has_amx()
 

@@ -17,7 +17,7 @@
 // candidates tie to within that rounding the choice may differ; the chosen error is the same to it.
 
 // bf16_gram: A^T B for bf16 activations A [T, n], B [T, m] with AMX tiles (GPTQ's Hessian 2/T X^T X when a
-// bf16 model is calibrated in bf16): bf16 x bf16 products are exact in fp32 and the tile unit sums them in
+// bf16 model is calibrated in bf16, opt-in through QSERVE_GPTQ_AMX=1: see quantize/gptq.py): bf16 x bf16 products are exact in fp32 and the tile unit sums them in
 // fp32, so the result is the fp32 GEMM of the same values up to the order of the sums (measured closer to
 // an fp64 reference than MKL's sgemm). A symmetric call (A is B) computes the 32 x 32 blocks on and above
 // the diagonal and mirrors them: [8192, 1536] 72 ms against 207 ms for the fp32 sgemm of the widened

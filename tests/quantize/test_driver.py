@@ -648,3 +648,23 @@ def test_gptaq_one_float_pass_equals_a_float_pass_per_group(tmp_path, models, ca
     quantize_tiny(models["llama"], tmp_path / "plain", calib, "gptq", gptaq=False)  # zero points' default is on
     plain = read_tensors(tmp_path / "plain")
     assert any(not torch.equal(a[k], plain[k]) for k in a if k.endswith("qweight"))
+
+
+@pytest.mark.parametrize(
+    ("method", "model_dtype", "fast", "dtype", "expected"),
+    [
+        ("gptq", torch.bfloat16, True, "auto", torch.bfloat16),  # AMX: the forwards in the model's bf16
+        ("gptq", torch.bfloat16, False, "auto", torch.float32),  # no fast bf16 GEMMs on this CPU
+        ("gptq", torch.float32, True, "auto", torch.float32),
+        ("gptq", torch.float16, True, "auto", torch.float32),  # fp16 is not rounded to bf16
+        ("awq", torch.bfloat16, True, "auto", torch.float32),  # AWQ's search not re-measured in bf16
+        ("gptq", torch.bfloat16, True, "float32", torch.float32),  # an explicit --dtype wins
+    ],
+)
+def test_cpu_compute_dtype(monkeypatch, method, model_dtype, fast, dtype, expected):
+    monkeypatch.setattr(pipeline, "cpu_bf16_fast", lambda: fast)
+    cfg = QuantConfig(model="m", output="o", method=method, dtype=dtype)
+    assert pipeline.compute_dtype_for(cfg, "cpu", model_dtype) == expected
+    assert pipeline.compute_dtype_for(cfg, "cuda", torch.bfloat16) == (
+        torch.float32 if dtype == "float32" else torch.bfloat16
+    )
