@@ -1,5 +1,5 @@
 """The C++ clipping-range search (kernels/csrc/calib_ops.cpp) against the torch definition
-(`qserve.quantize.gptq.mse_qparams_torch`): same candidates, same fp32 arithmetic, so the same choice
+(`qserve.quantize.gptq.mse_qparams(..., kernel=False)`): same candidates, same fp32 arithmetic, so the same choice
 except where two candidates tie to within the rounding of a sum's order."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from qserve.kernels import cpu_ext
 from qserve.kernels.packing import SYM_SCALES, compute_qparams
-from qserve.quantize.gptq import MSE_NORM, _lp_error, mse_qparams, mse_qparams_torch
+from qserve.quantize.gptq import MSE_NORM, _lp_error, mse_qparams
 
 pytestmark = pytest.mark.skipif(
     not cpu_ext.required() and not cpu_ext.available(), reason="C++ CPU kernels unavailable (no compiler)"
@@ -29,7 +29,7 @@ def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(("sym", "sym_scale"), [(False, "absmax"), (True, "absmax"), (True, "signed")])
 def test_search_matches_the_torch_definition(cols, sym, sym_scale):
     w = _weights(257, cols, seed=cols)
-    s_ref, z_ref = mse_qparams_torch(w, 4, sym, sym_scale=sym_scale)
+    s_ref, z_ref = mse_qparams(w, 4, sym, sym_scale=sym_scale, kernel=False)
     s, z = torch.ops.qserve_cpu.mse_qparams(w, 4, sym, MSE_NORM, 100, 0.8, SYM_SCALES.index(sym_scale))
     e_ref = _lp_error(w, s_ref, z_ref, 4, MSE_NORM)
     e = _lp_error(w, s, z, 4, MSE_NORM)
