@@ -14,6 +14,7 @@ instead of skipping.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -101,6 +102,29 @@ def unavailable_reason() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _build_guard(build: Path):
+    """One qserve process at a time builds or loads the library in `build`, and a build that was killed
+    cannot stall the next one.
+
+    torch's own guard is a `lock` file that the building process deletes when it finishes; a process
+    killed mid-build (a server stopped during its first start, a timed-out test) leaves the file behind
+    and every later process waits on it forever. An flock is released by the kernel when its holder dies,
+    so whoever holds this one knows no other qserve process is building here, and a `lock` file it finds
+    is stale: it is removed before torch looks for it.
+    """
+    with open(build / ".qserve-build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("qserve: removing %s, left by a build that was stopped; rebuilding", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load() -> bool:
     if os.environ.get("QSERVE_CPU_EXT", "1") == "0":
         _state["error"] = "disabled by QSERVE_CPU_EXT=0"
@@ -112,17 +136,18 @@ def _load() -> bool:
         from torch.utils import cpp_extension
 
         build = _build_dir()
-        if not any(build.glob("*.so")):
-            log.warning("qserve: compiling the C++ CPU decode kernels for this machine (once, ~15 s)")
-        cpp_extension.load(
-            name="qserve_cpu_" + build.name.split("-")[-1],
-            sources=[str(src) for src in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_guard(build):
+            if not any(build.glob("*.so")):
+                log.warning("qserve: compiling the C++ CPU kernels for this machine (once, ~15-60 s)")
+            cpp_extension.load(
+                name="qserve_cpu_" + build.name.split("-")[-1],
+                sources=[str(src) for src in _SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                is_python_module=False,
+                verbose=False,
+            )
         torch.ops.qserve_cpu.linear_small_m  # noqa: B018 - raises if the library did not register
         torch.ops.qserve_cpu.packed_linear  # noqa: B018
         torch.ops.qserve_cpu.mse_qparams  # noqa: B018

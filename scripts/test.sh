@@ -17,6 +17,16 @@ ruff check .
 # `datasets` requirement would give qserve's calibration presets a Hub fallback and change their errors.
 echo "[test] installing autoawq==0.2.9 --no-deps (the interop test's independent reader; seconds)"
 python -m pip install -q --disable-pip-version-check --no-deps "autoawq==0.2.9"
+if [ "${QSERVE_REQUIRE_CPU_EXT:-0}" = 1 ]; then
+  # Built once here, before the suite: otherwise the first test that needs them (often a server child
+  # with a start-up timeout) pays the compile.
+  echo "[test] building the C++ CPU kernels for this machine (once per source change; 15-60 s)"
+  python -c "import sys; from qserve.kernels import cpu_ext
+try:
+    cpu_ext.available()
+except cpu_ext.CpuExtensionError as exc:
+    sys.exit(f'[test] {exc}')"
+fi
 echo "[test] pytest -q: about 4-5 min on 2 quiet cores, 35-40 min on a busy machine. The slow SmolLM2"
 echo "       end-to-end tests take minutes each with no dot until they finish; pass -v to see each test's"
 echo "       name as it starts. The 10 slowest are listed at the end."

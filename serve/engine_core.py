@@ -316,6 +316,9 @@ class EngineCoreClient:
         self._input.bind(input_addr)
         self._output.bind(output_addr)
         self._send_lock = threading.Lock()  # the input socket is used by the event loop and the receiver
+        # close() may run twice at once (a server's shutdown thread and its owner): the second waits for the
+        # first, so that it returns with the core gone and its exit code set
+        self._close_lock = threading.RLock()
         self._streams: dict[str, _Stream] = {}
         self._states: dict[str, RequestState] = {}  # receiver thread only
         self._error: str | None = None  # why the core died, once it has
@@ -438,7 +441,13 @@ class EngineCoreClient:
 
     def close(self) -> None:
         """Stop the core (it finishes its current step) and release the sockets; idempotent."""
+        with self._close_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._stopping and not self._proc.is_alive() and self._ctx.closed:
+            if self.exitcode is None:
+                self.exitcode = self._proc.exitcode
             return
         self._closing = self._stopping = True
         if self._proc.is_alive():
