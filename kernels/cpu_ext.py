@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 # one library; cpu_packed and calib_ops add to cpu_ops' ops
 _SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp", _CSRC / "calib_ops.cpp")
-_HEADERS = (_CSRC / "vec_math.h",)  # included by the sources: part of the build key
+_HEADERS = (_CSRC / "vec_math.h", _CSRC / "amx.h")  # included by the sources: part of the build key
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when unavailable
 

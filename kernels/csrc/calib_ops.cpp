@@ -38,13 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define QSERVE_AMX 1
-#endif
-
+#include "amx.h"
 #include "vec_math.h"
 
 namespace {
@@ -190,30 +184,7 @@ at::Tensor lp_error_rows(const at::Tensor& w_in, const at::Tensor& scale, const 
 }
 
 #if defined(QSERVE_AMX)
-// AMX-TILE and AMX-BF16 in CPUID leaf 7, and the kernel's permission to use the tile data (Linux asks each
-// process to request it once; oneDNN does the same).
-bool amx_bf16_usable_impl() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
-  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
-}
-
-bool amx_bf16_usable() {
-  static const bool ok = amx_bf16_usable_impl();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-#define QSERVE_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+using qserve_amx::amx_bf16_usable;
 
 // Operands are packed tile by tile so that every tile load reads 1 KiB contiguously:
 //   Ap [n/16][T/32][16 rows][32 tokens]             a transposed (rows = features of a)
@@ -227,11 +198,7 @@ constexpr int64_t kGramTokens = 1024;
 QSERVE_AMX_TARGET void gram_blocks(const uint16_t* ap, const uint16_t* bp, int64_t steps, float* c, int64_t ldc,
                                    const std::vector<std::pair<int64_t, int64_t>>& blocks, int64_t k0,
                                    int64_t k1, int64_t s0, int64_t s1, bool first) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const qserve_amx::TileConfig cfg = qserve_amx::full_tiles();
   _tile_loadconfig(&cfg);
   const int64_t ldcb = ldc * 4, tile = 512;  // uint16 per packed tile
   for (int64_t k = k0; k < k1; ++k) {

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "amx.h"
 #include "vec_math.h"
 
 namespace {
@@ -524,10 +525,12 @@ void prefill_block_avx512(const float* qp, const T* kp, const T* vp, float* op, 
 
 // paged_prefill: a mixed batch (prefill chunks and decodes) over the paged cache, causal with the
 // queries as the last q_len of each sequence's seq_len positions (chunked prefill after a cached
-// prefix), the KV of the chunk already written. Each query token attends to its causal prefix: with
-// AVX-512 and head dim 64/128/256, chunks in blocks of kPrefillBlock tokens sharing transposed K tiles
-// (prefill_blocked) and decodes through the decode body; otherwise every token as a row of the generic
-// loop. Work is handed to threads short and long in turn so that a long prompt's triangle splits evenly.
+// prefix), the KV of the chunk already written. Each query token attends to its causal prefix: for a
+// bf16 model on a CPU with AMX and head dim 64/128/256, chunks as AMX tile products (prefill_amx_impl,
+// path 0); with AVX-512, chunks in blocks of kPrefillBlock tokens sharing transposed K tiles
+// (prefill_blocked, path 1 forces it); decodes through the decode body either way; otherwise (path 2
+// forces it) every token as a row of the generic loop. Work is handed to threads short and long in turn
+// so that a long prompt's triangle splits evenly.
 #if defined(__AVX512F__)
 // paged_prefill's AVX-512 driver: decodes (one query) as per-row tasks, longer chunks as blocks of
 // kPrefillBlock query tokens, each task for one kv head; tasks alternate from both ends of the list
@@ -588,11 +591,225 @@ void prefill_blocked(const float* qp, const at::Tensor& key_cache, const at::Ten
 }
 #endif
 
+#if defined(__AVX512F__) && defined(QSERVE_AMX)
+// paged_prefill on AMX tiles (bf16 q and caches, a bf16 model's; head dim 64, 128 or 256): scores and
+// P V as bf16 x bf16 tile products with fp32 sums. Each sequence with a prompt chunk has its K and V up
+// to its length copied once per step into tile layouts (K^T and V with key pairs interleaved, zero past
+// the length), shared by all of its query blocks; a task is up to 64 rows = (query token, head of the kv
+// group) pairs, as four 16-row tiles. Scores stay fp32; the softmax weights are rounded to bf16 for the
+// P V product (as bf16 flash attention does) and each row is normalised by the sum of its rounded
+// weights. Decodes in the same batch take the AVX-512 decode body.
+constexpr int64_t kAmxRows = 64;
+#define QSERVE_AMX_BF16_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+QSERVE_AMX_TARGET void amx_tiles_begin() {
+  const qserve_amx::TileConfig cfg = qserve_amx::full_tiles();
+  _tile_loadconfig(&cfg);
+}
+QSERVE_AMX_TARGET void amx_tiles_end() { _tile_release(); }
+
+inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }  // round to nearest even
+
+// Kp [L/16][D/32][16 d-pairs][16 keys][2] and Vp [L/32][D/16][16 key pairs][16 dims][2] for keys
+// [0, Lp), zero from L on: every tile a contiguous KiB.
+void pack_kv_amx(const c10::BFloat16* kc, const c10::BFloat16* vc, const int32_t* table, int64_t L, int64_t Lp,
+                 int64_t KVH, int64_t kh, int64_t D, int64_t BS, uint16_t* kpk, uint16_t* vpk) {
+  const SlotOf slot(BS);
+  const int64_t C = D / 32, NB = D / 16;
+  uint32_t* k32 = reinterpret_cast<uint32_t*>(kpk);
+  for (int64_t t = 0; t < Lp; ++t) {
+    const bool real = t < L;
+    const int64_t base = real ? (slot(table, t) * KVH + kh) * D : 0;
+    const uint32_t* krow = reinterpret_cast<const uint32_t*>(kc + base);  // d pairs
+    const uint16_t* vrow = reinterpret_cast<const uint16_t*>(vc + base);
+    uint32_t* kt = k32 + (t / 16) * C * 256 + (t % 16);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < 16; ++r) kt[c * 256 + r * 16] = real ? krow[c * 16 + r] : 0u;
+    uint16_t* vt = vpk + (t / 32) * NB * 512 + ((t % 32) / 2) * 32 + (t % 2);
+    for (int64_t d = 0; d < D; ++d) vt[(d / 16) * 512 + (d % 16) * 2] = real ? vrow[d] : uint16_t{0};
+  }
+}
+
+// One task: query tokens row0 .. row0 + qn - 1 of a chunk whose first token's causal length is
+// first_len, for kv head kh (rows r = token r / G, head r % G; R = qn G <= 64).
+QSERVE_AMX_BF16_TARGET void prefill_task_amx(
+    const float* qp, float* op, const uint16_t* kpk, const uint16_t* vpk, int64_t row0, int64_t qn,
+    int64_t first_len, int64_t H, int64_t G, int64_t kh, int64_t D, float sc, std::vector<uint16_t>& qa,
+    std::vector<float>& sb, std::vector<uint16_t>& pa, std::vector<float>& ob) {
+  const int64_t R = qn * G, nrt = (R + 15) / 16, C = D / 32, NB = D / 16;
+  const int64_t Lmax = first_len + qn - 1, nkb = (Lmax + 15) / 16, Lp = (Lmax + 31) / 32 * 32;
+  qa.assign(nrt * 16 * D, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = qp + ((row0 + r / G) * H + kh * G + r % G) * D;
+    for (int64_t d = 0; d < D; ++d) qa[r * D + d] = bf16_bits(src[d]);
+  }
+  sb.resize(nrt * 16 * Lp);
+  const uint16_t* q0 = qa.data();
+  const int64_t qs = D * 2;  // bytes per q row
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < C; ++c) {
+      _tile_loadd(5, kpk + (kb * C + c) * 512, 64);
+      _tile_loadd(4, q0 + c * 32, qs);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nrt > 1) {
+        _tile_loadd(6, q0 + 16 * D + c * 32, qs);
+        _tile_dpbf16ps(1, 6, 5);
+      }
+      if (nrt > 2) {
+        _tile_loadd(7, q0 + 32 * D + c * 32, qs);
+        _tile_dpbf16ps(2, 7, 5);
+      }
+      if (nrt > 3) {
+        _tile_loadd(4, q0 + 48 * D + c * 32, qs);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    float* s0 = sb.data() + kb * 16;
+    const int64_t ss = Lp * 4;
+    _tile_stored(0, s0, ss);
+    if (nrt > 1) _tile_stored(1, s0 + 16 * Lp, ss);
+    if (nrt > 2) _tile_stored(2, s0 + 32 * Lp, ss);
+    if (nrt > 3) _tile_stored(3, s0 + 48 * Lp, ss);
+  }
+  // softmax of each row over its causal prefix; weights rounded to bf16, zero past the prefix
+  pa.resize(nrt * 16 * Lp);
+  std::fill(pa.begin() + R * Lp, pa.end(), uint16_t{0});  // rows past the task's
+  float inv[kAmxRows];
+  const __m512 scv = _mm512_set1_ps(sc);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t len = first_len + r / G;
+    const float* row = sb.data() + r * Lp;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 m = len - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - t)) - 1u);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, row + t));
+    }
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * sc);
+    __m512 sum = _mm512_setzero_ps();
+    uint16_t* prow = pa.data() + r * Lp;
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 m = len - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (len - t)) - 1u);
+      const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, row + t), scv, mv));
+      const __m256bh eb = _mm512_cvtneps_pbh(e);
+      _mm256_mask_storeu_epi16(prow + t, m, (__m256i)eb);
+      // the sum of the weights as rounded: (bf16 bits << 16) is the rounded float
+      const __m512 er = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)eb), 16));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, er));
+    }
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    std::fill(prow + len, prow + Lp, uint16_t{0});
+  }
+  ob.resize(16 * 64);
+  const int64_t ps = Lp * 2;
+  for (int64_t i = 0; i < nrt; ++i) {
+    const int64_t last = std::min(R - 1, 16 * i + 15);
+    const int64_t nch = (first_len + last / G + 31) / 32;  // key chunks any row of the tile sees
+    for (int64_t cg = 0; cg < NB; cg += 4) {  // 64 output columns at a time
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        const uint16_t* vt = vpk + (ch * NB + cg) * 512;
+        _tile_loadd(4, pa.data() + 16 * i * Lp + ch * 32, ps);
+        _tile_loadd(5, vt, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, vt + 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, vt + 1024, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, vt + 1536, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, ob.data(), 256);
+      _tile_stored(1, ob.data() + 16, 256);
+      _tile_stored(2, ob.data() + 32, 256);
+      _tile_stored(3, ob.data() + 48, 256);
+      for (int64_t j = 0; j < 16 && 16 * i + j < R; ++j) {
+        const int64_t r = 16 * i + j;
+        float* dst = op + ((row0 + r / G) * H + kh * G + r % G) * D + cg * 16;
+        const __m512 iv = _mm512_set1_ps(inv[r]);
+        for (int64_t v = 0; v < 4; ++v)
+          _mm512_storeu_ps(dst + 16 * v, _mm512_mul_ps(_mm512_loadu_ps(ob.data() + j * 64 + 16 * v), iv));
+      }
+    }
+  }
+}
+
+template <int NV>
+void prefill_amx_impl(const float* qp, const c10::BFloat16* kc, const c10::BFloat16* vc, float* op,
+                      const int32_t* bt, const int32_t* qsl, const int32_t* lens, int64_t S, int64_t H, int64_t KVH,
+                      int64_t BS, int64_t MB, float sc) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t G = H / KVH, qn_max = std::max<int64_t>(1, kAmxRows / G);
+  // the packed K and V of each (sequence with a chunk, kv head)
+  std::vector<int64_t> pack_off(S, -1);
+  int64_t total = 0;
+  for (int64_t s = 0; s < S; ++s)
+    if (qsl[s + 1] - qsl[s] > 1) {
+      pack_off[s] = total;
+      total += KVH * 2 * ((lens[s] + 31) / 32 * 32) * D;
+    }
+  std::vector<uint16_t> packed(total);
+  std::vector<std::pair<int64_t, int64_t>> packs;
+  for (int64_t s = 0; s < S; ++s)
+    if (pack_off[s] >= 0)
+      for (int64_t kh = 0; kh < KVH; ++kh) packs.emplace_back(s, kh);
+  auto pack_at = [&](int64_t s, int64_t kh) {
+    const int64_t Lp = (lens[s] + 31) / 32 * 32;
+    uint16_t* k = packed.data() + pack_off[s] + kh * 2 * Lp * D;
+    return std::make_pair(k, k + Lp * D);
+  };
+  at::parallel_for(0, static_cast<int64_t>(packs.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [s, kh] = packs[i];
+      const auto [k, v] = pack_at(s, kh);
+      pack_kv_amx(kc, vc, bt + s * MB, lens[s], (lens[s] + 31) / 32 * 32, KVH, kh, D, BS, k, v);
+    }
+  });
+  std::vector<PrefillTask> tasks;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t q_len = qsl[s + 1] - qsl[s], base = lens[s] - q_len;
+    const int64_t step = q_len == 1 ? 1 : qn_max;
+    for (int64_t i0 = 0; i0 < q_len; i0 += step) {
+      const int64_t qn = std::min<int64_t>(step, q_len - i0);
+      for (int64_t kh = 0; kh < KVH; ++kh) tasks.push_back({s, qsl[s] + i0, qn, base + i0 + 1, kh});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    amx_tiles_begin();
+    std::vector<float> scores, sb, ob;
+    std::vector<uint16_t> qa, pa;
+    for (int64_t i = t0; i < t1; ++i) {
+      const PrefillTask& tk = tasks[(i % 2 == 0) ? i / 2 : n - 1 - i / 2];
+      if (pack_off[tk.seq] < 0) {  // a decode
+        decode_task_avx512<c10::BFloat16, NV>(qp + (tk.row0 * H + tk.kh * G) * D, kc, vc,
+                                              op + (tk.row0 * H + tk.kh * G) * D, bt + tk.seq * MB, tk.first_len,
+                                              G, KVH, tk.kh, BS, sc, scores);
+      } else {
+        const auto [k, v] = pack_at(tk.seq, tk.kh);
+        prefill_task_amx(qp, op, k, v, tk.row0, tk.qn, tk.first_len, H, G, tk.kh, D, sc, qa, sb, pa, ob);
+      }
+    }
+    amx_tiles_end();
+  });
+}
+#endif
+
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                          const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-                         const at::Tensor& seq_lens, double scale, bool generic) {
+                         const at::Tensor& seq_lens, double scale, int64_t path) {
   TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu(),
               "qserve_cpu::paged_prefill: CPU tensors only");
+  TORCH_CHECK(path >= 0 && path <= 2, "qserve_cpu::paged_prefill: path is 0 (fastest), 1 (AVX-512 without AMX) or ",
+              "2 (generic loop), got ", path);
+  const bool generic = path == 2;
   const auto kv_type = key_cache.scalar_type();
   TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
                   (kv_type == at::kFloat || kv_type == at::kBFloat16) && value_cache.scalar_type() == kv_type,
@@ -636,6 +853,22 @@ at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& key_cache, const
   at::Tensor out = at::empty_like(qf);
   if (T == 0) return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
   const float sc = static_cast<float>(scale);
+#if defined(__AVX512F__) && defined(QSERVE_AMX)
+  if (path == 0 && (D == 64 || D == 128 || D == 256) && H / KVH <= 64 && q.scalar_type() == at::kBFloat16 &&
+      kv_type == at::kBFloat16 && qserve_amx::amx_bf16_usable()) {
+    const c10::BFloat16* kc = key_cache.data_ptr<c10::BFloat16>();
+    const c10::BFloat16* vc = value_cache.data_ptr<c10::BFloat16>();
+    float* o = out.data_ptr<float>();
+    const float* qfp = qf.data_ptr<float>();
+    if (D == 64)
+      prefill_amx_impl<4>(qfp, kc, vc, o, bt, qsl, lens, S, H, KVH, BS, MB, sc);
+    else if (D == 128)
+      prefill_amx_impl<8>(qfp, kc, vc, o, bt, qsl, lens, S, H, KVH, BS, MB, sc);
+    else
+      prefill_amx_impl<16>(qfp, kc, vc, o, bt, qsl, lens, S, H, KVH, BS, MB, sc);
+    return out.to(q.scalar_type());
+  }
+#endif
 #if defined(__AVX512F__)
   if (!generic && (D == 64 || D == 128 || D == 256) && H / KVH <= 64) {
     prefill_blocked(qf.data_ptr<float>(), key_cache, value_cache, out.data_ptr<float>(), bt, qsl, lens, S, H, KVH, D,
@@ -884,7 +1117,7 @@ TORCH_LIBRARY(qserve_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
         "float scale, bool generic=False) -> Tensor");
   m.def("paged_prefill(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-        "Tensor query_start_loc, Tensor seq_lens, float scale, bool generic=False) -> Tensor");
+        "Tensor query_start_loc, Tensor seq_lens, float scale, int path=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {

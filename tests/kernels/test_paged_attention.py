@@ -227,20 +227,48 @@ def test_cpp_decode_bodies(heads, kv_heads, head_dim, dtype, generic, gen):
     torch.testing.assert_close(got.float(), d.expected, **attention_tolerances(dtype))
 
 
-@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("path", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128), (6, 2, 48)])
-def test_cpp_prefill_mixed_batch(heads, kv_heads, head_dim, dtype, generic, gen):
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128), (6, 2, 256), (8, 8, 64), (64, 1, 64), (6, 2, 48)]
+)
+def test_cpp_prefill_mixed_batch(heads, kv_heads, head_dim, dtype, path, gen):
     # Whole prompts, a chunk after a cached prefix, decodes and a long prompt in one call; NaN in every
-    # slot no token was written to, so reading past a causal prefix or a context would show.
+    # slot no token was written to, so reading past a causal prefix or a context would show. path 0 is
+    # the fastest body (AMX tiles for bf16 where the CPU has them: query blocks of 64 / G tokens, so the
+    # group sizes 1-64 here cut the chunks differently), 1 the AVX-512 blocks, 2 the generic loop.
     if not cpu_ext.available():
         pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
     specs = [(37, 37), (5, 1), (70, 20), (16, 16), (33, 1), (300, 300)]
     b = make_batch(specs, heads, kv_heads, head_dim, 16, dtype, gen, junk=float("nan"))
     got = torch.ops.qserve_cpu.paged_prefill(b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc,
-                                             b.seq_lens, b.scale, generic)  # fmt: skip
+                                             b.seq_lens, b.scale, path)  # fmt: skip
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), b.expected, **attention_tolerances(dtype))
+
+
+def test_cpp_prefill_takes_amx_tiles_for_bf16_where_the_cpu_has_them(gen):
+    # The AMX body rounds the softmax weights to bf16 for P V, so its output differs from the AVX-512
+    # body's (fp32 weights) in the last bits: that difference shows it ran; both match the reference.
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    if not torch.ops.qserve_cpu.has_amx_bf16():
+        pytest.skip("this CPU has no AMX-BF16 (the AMX body is for Sapphire Rapids and later)")
+    b = make_batch([(300, 300), (90, 41), (7, 1)], 9, 3, 64, 16, torch.bfloat16, gen, junk=float("nan"))
+    args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens, b.scale)
+    amx, avx = torch.ops.qserve_cpu.paged_prefill(*args, 0), torch.ops.qserve_cpu.paged_prefill(*args, 1)
+    assert not torch.equal(amx[:341], avx[:341])  # 300 + 41 prompt tokens, then one decode
+    torch.testing.assert_close(amx[341:], avx[341:], rtol=0, atol=0)  # the decode: the same body either way
+    torch.testing.assert_close(amx.float(), b.expected, **attention_tolerances(torch.bfloat16))
+
+
+def test_cpp_prefill_rejects_an_unknown_path(gen):
+    if not cpu_ext.available():
+        pytest.skip(f"the C++ CPU kernels are not built here: {cpu_ext.unavailable_reason()}")
+    b = make_batch([(20, 20)], 4, 2, 64, 16, torch.bfloat16, gen, junk=0.0)
+    with pytest.raises(RuntimeError, match="path is 0"):
+        torch.ops.qserve_cpu.paged_prefill(b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc,
+                                           b.seq_lens, b.scale, 3)  # fmt: skip
 
 
 def test_cpu_mixed_batch_takes_the_cpp_prefill(gen, monkeypatch):
