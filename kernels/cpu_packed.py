@@ -213,6 +213,26 @@ def from_checkpoint(
 BF16_TILES_MIN_ROWS = 128
 
 
+# bf16 activations from this many rows (batched decode steps and prompt chunks) go through AMX tiles
+# where the CPU has them (`amx_linear`): one SmolLM2 gate_up GEMM (3072 x 576, AWQ g64), 1 thread, AMX
+# machine under load (2026-12-03), us: M=16 363 vs ~1500 for the fp32 kernel, M=64 889 (the fp32 path
+# ~4400 with sgemm tiles); below, the int8 kernel (M <= 8) reads the weights at close to bandwidth.
+AMX_MIN_ROWS = INT8_MAX_ROWS + 1
+
+
+@functools.cache
+def amx_supported() -> bool:
+    """Whether this CPU and kernel offer AMX-BF16 tiles to the 4-bit kernels (asked once)."""
+    return bool(torch.ops.qserve_cpu.has_amx_linear())
+
+
+def amx_linear() -> bool:
+    """Whether bf16 activations (from AMX_MIN_ROWS rows) multiply the 4-bit weights on AMX tiles: each
+    block of 64 columns dequantized once per call to bf16 (the bf16 tiles' rounding) and multiplied with
+    every row; QSERVE_CPU_BF16_TILES=0 turns it off with the oneDNN tiles."""
+    return os.environ.get("QSERVE_CPU_BF16_TILES", "1") != "0" and amx_supported()
+
+
 def bf16_tiles() -> bool:
     """Whether bf16 activations (from BF16_TILES_MIN_ROWS rows: prompt chunks) multiply bf16-rounded
     dequantized tiles with oneDNN's bf16 GEMM (this CPU has AVX512-BF16/AMX and QSERVE_CPU_BF16_TILES is
@@ -229,6 +249,17 @@ def onednn_bf16_supported() -> bool:
         return False
 
 
+def kernel_path(x2: torch.Tensor, w: CpuPackedWeight, isa: str | None = None) -> str:
+    """Which kernel `linear` runs for activations x2 [M, in]: "amx" (bf16 rows from AMX_MIN_ROWS, AMX
+    tiles), "int8" (up to INT8_MAX_ROWS rows, int8 activations) or "fp32" (the fp32 kernels)."""
+    rows, k = x2.shape[0], x2.shape[-1]
+    if x2.dtype == torch.bfloat16 and rows >= AMX_MIN_ROWS and k % 32 == 0 and amx_linear():
+        return "amx"
+    if rows <= INT8_MAX_ROWS and w.group_size % 4 == 0 and int8_activations(isa or isa_name()):
+        return "int8"
+    return "fp32"
+
+
 def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
     """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32."""
     k = w.qdata.shape[1] * 2
@@ -240,7 +271,12 @@ def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
         x2 = x2.contiguous()
     _check_available()  # before torch.ops is touched: it loads the library
     name = isa_name()
-    if x2.shape[0] <= INT8_MAX_ROWS and w.group_size % 4 == 0 and int8_activations(name):
+    path = kernel_path(x2, w, name)
+    if path == "amx":
+        y = torch.ops.qserve_cpu.packed_linear_amx(
+            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size
+        )
+    elif path == "int8":
         y = torch.ops.qserve_cpu.packed_linear_q8(
             x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _Q8_CODES[name]
         )

@@ -65,6 +65,7 @@
 #elif defined(__x86_64__) || defined(_M_X64)
 #define QSERVE_X86 1
 #include <immintrin.h>
+#include "amx.h"
 #endif
 
 namespace {
@@ -961,6 +962,131 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------------
+// bf16 activations on AMX tiles (packed_linear_amx)
+// ---------------------------------------------------------------------------------------------------
+#if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
+#define QSERVE_AMX_BF16 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
+
+// One block of 64 columns dequantized to bf16 (w = s (q - z) in fp32, rounded to nearest even: the dense
+// bf16 path's weight) straight into AMX B tiles: out [K/32][4][16][16] uint32, tile (k step, column
+// tile) holding, per row p (a pair of inputs 2p, 2p + 1) and column c, the two bf16 as one uint32. The
+// resident layout already keeps inputs 2p and 2p + 1 of a column in one byte, so a byte becomes a pair.
+QSERVE_AMX_BF16 void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out) {
+  const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m512 s[4], z[4];
+    for (int ct = 0; ct < 4; ++ct) {
+      const int64_t i = g * w.Np + b * kBlock + ct * 16;
+      s[ct] = w.scales_half
+                  ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                        static_cast<const c10::Half*>(w.scales) + i)))
+                  : _mm512_loadu_ps(static_cast<const float*>(w.scales) + i);
+      z[ct] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zeros + i))));
+    }
+    for (int64_t p = g * w.gs / 2; p < (g + 1) * w.gs / 2; ++p) {
+      const uint8_t* row = qb + p * kBlock;
+      uint32_t* dst = out + ((p / 16) * 4 * 16 + (p % 16)) * 16;
+      for (int ct = 0; ct < 4; ++ct) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + ct * 16)));
+        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), z[ct]), s[ct]);
+        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), z[ct]), s[ct]);
+        const __m512i lb = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+        const __m512i hb = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+        _mm512_storeu_si512(dst + ct * 256, _mm512_or_si512(lb, _mm512_slli_epi32(hb, 16)));
+      }
+    }
+  }
+}
+
+// c [Mp, 64] fp32 = xb [Mp, K] bf16 (Mp a multiple of 16) x the block's tiles: per 16-row tile, the four
+// column tiles accumulate in tiles 0-3, the rows in tile 4, the weights in tiles 5-7.
+QSERVE_AMX_BF16 void block_gemm_amx(const uint16_t* xb, int64_t Mp, int64_t K, const uint32_t* wt, float* c) {
+  const int64_t steps = K / 32, xs = K * 2;
+  for (int64_t i = 0; i < Mp; i += 16) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t* a = xb + i * K;
+    for (int64_t k = 0; k < steps; ++k) {
+      const uint32_t* bt = wt + k * 4 * 256;
+      _tile_loadd(4, a + k * 32, xs);
+      _tile_loadd(5, bt, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, bt + 256, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, bt + 512, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, bt + 768, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    float* ci = c + i * kBlock;
+    _tile_stored(0, ci, kBlock * 4);
+    _tile_stored(1, ci + 16, kBlock * 4);
+    _tile_stored(2, ci + 32, kBlock * 4);
+    _tile_stored(3, ci + 48, kBlock * 4);
+  }
+}
+
+QSERVE_AMX_BF16 void amx_tiles_begin() {
+  const qserve_amx::TileConfig cfg = qserve_amx::full_tiles();
+  _tile_loadconfig(&cfg);
+}
+QSERVE_AMX_BF16 void amx_tiles_end() { _tile_release(); }
+#endif
+
+bool has_amx_linear_op() {
+#if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
+  return qserve_amx::amx_bf16_usable() && cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// y [M, n] = x [M, K] (bf16) @ W'^T on AMX tiles: each thread dequantizes one block of 64 columns at a
+// time into bf16 tiles (K x 128 bytes, in L2) and multiplies every activation row with it, so the 4-bit
+// weights are read once per call and expanded once, whatever M. Output in bf16 (fp32 sums).
+at::Tensor packed_linear_amx(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                             const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                             int64_t group_size) {
+  const char* op = "qserve_cpu::packed_linear_amx";
+  TORCH_CHECK(has_amx_linear_op(), op, ": this CPU (or kernel) offers no AMX-BF16; use packed_linear");
+  const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == w.K, op,
+              ": x must be a bfloat16 CPU tensor [M, ", w.K, "], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(w.K % 32 == 0, op, ": K = ", w.K, " must be a multiple of 32 (one AMX k step)");
+  const int64_t M = x.size(0), Mp = (M + 15) / 16 * 16, NB = qdata.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+  at::Tensor xb = x;
+  if (perm.has_value() && perm->defined()) {
+    TORCH_CHECK(perm->scalar_type() == at::kLong && perm->dim() == 1 && perm->numel() == w.K, op,
+                ": perm must be int64 [", w.K, "], got ", perm->scalar_type(), " ", perm->sizes());
+    xb = xb.index_select(1, *perm);
+  }
+  if (Mp != M) xb = at::cat({xb, at::zeros({Mp - M, w.K}, x.options())});
+  xb = xb.contiguous();
+#if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> wt(w.K / 2 * kBlock);
+    std::vector<float> c(Mp * kBlock);
+    amx_tiles_begin();
+    for (int64_t b = b0; b < b1; ++b) {
+      dequant_block_amx(w, b, wt.data());
+      block_gemm_amx(xp, Mp, w.K, wt.data(), c.data());
+      const int64_t c0 = b * kBlock, cols = std::min(n, c0 + kBlock) - c0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < cols; ++j) yp[m * n + c0 + j] = c10::BFloat16(c[m * kBlock + j]).x;
+    }
+    amx_tiles_end();
+  });
+#endif
+  return y;
+}
+
 bool has_avx512_op() { return cpu_has_avx512(); }
 
 }  // namespace
@@ -972,6 +1098,9 @@ TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
   m.def("packed_dequantize(Tensor qdata, Tensor scales, Tensor zeros, int n, int group_size, int isa) -> Tensor");
   m.def("linear_bf16w(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("has_avx512() -> bool", &has_avx512_op);
+  m.def("has_amx_linear() -> bool", &has_amx_linear_op);
+  m.def("packed_linear_amx(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, "
+        "int group_size) -> Tensor");
   m.def("packed_linear_q8(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, "
         "int group_size, int isa) -> Tensor");
   m.def("quantize_activations_q8(Tensor x, Tensor? perm, int group_size) -> (Tensor, Tensor)");
@@ -982,6 +1111,7 @@ TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
 
 TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {
   m.impl("packed_linear", &packed_linear);
+  m.impl("packed_linear_amx", &packed_linear_amx);
   m.impl("packed_dequantize", &packed_dequantize);
   m.impl("linear_bf16w", &linear_bf16w);
   m.impl("packed_linear_q8", &packed_linear_q8);

@@ -111,9 +111,12 @@ def test_packed_linear_matches_the_reference(fmt, group_size, act_order, out_fea
         yb = cpu_packed.linear(xb, w)
         assert yb.dtype == torch.bfloat16
         # bf16 activations are read exactly and accumulated in fp32: only the bf16 output rounds (and from
-        # BF16_TILES_MIN_ROWS rows, on CPUs with bf16 GEMMs, each weight too: 2^-9 relative)
+        # BF16_TILES_MIN_ROWS rows on CPUs with bf16 GEMMs, or AMX_MIN_ROWS on AMX, each weight too: 2^-9
+        # relative)
         exact = reference.dequant_gemm_reference(xb.float(), *tensors, fmt=fmt, group_size=group_size)
-        if rows >= cpu_packed.BF16_TILES_MIN_ROWS and cpu_packed.bf16_tiles():
+        if (rows >= cpu_packed.BF16_TILES_MIN_ROWS and cpu_packed.bf16_tiles()) or (
+            rows >= cpu_packed.AMX_MIN_ROWS and cpu_packed.amx_linear()
+        ):
             dense = reference.dequant_gemm_reference(torch.eye(in_f), *tensors, fmt=fmt, group_size=group_size)
             bound = (xb.float().abs() @ dense.abs()) * 2.0**-8 + exact.abs() * 2.0**-8 + 1e-6
             assert ((yb.float() - exact).abs() <= bound).all(), f"M={rows}"
@@ -246,3 +249,38 @@ def test_bf16_prompt_rows_multiply_bf16_tiles(gen, monkeypatch):
     y32 = cpu_packed.linear(x, w).float()
     torch.testing.assert_close(y32, exact.bfloat16().float(), rtol=8e-3, atol=1e-2)
     assert not torch.equal(y, y32)  # the two settings took different paths
+
+
+@pytest.mark.skipif(not cpu_ext.available() or not cpu_packed.amx_linear(), reason="this CPU has no AMX-BF16")
+@pytest.mark.parametrize(("fmt", "group_size", "act_order"), LAYOUTS)
+def test_amx_rows_multiply_the_bf16_rounded_weights(fmt, group_size, act_order, gen):
+    # From AMX_MIN_ROWS bf16 rows the blocks of 64 columns are dequantized to bf16 AMX tiles: the result is
+    # the fp32-summed product of the bf16 activations with the bf16-rounded dense weight, rounded once to
+    # bf16 (ragged N against the blocks, M against the 16-row tiles, act-order activations permuted).
+    tensors = checkpoint_linear(fmt, 200, 256, group_size, act_order, gen)
+    w = resident(tensors, fmt, group_size)
+    dense = reference.dequantize_weight(*tensors, fmt=fmt, group_size=group_size).bfloat16().double()
+    for rows in (cpu_packed.AMX_MIN_ROWS, 16, 17, 33, 64, 257):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        y = cpu_packed.linear(x, w)
+        direct = torch.ops.qserve_cpu.packed_linear_amx(x, w.qdata, w.scales, w.zeros, w.perm, 200, w.group_size)
+        assert torch.equal(y, direct), f"M={rows}: the AMX kernel did not run"
+        exact = x.double() @ dense.T
+        # one bf16 rounding of the output (2^-9 relative) plus fp32 sums of 256 products
+        bound = exact.abs() * 2.0**-8 + (x.double().abs() @ dense.abs().T) * 2.0**-20 + 1e-6
+        assert ((y.double() - exact).abs() <= bound).all(), f"M={rows}"
+
+
+@pytest.mark.skipif(not cpu_ext.available() or not cpu_packed.amx_linear(), reason="this CPU has no AMX-BF16")
+def test_amx_path_leaves_few_rows_fp32_and_odd_k_to_the_other_kernels(gen, monkeypatch):
+    w = resident(checkpoint_linear("awq", 64, 96, 32, False, gen), "awq", 32)  # K = 96: three 32-input steps
+    w80 = resident(checkpoint_linear("awq", 64, 80, 16, False, gen), "awq", 16)  # K = 80: not whole steps
+    rows = cpu_packed.AMX_MIN_ROWS
+    assert cpu_packed.kernel_path(torch.zeros(rows, 96, dtype=torch.bfloat16), w) == "amx"
+    assert cpu_packed.kernel_path(torch.zeros(rows, 80, dtype=torch.bfloat16), w80) == "fp32"
+    assert cpu_packed.kernel_path(torch.zeros(rows - 1, 96, dtype=torch.bfloat16), w) in ("int8", "fp32")
+    assert cpu_packed.kernel_path(torch.zeros(rows, 96), w) == "fp32"  # fp32 activations stay exact
+    monkeypatch.setenv("QSERVE_CPU_BF16_TILES", "0")
+    assert cpu_packed.kernel_path(torch.zeros(rows, 96, dtype=torch.bfloat16), w) == "fp32"
+    y = cpu_packed.linear(torch.randn(40, 80, generator=gen).bfloat16(), w80)  # the fallback still works
+    assert y.shape == (40, 64)
