@@ -249,19 +249,48 @@ def onednn_bf16_supported() -> bool:
         return False
 
 
-def kernel_path(x2: torch.Tensor, w: CpuPackedWeight, isa: str | None = None) -> str:
+@dataclass(frozen=True)
+class Plan:
+    """What `linear` decides from the environment and the CPU (QSERVE_CPU_ISA, QSERVE_CPU_ACT_INT8,
+    QSERVE_CPU_BF16_TILES): read once by a model's layers at their first call (`current_plan`), since
+    reading the environment on every call cost a decode step ~10 us per layer."""
+
+    isa: str  # isa_name()
+    int8: bool  # int8_activations()
+    amx: bool  # amx_linear()
+    bf16_tiles: bool  # bf16_tiles()
+
+
+def current_plan() -> Plan:
+    """The plan the environment gives now."""
+    _check_available()
+    name = isa_name()
+    return Plan(name, int8_activations(name), amx_linear(), bf16_tiles())
+
+
+@functools.cache
+def _ops():
+    """The compiled ops' overloads, looked up once (each `torch.ops.ns.op` access costs ~1 us)."""
+    _check_available()  # loads the library
+    ops = torch.ops.qserve_cpu
+    return ops.packed_linear_amx.default, ops.packed_linear_q8.default, ops.packed_linear.default
+
+
+def kernel_path(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) -> str:
     """Which kernel `linear` runs for activations x2 [M, in]: "amx" (bf16 rows from AMX_MIN_ROWS, AMX
     tiles), "int8" (up to INT8_MAX_ROWS rows, int8 activations) or "fp32" (the fp32 kernels)."""
+    plan = plan or current_plan()
     rows, k = x2.shape[0], x2.shape[-1]
-    if x2.dtype == torch.bfloat16 and rows >= AMX_MIN_ROWS and k % 32 == 0 and amx_linear():
+    if plan.amx and x2.dtype == torch.bfloat16 and rows >= AMX_MIN_ROWS and k % 32 == 0:
         return "amx"
-    if rows <= INT8_MAX_ROWS and w.group_size % 4 == 0 and int8_activations(isa or isa_name()):
+    if plan.int8 and rows <= INT8_MAX_ROWS and w.group_size % 4 == 0:
         return "int8"
     return "fp32"
 
 
-def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
-    """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32."""
+def linear(x: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) -> torch.Tensor:
+    """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32. `plan`: the
+    decisions to apply (default: what the environment says now)."""
     k = w.qdata.shape[1] * 2
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features; this 4-bit layer takes {k}")
@@ -269,21 +298,17 @@ def linear(x: torch.Tensor, w: CpuPackedWeight) -> torch.Tensor:
     x2 = x if flat else x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    _check_available()  # before torch.ops is touched: it loads the library
-    name = isa_name()
-    path = kernel_path(x2, w, name)
+    plan = plan or current_plan()
+    amx_op, q8_op, fp32_op = _ops()
+    path = kernel_path(x2, w, plan)
     if path == "amx":
-        y = torch.ops.qserve_cpu.packed_linear_amx(
-            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size
-        )
+        y = amx_op(x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size)
     elif path == "int8":
-        y = torch.ops.qserve_cpu.packed_linear_q8(
-            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _Q8_CODES[name]
-        )
+        y = q8_op(x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _Q8_CODES[plan.isa])
     else:
-        y = torch.ops.qserve_cpu.packed_linear(
-            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[name],
-            x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and bf16_tiles(),
+        y = fp32_op(
+            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[plan.isa],
+            x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and plan.bf16_tiles,
         )  # fmt: skip
     return y if flat else y.view(*x.shape[:-1], w.out_features)
 

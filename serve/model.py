@@ -318,11 +318,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype and cpu_ext.usable_low_precision(x, self.weight):
+            # the same arithmetic in one C++ pass: bf16 ~7 ops less; fp32 8 us against 33 for F.rms_norm
+            # at one 576-wide row (1 thread, 2026-12-03)
+            return cpu_ext.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             # torch's fused kernel does the same float32 arithmetic in one op (~10 us less per call)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        if self.weight.dtype == x.dtype and cpu_ext.usable_low_precision(x, self.weight):
-            return cpu_ext.rms_norm(x, self.weight, self.eps)  # the same arithmetic in one pass (~7 ops less)
         # Normalise in float32 like the reference implementation: bf16 variance loses too much.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -144,13 +144,19 @@ class CpuQuantLinear(nn.Module):
         super().__init__()
         self.weights = weights  # plain attribute: Module.to(dtype) must not touch the packed tensors
         self.bias = bias
+        self.plan: cpu_packed.Plan | None = None  # the kernel settings, read at the first call
 
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [cpu_packed.linear(x, w) for w in self.weights]
+        if self.plan is None:
+            self.plan = cpu_packed.current_plan()
+        if len(self.weights) == 1:
+            y = cpu_packed.linear(x, self.weights[0], self.plan)
+            return y if self.bias is None else y + self.bias
+        outs = [cpu_packed.linear(x, w, self.plan) for w in self.weights]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
 

@@ -974,6 +974,8 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
 // resident layout already keeps inputs 2p and 2p + 1 of a column in one byte, so a byte becomes a pair.
 QSERVE_AMX_BF16 void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out) {
   const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t g = 0; g < w.G; ++g) {
     __m512 s[4], z[4];
     for (int ct = 0; ct < 4; ++ct) {
@@ -991,9 +993,9 @@ QSERVE_AMX_BF16 void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + ct * 16)));
         const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), z[ct]), s[ct]);
         const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), z[ct]), s[ct]);
-        const __m512i lb = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-        const __m512i hb = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-        _mm512_storeu_si512(dst + ct * 256, _mm512_or_si512(lb, _mm512_slli_epi32(hb, 16)));
+        // [lo 0..15, hi 0..15] as bf16, then interleaved to (lo c, hi c) per column
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(dst + ct * 256, _mm512_permutexvar_epi16(pairs, both));
       }
     }
   }
