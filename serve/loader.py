@@ -301,13 +301,15 @@ CPU_AUTO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype:
-    """'auto': the checkpoint's half dtype on CUDA (bf16 for fp32 checkpoints). On the CPU, bf16 for an
-    unquantized model where the CPU has AMX, else float32:
+    """'auto': the checkpoint's half dtype on CUDA (bf16 for fp32 checkpoints). On the CPU, bf16 where the
+    CPU has AMX, else float32:
     - with AMX (oneDNN's bf16 GEMMs), SmolLM2's 576x1536 GEMM ran 2.3x (M=8) to 3.7x (M=2048) faster in
       bf16 than in fp32, and the engine's 64 x 128 ShareGPT load 1.9x (bench/RESULTS.md section 4);
+    - a 4-bit checkpoint too, since its batched steps and prompts multiply on AMX tiles in bf16
+      (kernels/cpu_packed.py): the AWQ SmolLM2's 64 x 128 load ran at 414 output tok/s in bf16 against
+      174 in fp32 in one run (2026-12-03); batch-1 decode is the int8 kernel either way;
     - without it (AVX2, or AVX512-BF16 alone, unmeasured) bf16 GEMMs ran ~5x slower than fp32 at batch 64
-      (21 ms vs 4.5 ms for SmolLM2's MLP at M=64), which outweighs bf16's halved weight reads;
-    - a 4-bit checkpoint keeps fp32 activations: its C++ kernels were measured with them (int8 at decode).
+      (21 ms vs 4.5 ms for SmolLM2's MLP at M=64), which outweighs bf16's halved weight reads.
     QSERVE_CPU_AUTO_DTYPE overrides the CPU choice (cpu_has_amx_bf16)."""
     if dtype != "auto":
         if dtype not in _DTYPES:
@@ -321,7 +323,7 @@ def resolve_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dt
                     f"QSERVE_CPU_AUTO_DTYPE={forced!r} is not one of {', '.join(CPU_AUTO_DTYPES)}; unset it or pick one"
                 )
             return CPU_AUTO_DTYPES[forced]
-        if "quantization_config" not in hf_config and cpu_has_amx_bf16():
+        if cpu_has_amx_bf16():
             return torch.bfloat16
         return torch.float32
     declared = _DTYPES.get(str(hf_config.get("torch_dtype") or hf_config.get("dtype") or ""), torch.bfloat16)

@@ -1,4 +1,4 @@
-"""`dtype auto` on the CPU: bf16 for an unquantized model where the CPU has AMX, fp32 otherwise."""
+"""`dtype auto` on the CPU: bf16 where the CPU has AMX (unquantized and 4-bit models), fp32 otherwise."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def no_override(monkeypatch):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_on_cpu_follows_amx_for_dense_models(monkeypatch, amx):
+def test_auto_on_cpu_follows_amx(monkeypatch, amx):
     monkeypatch.setattr(loader, "cpu_has_amx_bf16", lambda: amx)
     assert loader.resolve_dtype("auto", CPU, DENSE) == (torch.bfloat16 if amx else torch.float32)
-    # a 4-bit checkpoint keeps fp32 activations (what its kernels were measured with)
-    assert loader.resolve_dtype("auto", CPU, QUANTIZED) == torch.float32
+    # a 4-bit checkpoint alike: with AMX its batched steps multiply bf16 rows on AMX tiles
+    assert loader.resolve_dtype("auto", CPU, QUANTIZED) == (torch.bfloat16 if amx else torch.float32)
 
 
 def test_explicit_dtype_and_override_win(monkeypatch):
