@@ -23,6 +23,11 @@ fp32 rounding), i.e. each activation moves by at most half its block's step max|
 outputs differ from the fp32 path by about 0.5% of their scale. `QSERVE_CPU_ACT_INT8=1|0` forces it on or
 off (0: exact fp32 math everywhere); `auto` (the default) turns it on where it was measured faster, the
 `avx512_vnni` and `avx2` paths. Layers whose group size is not a multiple of 4 always run the fp32 kernel.
+
+On a CPU with AMX, bf16 activations from AMX_MIN_ROWS rows (batched decode steps and prompt chunks of a
+bf16 model) take `packed_linear_amx` instead: each thread expands one block of 64 columns at a time into
+bf16 AMX tiles (s (q - z) in fp32, rounded to nearest even, as the dense bf16 weight would be) and
+multiplies every row with it, fp32 sums, bf16 output; the 4 bits are read once per call whatever M.
 """
 
 from __future__ import annotations
