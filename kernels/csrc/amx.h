@@ -52,5 +52,20 @@ inline TileConfig full_tiles() {
   return cfg;
 }
 
+// Tiles 0-3 += one 16-row A tile (loaded into tile 4 from `a`, rows `a_stride` bytes apart) times four B
+// tiles stored one after another from `b` (1 KiB each, through tiles 5-7): a 16 x 64 output strip.
+QSERVE_AMX_TARGET inline void dot_a_by_four_b(const void* a, int64_t a_stride, const void* b) {
+  const char* bt = static_cast<const char*>(b);
+  _tile_loadd(4, a, a_stride);
+  _tile_loadd(5, bt, 64);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, bt + 1024, 64);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(7, bt + 2048, 64);
+  _tile_dpbf16ps(2, 4, 7);
+  _tile_loadd(5, bt + 3072, 64);
+  _tile_dpbf16ps(3, 4, 5);
+}
+
 }  // namespace qserve_amx
 #endif

@@ -714,18 +714,8 @@ QSERVE_AMX_BF16_TARGET void prefill_task_amx(
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t ch = 0; ch < nch; ++ch) {
-        const uint16_t* vt = vpk + (ch * NB + cg) * 512;
-        _tile_loadd(4, pa.data() + 16 * i * Lp + ch * 32, ps);
-        _tile_loadd(5, vt, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, vt + 512, 64);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(7, vt + 1024, 64);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_loadd(5, vt + 1536, 64);
-        _tile_dpbf16ps(3, 4, 5);
-      }
+      for (int64_t ch = 0; ch < nch; ++ch)
+        qserve_amx::dot_a_by_four_b(pa.data() + 16 * i * Lp + ch * 32, ps, vpk + (ch * NB + cg) * 512);
       _tile_stored(0, ob.data(), 256);
       _tile_stored(1, ob.data() + 16, 256);
       _tile_stored(2, ob.data() + 32, 256);

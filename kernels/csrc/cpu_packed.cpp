@@ -1011,18 +1011,7 @@ QSERVE_AMX_BF16 void block_gemm_amx(const uint16_t* xb, int64_t Mp, int64_t K, c
     _tile_zero(2);
     _tile_zero(3);
     const uint16_t* a = xb + i * K;
-    for (int64_t k = 0; k < steps; ++k) {
-      const uint32_t* bt = wt + k * 4 * 256;
-      _tile_loadd(4, a + k * 32, xs);
-      _tile_loadd(5, bt, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, bt + 256, 64);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, bt + 512, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, bt + 768, 64);
-      _tile_dpbf16ps(3, 4, 5);
-    }
+    for (int64_t k = 0; k < steps; ++k) qserve_amx::dot_a_by_four_b(a + k * 32, xs, wt + k * 4 * 256);
     float* ci = c + i * kBlock;
     _tile_stored(0, ci, kBlock * 4);
     _tile_stored(1, ci + 16, kBlock * 4);
