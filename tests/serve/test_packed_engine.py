@@ -105,3 +105,26 @@ def test_bf16_embeddings_and_head_stay_bf16(tmp_path, llama):
     assert layers_by_kind(model) == {CpuQuantLinear: 8, Bf16Linear: 1}
     assert resident_weight_bytes(model) <= 1.15 * checkpoint_tensor_bytes(qdir)
     assert_matches_hf(llm, qdir, dense_dir)
+
+
+def test_bf16_batched_steps_take_the_amx_kernel_and_match_the_dense_bf16_engine(tmp_path, llama, monkeypatch):
+    # In bf16 on an AMX CPU, steps of 9 or more rows multiply the 4-bit weights as bf16 tiles: the values the
+    # dense bf16 engine holds after dequantizing at load (QSERVE_CPU_PACKED=0), so the greedy tokens agree.
+    from qserve import LLM, SamplingParams
+    from qserve.kernels import cpu_packed
+
+    if not cpu_packed.amx_linear():
+        pytest.skip("this CPU has no AMX-BF16")
+    qdir, _ = quantize_checkpoint(llama, tmp_path / "q", "awq", act_order=False)
+    prompts = [[(7 * i + j) % 90 + 3 for j in range(5 + i)] for i in range(12)]
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    rows = []
+    amx, q8, fp32 = cpu_packed._ops()
+    monkeypatch.setattr(cpu_packed, "_ops", lambda: (lambda x, *a: rows.append(x.shape[0]) or amx(x, *a), q8, fp32))
+    kwargs = {"dtype": "bfloat16", "max_model_len": 64, "max_num_seqs": 16, "validate": False}
+    packed = [o.outputs[0].token_ids for o in LLM(str(qdir), **kwargs).generate(prompts, sp, use_tqdm=False)]
+    assert rows and min(rows) >= cpu_packed.AMX_MIN_ROWS
+    assert 12 in rows  # the decode steps of all twelve sequences
+    monkeypatch.setenv("QSERVE_CPU_PACKED", "0")
+    dense = [o.outputs[0].token_ids for o in LLM(str(qdir), **kwargs).generate(prompts, sp, use_tqdm=False)]
+    assert packed == dense
