@@ -228,7 +228,8 @@ AMX_MIN_ROWS = INT8_MAX_ROWS + 1
 @functools.cache
 def amx_supported() -> bool:
     """Whether this CPU and kernel offer AMX-BF16 tiles to the 4-bit kernels (asked once)."""
-    return bool(torch.ops.qserve_cpu.has_amx_linear())
+    _check_available()  # loads the library
+    return bool(torch.ops.qserve_cpu.has_amx_bf16())
 
 
 def amx_linear() -> bool:

@@ -155,9 +155,8 @@ class CpuQuantLinear(nn.Module):
             self.plan = cpu_packed.current_plan()
         if len(self.weights) == 1:
             y = cpu_packed.linear(x, self.weights[0], self.plan)
-            return y if self.bias is None else y + self.bias
-        outs = [cpu_packed.linear(x, w, self.plan) for w in self.weights]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        else:
+            y = torch.cat([cpu_packed.linear(x, w, self.plan) for w in self.weights], dim=-1)
         return y if self.bias is None else y + self.bias
 
 

@@ -15,6 +15,10 @@
 // Functions holding tile intrinsics are compiled for AMX whatever -march=native says; they run only
 // after amx_bf16_usable() said yes.
 #define QSERVE_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+// The same plus the AVX512-BF16 conversions (and F16C/FMA) the bodies around the tiles use: every CPU with
+// AMX-BF16 has them.
+#define QSERVE_AMX_BF16_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
 
 namespace qserve_amx {
 
@@ -51,6 +55,13 @@ inline TileConfig full_tiles() {
   }
   return cfg;
 }
+
+// Load full_tiles() into this thread's tile configuration / release the tiles: around every AMX body.
+QSERVE_AMX_TARGET inline void tiles_begin() {
+  const TileConfig cfg = full_tiles();
+  _tile_loadconfig(&cfg);
+}
+QSERVE_AMX_TARGET inline void tiles_end() { _tile_release(); }
 
 // Tiles 0-3 += one 16-row A tile (loaded into tile 4 from `a`, rows `a_stride` bytes apart) times four B
 // tiles stored one after another from `b` (1 KiB each, through tiles 5-7): a 16 x 64 output strip.

@@ -600,14 +600,6 @@ void prefill_blocked(const float* qp, const at::Tensor& key_cache, const at::Ten
 // P V product (as bf16 flash attention does) and each row is normalised by the sum of its rounded
 // weights. Decodes in the same batch take the AVX-512 decode body.
 constexpr int64_t kAmxRows = 64;
-#define QSERVE_AMX_BF16_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-
-QSERVE_AMX_TARGET void amx_tiles_begin() {
-  const qserve_amx::TileConfig cfg = qserve_amx::full_tiles();
-  _tile_loadconfig(&cfg);
-}
-QSERVE_AMX_TARGET void amx_tiles_end() { _tile_release(); }
 
 inline uint16_t bf16_bits(float f) { return c10::BFloat16(f).x; }  // round to nearest even
 
@@ -773,7 +765,7 @@ void prefill_amx_impl(const float* qp, const c10::BFloat16* kc, const c10::BFloa
   }
   const int64_t n = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
-    amx_tiles_begin();
+    qserve_amx::tiles_begin();
     std::vector<float> scores, sb, ob;
     std::vector<uint16_t> qa, pa;
     for (int64_t i = t0; i < t1; ++i) {
@@ -787,7 +779,7 @@ void prefill_amx_impl(const float* qp, const c10::BFloat16* kc, const c10::BFloa
         prefill_task_amx(qp, op, k, v, tk.row0, tk.qn, tk.first_len, H, G, tk.kh, D, sc, qa, sb, pa, ob);
       }
     }
-    amx_tiles_end();
+    qserve_amx::tiles_end();
   });
 }
 #endif

@@ -966,13 +966,12 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
 // bf16 activations on AMX tiles (packed_linear_amx)
 // ---------------------------------------------------------------------------------------------------
 #if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
-#define QSERVE_AMX_BF16 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
 
 // One block of 64 columns dequantized to bf16 (w = s (q - z) in fp32, rounded to nearest even: the dense
 // bf16 path's weight) straight into AMX B tiles: out [K/32][4][16][16] uint32, tile (k step, column
 // tile) holding, per row p (a pair of inputs 2p, 2p + 1) and column c, the two bf16 as one uint32. The
 // resident layout already keeps inputs 2p and 2p + 1 of a column in one byte, so a byte becomes a pair.
-QSERVE_AMX_BF16 void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out) {
+QSERVE_AMX_BF16_TARGET void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out) {
   const uint8_t* qb = w.q + b * (w.K / 2) * kBlock;
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -1003,7 +1002,7 @@ QSERVE_AMX_BF16 void dequant_block_amx(const Packed& w, int64_t b, uint32_t* out
 
 // c [Mp, 64] fp32 = xb [Mp, K] bf16 (Mp a multiple of 16) x the block's tiles: per 16-row tile, the four
 // column tiles accumulate in tiles 0-3, the rows in tile 4, the weights in tiles 5-7.
-QSERVE_AMX_BF16 void block_gemm_amx(const uint16_t* xb, int64_t Mp, int64_t K, const uint32_t* wt, float* c) {
+QSERVE_AMX_BF16_TARGET void block_gemm_amx(const uint16_t* xb, int64_t Mp, int64_t K, const uint32_t* wt, float* c) {
   const int64_t steps = K / 32, xs = K * 2;
   for (int64_t i = 0; i < Mp; i += 16) {
     _tile_zero(0);
@@ -1019,21 +1018,7 @@ QSERVE_AMX_BF16 void block_gemm_amx(const uint16_t* xb, int64_t Mp, int64_t K, c
     _tile_stored(3, ci + 48, kBlock * 4);
   }
 }
-
-QSERVE_AMX_BF16 void amx_tiles_begin() {
-  const qserve_amx::TileConfig cfg = qserve_amx::full_tiles();
-  _tile_loadconfig(&cfg);
-}
-QSERVE_AMX_BF16 void amx_tiles_end() { _tile_release(); }
 #endif
-
-bool has_amx_linear_op() {
-#if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
-  return qserve_amx::amx_bf16_usable() && cpu_has_avx512();
-#else
-  return false;
-#endif
-}
 
 // y [M, n] = x [M, K] (bf16) @ W'^T on AMX tiles: each thread dequantizes one block of 64 columns at a
 // time into bf16 tiles (K x 128 bytes, in L2) and multiplies every activation row with it, so the 4-bit
@@ -1042,7 +1027,12 @@ at::Tensor packed_linear_amx(const at::Tensor& x, const at::Tensor& qdata, const
                              const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
                              int64_t group_size) {
   const char* op = "qserve_cpu::packed_linear_amx";
-  TORCH_CHECK(has_amx_linear_op(), op, ": this CPU (or kernel) offers no AMX-BF16; use packed_linear");
+#if defined(QSERVE_AMX) && !defined(QSERVE_SIMDE)
+  const bool amx = qserve_amx::amx_bf16_usable();
+#else
+  const bool amx = false;
+#endif
+  TORCH_CHECK(amx, op, ": this CPU (or kernel) offers no AMX-BF16; use packed_linear");
   const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == w.K, op,
               ": x must be a bfloat16 CPU tensor [M, ", w.K, "], got ", x.scalar_type(), " ", x.sizes());
@@ -1064,7 +1054,7 @@ at::Tensor packed_linear_amx(const at::Tensor& x, const at::Tensor& qdata, const
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t> wt(w.K / 2 * kBlock);
     std::vector<float> c(Mp * kBlock);
-    amx_tiles_begin();
+    qserve_amx::tiles_begin();
     for (int64_t b = b0; b < b1; ++b) {
       dequant_block_amx(w, b, wt.data());
       block_gemm_amx(xp, Mp, w.K, wt.data(), c.data());
@@ -1072,7 +1062,7 @@ at::Tensor packed_linear_amx(const at::Tensor& x, const at::Tensor& qdata, const
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < cols; ++j) yp[m * n + c0 + j] = c10::BFloat16(c[m * kBlock + j]).x;
     }
-    amx_tiles_end();
+    qserve_amx::tiles_end();
   });
 #endif
   return y;
@@ -1089,7 +1079,6 @@ TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
   m.def("packed_dequantize(Tensor qdata, Tensor scales, Tensor zeros, int n, int group_size, int isa) -> Tensor");
   m.def("linear_bf16w(Tensor x, Tensor w, int isa) -> Tensor");
   m.def("has_avx512() -> bool", &has_avx512_op);
-  m.def("has_amx_linear() -> bool", &has_amx_linear_op);
   m.def("packed_linear_amx(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, "
         "int group_size) -> Tensor");
   m.def("packed_linear_q8(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, "
