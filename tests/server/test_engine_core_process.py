@@ -293,3 +293,25 @@ def test_qserve_serve_exits_nonzero_when_its_core_is_killed(model_dir):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def test_close_from_two_threads_at_once_returns_with_the_exit_code_in_both(model_dir):
+    # A server's shutdown thread and the client's owner may close it at the same moment: the second call
+    # waits for the first instead of returning early with the core still exiting (exitcode None).
+    from qserve.serve.engine_core import EngineCoreClient
+
+    engine = EngineCoreClient(model=str(model_dir), **ENGINE_KW, log_level="warning")
+    seen = []
+    barrier = threading.Barrier(2)
+
+    def close():
+        barrier.wait()
+        engine.close()
+        seen.append(engine.exitcode)
+
+    threads = [threading.Thread(target=close) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen == [0, 0]
