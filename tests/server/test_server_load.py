@@ -20,6 +20,14 @@ def _expected(engine: FakeEngine, prompt: str, max_tokens: int) -> str:
     return engine.tokenizer.decode([engine.token(ids, params, 0, i) for i in range(max_tokens)])
 
 
+async def _until(predicate, timeout: float = 10.0) -> None:
+    """Awaits `predicate()` (a slow CI machine can take far longer than a fixed sleep to deliver a request)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached within %.0f s" % timeout
+        await asyncio.sleep(0.01)
+
+
 def _wait_until(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,7 +109,8 @@ def test_non_streaming_disconnect_aborts(tokenizer):
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 body = {"model": "tiny", "prompt": "hi", "max_tokens": 100}
                 task = asyncio.create_task(client.post("/v1/completions", json=body))
-                await asyncio.sleep(0.5)
+                await _until(lambda: engine.running == 1)
+                await asyncio.sleep(0.2)
                 task.cancel()
 
         asyncio.run(leave_early())
@@ -139,11 +148,11 @@ def test_streaming_queue_overflow_is_a_status_not_a_broken_stream(tokenizer):
 
         async def three():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                body = {"model": "tiny", "prompt": "x", "max_tokens": 5, "stream": True}
+                body = {"model": "tiny", "prompt": "x", "max_tokens": 20, "stream": True}
                 running = asyncio.create_task(client.post("/v1/completions", json=body))
-                await asyncio.sleep(0.3)
+                await _until(lambda: engine.running == 1)
                 waiting = asyncio.create_task(client.post("/v1/completions", json=body))
-                await asyncio.sleep(0.1)
+                await _until(lambda: engine.waiting == 1)
                 refused = await client.post("/v1/completions", json=body)
                 return await running, await waiting, refused
 
