@@ -24,7 +24,7 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     """Awaits `predicate()` (a slow CI machine can take far longer than a fixed sleep to deliver a request)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "condition not reached within %.0f s" % timeout
+        assert time.monotonic() < deadline, f"condition not reached within {timeout:.0f} s"
         await asyncio.sleep(0.01)
 
 
