@@ -151,6 +151,7 @@ def _load() -> bool:
         torch.ops.qserve_cpu.linear_small_m  # noqa: B018 - raises if the library did not register
         torch.ops.qserve_cpu.packed_linear  # noqa: B018
         torch.ops.qserve_cpu.mse_qparams  # noqa: B018
+        torch.ops.qserve_cpu.sample_rows  # noqa: B018
     except Exception as exc:  # no compiler / ninja / headers, or a failed build: the torch path stands in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _state["error"] = f"{type(exc).__name__}: {first}"
@@ -189,6 +190,12 @@ def paged_prefill(*args) -> torch.Tensor:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a bf16 [..., 2 I] gate|up projection output, in one pass (`serve.model.MLP`)."""
     return torch.ops.qserve_cpu.silu_mul(gate_up)
+
+
+def sample_rows(logits: torch.Tensor, inv_temp: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """One token per row of fp32 logits [R, V]: argmax where inv_temp <= 0, else a Gumbel-max draw from
+    softmax(logits * inv_temp) keyed by the row's int64 seed (`serve.sampler.Sampler`)."""
+    return torch.ops.qserve_cpu.sample_rows(logits, inv_temp, seeds)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -125,7 +125,9 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
-        level=log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S"
+        level=log_level.upper(),
+        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+        datefmt="%m-%d %H:%M:%S",
     )
     ctx = zmq.Context(io_threads=1)
     inbox = ctx.socket(zmq.PULL)
@@ -172,18 +174,23 @@ def run_engine_core(
 
 
 def _reserve_a_core_for_the_api() -> None:
-    """Run the core's torch ops on all CPUs but one (unless OMP_NUM_THREADS says otherwise).
+    """On machines with more than 2 CPUs, run the core's torch ops on all CPUs but one (unless
+    OMP_NUM_THREADS says otherwise); on 1-2 CPUs, on all of them.
 
     Every CPU op is an OpenMP parallel region ending in a barrier: when the API process takes a CPU to
     handle a step's outputs, a core using every CPU has one of its threads descheduled and the whole op
-    waits for it. Measured on 2 busy CPUs (SmolLM2, 8 decoding sequences): 3-5 s per step with 2 threads,
-    0.6 s with 1. vLLM's CPU backend likewise leaves cores to its API server."""
+    waits for it. vLLM's CPU backend leaves one core to its API server and scheduler for that reason, and
+    with many cores that costs little. With two it halves the core's compute, and the API's share of a
+    CPU is small: measured on 2 CPUs (SmolLM2 bf16, 64 ShareGPT prompts x 64 tokens, `vllm bench serve`,
+    2026-12-03), two core threads against one gave output tok/s 182-194 against 150-185 at 4 req/s,
+    265 against 239 at 8 req/s, and TPOT p50 51 against 73 ms at 1 req/s. A machine whose CPUs are taken
+    by other work still collapses with every thread busy: OMP_NUM_THREADS=1 is the remedy there."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cpus - 1)
+    threads = cpus - 1 if cpus > 2 else cpus
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
         log.info("engine core: %d torch thread(s) of %d CPUs (one left to the API process; set "
@@ -529,7 +536,11 @@ class EngineCoreClient:
     def _on_death(self, cause: str | None) -> None:
         code = self._proc.exitcode
         self.exitcode = code
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+        )
         why = f": {cause}" if cause else ""
         self._error = f"the engine core process has died ({how}{why})"
         log.error("the engine core process died (%s%s); failing every open request", how, why)

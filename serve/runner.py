@@ -107,8 +107,9 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.kv_cache_bytes = num_blocks * kv_bytes_per_block(cfg, block_size, dtype)
-        if device.type == "cpu" and dtype == torch.float32:
-            cpu_ext.available()  # build or load the C++ decode kernels now, not inside the first request
+        if device.type == "cpu":
+            cpu_ext.available()  # build or load the C++ kernels now (any dtype: the sampler uses them too),
+            # not inside the first request
         self.graphs = None  # a cuda_graphs.DecodeGraphRunner once prepare_cuda captured decode graphs
 
     def prepare_cuda(

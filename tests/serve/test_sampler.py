@@ -6,12 +6,33 @@ import pytest
 import torch
 from tiny_checkpoints import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
+from qserve.kernels import cpu_ext
+from qserve.serve import sampler as sampler_module
 from qserve.serve.sampler import Sampler, SamplingState, apply_penalties
 from qserve.serve.sampling_params import SamplingParams
 from qserve.serve.sequence import Sequence, StopCriteria
 
 CPU = torch.device("cpu")
 VOCAB = 12
+
+
+@pytest.fixture(params=["fused", "torch"])
+def sample_path(request, monkeypatch):
+    """Every test through both draws: the C++ pass (`cpu_ext.sample_rows`, where the kernels are built;
+    asserted to have run) and torch's exponential race (the CUDA path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampler_module.cpu_ext, "usable", lambda *t: False)
+        yield request.param
+        return
+    if cpu_ext.required():
+        assert cpu_ext.available(), cpu_ext.unavailable_reason()
+    elif not cpu_ext.available():
+        pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
+    calls = []
+    real = cpu_ext.sample_rows
+    monkeypatch.setattr(sampler_module.cpu_ext, "sample_rows", lambda *a: calls.append(1) or real(*a))
+    yield request.param
+    assert calls, "the sampler did not take the C++ pass"
 
 
 def state(params: SamplingParams, prompt=(1, 2), output=(), seed=None, eos=frozenset({0})) -> SamplingState:
@@ -30,6 +51,7 @@ def logits_of(*rows: list[float]) -> torch.Tensor:
 LOGITS = [0.5, 2.0, -1.0, 1.5, 0.0, -0.5, 3.0, 1.0, -2.0, 0.2, 0.1, -3.0]
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_greedy_is_argmax_and_zero_temperature_ignores_filters():
     params = SamplingParams(temperature=0.0, top_k=2, top_p=0.1, min_p=0.5)
     tokens, logprobs = Sampler(CPU)(logits_of(LOGITS, list(reversed(LOGITS))), [state(params), state(params)])
@@ -42,6 +64,7 @@ def _draw(params: SamplingParams, n: int = 4000, logits=LOGITS) -> torch.Tensor:
     return torch.bincount(torch.tensor(tokens), minlength=VOCAB).float() / n
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_sampling_follows_softmax_of_tempered_logits():
     freq = _draw(SamplingParams(temperature=0.7))
     expected = torch.softmax(torch.tensor(LOGITS) / 0.7, dim=-1)
@@ -49,6 +72,7 @@ def test_sampling_follows_softmax_of_tempered_logits():
     torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_top_k_top_p_min_p_restrict_the_support():
     order = torch.tensor(LOGITS).argsort(descending=True).tolist()  # 6, 1, 3, 7, 0, ...
     assert set(torch.nonzero(_draw(SamplingParams(top_k=3))).flatten().tolist()) == set(order[:3])
@@ -63,6 +87,7 @@ def test_top_k_top_p_min_p_restrict_the_support():
     assert torch.nonzero(_draw(SamplingParams(top_k=1, temperature=5.0))).flatten().tolist() == [order[0]]
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_penalties_follow_vllm_semantics():
     logits = logits_of(LOGITS)
     # prompt has token 1 (positive logit) and 2 (negative); output has token 6 twice and 3 once.
@@ -80,6 +105,7 @@ def test_penalties_follow_vllm_semantics():
     assert sampler(logits.clone(), [state(params, output=(6, 3, 6))])[0] == [int(expected.argmax())]
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     eos_first = [5.0] + [0.0] * (VOCAB - 1)
     eos_first[4] = 4.0  # a stop token id, next most likely
@@ -95,6 +121,7 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     assert Sampler(CPU)(logits_of(eos_first), [st])[0] == [0]
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_seeded_rows_do_not_depend_on_the_batch():
     params = SamplingParams(temperature=1.0, seed=42)
     other = SamplingParams(temperature=1.0)
@@ -110,6 +137,7 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     assert len(set(seq_alone)) > 2  # it really sampled
 
 
+@pytest.mark.usefixtures("sample_path")
 def test_logprobs_are_raw_log_softmax_with_rank_and_top_k():
     params = SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5)
     tokens, lps = Sampler(CPU)(logits_of(LOGITS), [state(params, prompt=(6,))])
@@ -138,3 +166,39 @@ def test_sampling_params_normalise_and_give_siblings_their_own_seed():
     assert [p.for_sibling(i).seed for i in range(3)] == [10, 11, 12]
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=5, max_tokens=4)
+
+
+@pytest.mark.usefixtures("sample_path")
+def test_more_rows_than_a_vector_and_a_ragged_vocab_follow_softmax():
+    """A 1000-token vocabulary (vector body plus an 8-token tail in the C++ pass) at 3 temperatures,
+    with -inf entries: chi-square of 6000 draws against softmax(logits / T)."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = 1000
+    logits = torch.randn(vocab, generator=gen) * 3
+    logits[[5, 500, 998]] = float("-inf")
+    for temperature in (0.3, 1.0, 2.5):
+        n = 6000
+        tokens, _ = Sampler(CPU, seed=3)(
+            logits.expand(n, vocab).contiguous(),
+            [state(SamplingParams(temperature=temperature)) for _ in range(n)],
+        )
+        counts = torch.bincount(torch.tensor(tokens), minlength=vocab).double()
+        assert counts[[5, 500, 998]].sum() == 0
+        expected = torch.softmax(logits.double() / temperature, dim=-1) * n
+        # tokens expected fewer than 5 times pooled into one cell, as the test requires
+        big = expected >= 5
+        obs = torch.cat([counts[big], counts[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        chi2 = float(((obs - exp) ** 2 / exp).sum())
+        dof = len(obs) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (temperature, chi2, dof)  # ~5 sigma above the mean
+
+
+@pytest.mark.usefixtures("sample_path")
+def test_greedy_rows_take_the_first_of_equal_maxima():
+    logits = torch.zeros(3, 40)
+    logits[0, [7, 30]] = 1.0  # a tie across vector lanes
+    logits[1, [33, 38]] = 2.0  # a tie in the tail
+    logits[2, [17, 33]] = 5.0  # lane 1 of the second vector and the tail
+    params = SamplingParams(temperature=0.0)
+    assert Sampler(CPU)(logits, [state(params) for _ in range(3)])[0] == [7, 33, 17]
