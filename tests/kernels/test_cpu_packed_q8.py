@@ -92,6 +92,9 @@ def test_int8_path_matches_the_reference(fmt, group_size, act_order, out_feature
         xb = x.bfloat16()
         yb = cpu_packed.linear(xb, w)
         assert yb.dtype == torch.bfloat16
+        # bf16 rows are quantized in place (no act-order) or through an fp32 copy (act-order): either way
+        # the same int8 values and sums as the fp32 rows holding the same numbers, rounded once to bf16
+        assert torch.equal(yb, cpu_packed.linear(xb.float(), w).bfloat16())
         xb_hat, _ = dequantized_activations(xb, w)
         exact_b = reference.dequant_gemm_reference(xb_hat, *tensors, fmt=fmt, group_size=group_size)
         torch.testing.assert_close(
