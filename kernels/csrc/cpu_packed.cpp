@@ -861,37 +861,33 @@ at::Tensor packed_linear_q8(const at::Tensor& x, const at::Tensor& qdata, const 
   check_isa_q8(isa, op);
   const Packed w = check_packed(qdata, scales, zeros, n, group_size, op);
   const int64_t kb = checked_q8_block(w.gs, op);
-  const bool permuted = perm.has_value() && perm->defined();
-  const bool bf16_in_place = !permuted && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == w.K &&
-                             x.is_contiguous() && x.device().is_cpu();
-  // A bf16 row without act-order is quantized straight from x and its fp32 sums land in a local buffer,
-  // rounded into the bf16 output at the end: no fp32 copy of x, no fp32 output tensor and its conversion
-  // (two ATen ops per layer, ~10 us of a decode step's ~40 us per 4-bit layer at SmolLM2's sizes).
-  const at::Tensor xf = bf16_in_place ? x : activations_fp32(x, perm, w.K, op);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  // bf16 rows without act-order are quantized straight from x (act-order ones, and malformed x, go through
+  // activations_fp32's checked, permuted fp32 copy); sums are fp32, and a bf16 output is rounded from them
+  // here: no fp32 copy of x, no fp32 output tensor and its conversion (two ATen ops per layer, ~10 us of a
+  // decode step's ~40 us per 4-bit layer at SmolLM2's sizes).
+  const bool in_place = bf16 && !(perm.has_value() && perm->defined()) && x.device().is_cpu() && x.dim() == 2 &&
+                        x.size(1) == w.K && x.is_contiguous();
+  const at::Tensor xf = in_place ? x : activations_fp32(x, perm, w.K, op);
   const int64_t M = xf.size(0), NB = qdata.size(0);
   q8_calls_by_isa[isa].fetch_add(1, std::memory_order_relaxed);
+  at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return out;
   Q8Act a;
-  if (bf16_in_place) {
-    at::Tensor out = at::empty({M, n}, x.options());
-    if (M == 0 || n == 0) return out;
+  if (in_place)
     quantize_q8(x.data_ptr<c10::BFloat16>(), M, w.K, kb, a);
-    std::vector<float> y(M * n);
-    float* yp = y.data();
-    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) block_rows_q8(w, b, a, M, yp, n, isa);
-    });
-    c10::BFloat16* op16 = out.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * n; ++i) op16[i] = static_cast<c10::BFloat16>(yp[i]);
-    return out;
-  }
-  at::Tensor y = at::empty({M, n}, xf.options());
-  if (M == 0 || n == 0) return y.to(x.scalar_type());
-  quantize_q8(xf.data_ptr<float>(), M, w.K, kb, a);
-  float* yp = y.data_ptr<float>();
+  else
+    quantize_q8(xf.data_ptr<float>(), M, w.K, kb, a);
+  std::vector<float> sums(bf16 ? M * n : 0);
+  float* yp = bf16 ? sums.data() : out.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) block_rows_q8(w, b, a, M, yp, n, isa);
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (bf16) {
+    c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * n; ++i) o[i] = static_cast<c10::BFloat16>(yp[i]);  // nearest even, as .to()
+  }
+  return out;
 }
 
 // (x_q int8 [M, K], scales fp32 [M, K / kb]) as packed_linear_q8 quantizes x (after perm): for tests.
