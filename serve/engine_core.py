@@ -125,9 +125,7 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
-        level=log_level.upper(),
-        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
-        datefmt="%m-%d %H:%M:%S",
+        level=log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S"
     )
     ctx = zmq.Context(io_threads=1)
     inbox = ctx.socket(zmq.PULL)
@@ -141,7 +139,7 @@ def run_engine_core(
     try:
         from qserve.serve.engine import LLMEngine
 
-        _reserve_a_core_for_the_api()
+        _set_core_threads()
 
         try:
             engine = LLMEngine(args, detokenize=False)
@@ -173,7 +171,7 @@ def run_engine_core(
             sys.exit(code)
 
 
-def _reserve_a_core_for_the_api() -> None:
+def _set_core_threads() -> None:
     """On machines with more than 2 CPUs, run the core's torch ops on all CPUs but one (unless
     OMP_NUM_THREADS says otherwise); on 1-2 CPUs, on all of them.
 
@@ -464,6 +462,10 @@ class EngineCoreClient:
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
+        if self.exitcode is None:
+            # The receiver thread may have reaped the core (its join) while _kill's join ran: the loser of
+            # that waitpid race reads no exit code until the winner has stored it, which it has by now.
+            self.exitcode = self._proc.exitcode
         if not self._ctx.closed:
             self._input.close()
             self._output.close()
