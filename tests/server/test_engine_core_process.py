@@ -315,3 +315,22 @@ def test_close_from_two_threads_at_once_returns_with_the_exit_code_in_both(model
     for t in threads:
         t.join(60)
     assert seen == [0, 0]
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 2), (4, 3), (16, 15)])
+def test_core_threads_keep_every_cpu_up_to_two_and_leave_one_to_the_api_above(monkeypatch, cpus, expected):
+    from qserve.serve import engine_core
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cpus)
+        engine_core._set_core_threads()
+        assert torch.get_num_threads() == expected
+        torch.set_num_threads(cpus)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+        engine_core._set_core_threads()
+        assert torch.get_num_threads() == cpus
+    finally:
+        torch.set_num_threads(previous)
