@@ -103,8 +103,11 @@ def test_cpp_rms_norm_bf16_matches_the_torch_path(shape, gen, monkeypatch):
     monkeypatch.setattr(cpu_ext, "available", lambda: False)
     want = norm(x)
     assert got.dtype == want.dtype == torch.bfloat16 and len(calls) == 1
-    # fp32 sums in another order and 1/sqrt vs rsqrt: at most one bf16 ulp on a few elements
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+    # The torch path rounds the normalised row to bf16 and rounds again after the weight product; the
+    # C++ pass rounds once. Two roundings against one (plus fp32 sums in another order) differ by up to
+    # two bf16 ulps on a few elements (seed 1066328869: 2 ulps at one element of 2112; 3000 seeds: at
+    # most 1.15% relative), so the bound is two ulps (2**-6), not one.
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=0)
     assert (got == want).float().mean() > 0.98
     x32 = x.float()
     norm32 = RMSNorm(shape[-1], 1e-5)
