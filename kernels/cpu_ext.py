@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 # one library; cpu_packed and calib_ops add to cpu_ops' ops
-_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp", _CSRC / "calib_ops.cpp")
-_HEADERS = (_CSRC / "vec_math.h", _CSRC / "amx.h")  # included by the sources: part of the build key
+_SOURCES = (_CSRC / "cpu_ops.cpp", _CSRC / "cpu_packed.cpp", _CSRC / "calib_ops.cpp", _CSRC / "decode_step.cpp")
+_HEADERS = (_CSRC / "vec_math.h", _CSRC / "amx.h", _CSRC / "ops.h")  # included by the sources: part of the build key
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool once tried, "error": str when unavailable
 
@@ -152,6 +152,7 @@ def _load() -> bool:
         torch.ops.qserve_cpu.packed_linear  # noqa: B018
         torch.ops.qserve_cpu.mse_qparams  # noqa: B018
         torch.ops.qserve_cpu.sample_rows  # noqa: B018
+        torch.ops.qserve_cpu.decode_step  # noqa: B018
     except Exception as exc:  # no compiler / ninja / headers, or a failed build: the torch path stands in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _state["error"] = f"{type(exc).__name__}: {first}"

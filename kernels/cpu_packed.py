@@ -294,6 +294,18 @@ def kernel_path(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) 
     return "fp32"
 
 
+KERNEL_CODES = {"fp32": 0, "int8": 1, "amx": 2}  # qserve_cpu::decode_step's `path`
+
+
+def kernel_args(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan) -> tuple[int, int, bool]:
+    """(path code, ISA code, bf16 tiles) of the kernel `linear` runs for x2 [M, in], as the C++ decode step
+    takes them (kernels/csrc/decode_step.cpp)."""
+    path = kernel_path(x2, w, plan)
+    isa = _Q8_CODES[plan.isa] if path == "int8" else _ISA_CODES[plan.isa]
+    tiles = x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and plan.bf16_tiles
+    return KERNEL_CODES[path], isa, tiles
+
+
 def linear(x: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) -> torch.Tensor:
     """x [..., in] (fp32 or bf16) @ W'^T -> [..., out] in x's dtype, accumulated in fp32. `plan`: the
     decisions to apply (default: what the environment says now)."""

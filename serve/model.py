@@ -26,6 +26,7 @@ from qserve import kernels
 from qserve.errors import ConfigError
 from qserve.kernels import cpu_ext, cpu_gemm
 from qserve.quantize.arch import arch_for_config
+from qserve.serve import decode_step as fused_decode
 from qserve.serve.quant_linear import fuse_experts
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -546,6 +547,8 @@ class CausalLM(nn.Module):
         self.lm_head = lm_head  # None: tied to the embedding
         self.packed_head: torch.Tensor | None = None  # see pack_tied_head
         self.packed_head_bytes = 0
+        self.decode_step: fused_decode.DecodeStep | None = None  # the layers in one C++ call (serve/decode_step.py)
+        self._decode_step_checked = False  # built at the first CPU forward, once the weights are loaded
 
     def pack_tied_head(self) -> None:
         """A bf16 model with a tied head on a CPU whose oneDNN has bf16 GEMMs: keep a copy of the embedding
@@ -574,7 +577,11 @@ class CausalLM(nn.Module):
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         rope = self.rotary(positions, x.dtype)
-        if self.rotary_local is None:
+        if not self._decode_step_checked and x.device.type == "cpu":
+            self.decode_step, self._decode_step_checked = fused_decode.build(self), True
+        if self.decode_step is not None and self.decode_step.applies(x, rope, kv_caches, meta):
+            x = self.decode_step(x, rope, kv_caches, meta)
+        elif self.rotary_local is None:
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 x = layer(rope, x, kv_cache, meta)
         else:

@@ -1199,6 +1199,21 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& inv_temp, con
 
 }  // namespace
 
+#include "ops.h"
+
+namespace qserve_ops {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) { return ::rms_norm(x, weight, eps); }
+at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& key_cache,
+                         at::Tensor& value_cache, const at::Tensor& slot_mapping, int64_t num_heads) {
+  return ::rope_write_kv(qkv, cos, sin, key_cache, value_cache, slot_mapping, num_heads);
+}
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  return ::paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale, false);
+}
+}  // namespace qserve_ops
+
 TORCH_LIBRARY(qserve_cpu, m) {
   m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping, int num_heads) -> Tensor");

@@ -1091,6 +1091,26 @@ bool has_avx512_op() { return cpu_has_avx512(); }
 }  // namespace
 
 #if !defined(QSERVE_SIMDE)
+#include "ops.h"
+
+namespace qserve_ops {
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                         const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                         int64_t group_size, int64_t isa, bool bf16_tiles) {
+  return ::packed_linear(x, qdata, scales, zeros, perm, n, group_size, isa, bf16_tiles);
+}
+at::Tensor packed_linear_q8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                            const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                            int64_t group_size, int64_t isa) {
+  return ::packed_linear_q8(x, qdata, scales, zeros, perm, n, group_size, isa);
+}
+at::Tensor packed_linear_amx(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                             const at::Tensor& zeros, const c10::optional<at::Tensor>& perm, int64_t n,
+                             int64_t group_size) {
+  return ::packed_linear_amx(x, qdata, scales, zeros, perm, n, group_size);
+}
+}  // namespace qserve_ops
+
 TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor qdata, Tensor scales, Tensor zeros, Tensor? perm, int n, int group_size, "
         "int isa, bool bf16_tiles=False) -> Tensor");
