@@ -91,6 +91,19 @@ def test_resident_weight_bytes_stay_near_the_checkpoint_and_are_reported(tmp_pat
     assert gauge.type == "gauge" and gauge.samples[0].value == resident
 
 
+def test_a_tied_bf16_head_is_held_once(tmp_path):
+    # A bf16 unquantized model keeps a oneDNN-blocked copy of a tied head for batched steps; a quantized
+    # one must not (the copy alone is ~half of SmolLM2-AWQ's checkpoint): resident bytes stay near the file.
+    tied = varied_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    qdir, _ = quantize_checkpoint(tied, tmp_path / "q", "awq")
+    tensors = load_file(qdir / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].bfloat16()
+    save_file(tensors, qdir / "model.safetensors", metadata={"format": "pt"})
+    model = model_of(small_llm(qdir, dtype="bfloat16"))
+    assert model.lm_head is None and model.packed_head is None and model.packed_head_bytes == 0
+    assert resident_weight_bytes(model) <= 1.15 * checkpoint_tensor_bytes(qdir)
+
+
 def test_bf16_embeddings_and_head_stay_bf16(tmp_path, llama):
     qdir, dense_dir = quantize_checkpoint(llama, tmp_path / "q", "awq")
     for d in (qdir, dense_dir):  # the same bf16 values in the reference, which HF widens exactly
