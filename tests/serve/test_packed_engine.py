@@ -134,10 +134,14 @@ def test_bf16_batched_steps_take_the_amx_kernel_and_match_the_dense_bf16_engine(
     rows = []
     amx, q8, fp32 = cpu_packed._ops()
     monkeypatch.setattr(cpu_packed, "_ops", lambda: (lambda x, *a: rows.append(x.shape[0]) or amx(x, *a), q8, fp32))
+    # decode steps run their layers in C++ (serve/decode_step.py), which takes the kernel kernel_args names
+    step_rows = []
+    args = cpu_packed.kernel_args
+    monkeypatch.setattr(cpu_packed, "kernel_args", lambda x, *a: step_rows.append((x.shape[0], args(x, *a)[0])) or args(x, *a))
     kwargs = {"dtype": "bfloat16", "max_model_len": 64, "max_num_seqs": 16, "validate": False}
     packed = [o.outputs[0].token_ids for o in LLM(str(qdir), **kwargs).generate(prompts, sp, use_tqdm=False)]
-    assert rows and min(rows) >= cpu_packed.AMX_MIN_ROWS
-    assert 12 in rows  # the decode steps of all twelve sequences
+    assert rows and min(rows) >= cpu_packed.AMX_MIN_ROWS  # prompts through the modules
+    assert (12, cpu_packed.KERNEL_CODES["amx"]) in step_rows  # the decode steps of all twelve sequences
     monkeypatch.setenv("QSERVE_CPU_PACKED", "0")
     dense = [o.outputs[0].token_ids for o in LLM(str(qdir), **kwargs).generate(prompts, sp, use_tqdm=False)]
     assert packed == dense
