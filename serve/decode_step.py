@@ -6,8 +6,8 @@ the 4-bit GEMVs'. `qserve_cpu::decode_step` (kernels/csrc/decode_step.cpp) runs 
 same order from C++, so its hidden states are bit-identical to the module path's.
 
 It takes a step when every row is a decode (one new token per sequence) and the model is one it knows:
-Llama-shaped decoder layers (pre-norm, fused qkv and gate|up, SiLU MLP, no q/k norm, no sliding window,
-one RoPE) whose linears are all resident 4-bit (`CpuQuantLinear`). Anything else (prefill and mixed
+Llama-shaped decoder layers (pre-norm, fused qkv and gate|up, SiLU MLP, Qwen3's q/k norms or none, no
+sliding window, one RoPE) whose linears are all resident 4-bit (`CpuQuantLinear`). Anything else (prefill and mixed
 steps, MoE, Gemma's sandwich norms, dense or act-order-split linears, tensor-parallel shards) takes the
 module path unchanged. `QSERVE_CPU_FUSED_DECODE=0` turns it off (for side-by-side runs).
 """
@@ -30,7 +30,7 @@ class DecodeStep:
 
     def __init__(self, model, linears: list, params: list[torch.Tensor], dims: list[int]) -> None:
         cfg = model.config
-        self.num_heads = cfg.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = float(model.layers[0].self_attn.scale)
         self.eps = float(model.layers[0].input_layernorm.eps)
         self.norm_dtype = model.layers[0].input_layernorm.weight.dtype
@@ -73,6 +73,8 @@ class DecodeStep:
             meta.block_tables.to(torch.int32).contiguous(),
             meta.seq_lens.to(torch.int32).contiguous(),
             self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
             self.scale,
             self.eps,
             path,
@@ -103,6 +105,7 @@ def build(model) -> DecodeStep | None:
             linears.append(lin)
             if i == 1:
                 params.append(layer.post_attention_layernorm.weight)
+        params += [attn.q_norm.weight, attn.k_norm.weight] if attn.qk_norm else [empty, empty]
     return DecodeStep(model, linears, params, dims)
 
 
@@ -125,8 +128,12 @@ def _refusal(model) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         if type(layer) is not DecoderLayer or layer.sandwich:
             return f"layer {i} is not a pre-norm decoder layer"
-        if type(attn) is not Attention or attn.qk_norm or attn.permute or attn.window is not None:
-            return f"layer {i}'s attention has q/k norms, a partial rotary or a sliding window"
+        if type(attn) is not Attention or attn.permute or attn.window is not None:
+            return f"layer {i}'s attention has a partial rotary or a sliding window"
+        if attn.qk_norm and not all(
+            n.eps == eps and n.weight.dtype == norm_dtype for n in (attn.q_norm, attn.k_norm)
+        ):
+            return f"layer {i}'s q/k norms differ from its layer norms in eps or dtype"
         if type(mlp) is not MLP or mlp.act is not F.silu:
             return f"layer {i}'s MLP is not a SiLU MLP"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):

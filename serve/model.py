@@ -362,8 +362,10 @@ class Attention(nn.Module):
         """qkv [n, (H + 2 KVH) * D] with each q and k head RMS-normalised (Qwen3), v untouched."""
         n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim)).reshape(n, self.q_size)
-        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim)).reshape(n, self.kv_size)
+        # contiguous heads: the C++ norm takes them (a multi-row split is a strided view); the C++ decode
+        # step (serve/decode_step.py) does the same
+        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim).contiguous()).reshape(n, self.q_size)
+        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim).contiguous()).reshape(n, self.kv_size)
         return torch.cat([q, k, v], dim=-1)
 
     def forward(

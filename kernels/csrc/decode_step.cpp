@@ -2,7 +2,8 @@
 // rows are all decodes (one new token per sequence), in one call from Python.
 //
 // Per layer it runs exactly the ops the Python modules run, in the same order and on the same tensors:
-//   h = rms_norm(x); qkv = linear(h); q = rope_write_kv(qkv -> caches); a = paged_decode(q);
+//   h = rms_norm(x); qkv = linear(h); [q, k heads rms_norm'd (Qwen3)]; q = rope_write_kv(qkv -> caches);
+//   a = paged_decode(q);
 //   x = x + linear(a); h = rms_norm(x); x = x + linear(silu(gate) * up)
 // so the hidden states are bit-identical to the module path (tests/serve/test_decode_step.py). What it
 // removes is the Python between the kernels: at batch 1 on SmolLM2 (30 layers, ~11 kernels each) the
@@ -16,6 +17,7 @@
 //   post_attention_layernorm.weight,
 //   gate_up: qdata, scales, zeros, perm, bias
 //   down: qdata, scales, zeros, perm, bias
+//   q_norm.weight, k_norm.weight                (an empty tensor when the model has no q/k norms)
 // and dims kDimsPerLayer ints per layer: (out_features, group_size) for qkv, o, gate_up and down.
 // path picks the linear kernel for every layer (the rows and dtype are the same throughout a step):
 // 0 packed_linear (fp32 kernels; isa and bf16_tiles as there), 1 packed_linear_q8 (isa as there),
@@ -31,7 +33,7 @@
 
 namespace {
 
-constexpr int64_t kParamsPerLayer = 22;
+constexpr int64_t kParamsPerLayer = 24;
 constexpr int64_t kDimsPerLayer = 8;
 
 struct LinearKernel {
@@ -56,7 +58,8 @@ struct LinearKernel {
 at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params, at::IntArrayRef dims,
                        at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                       const at::Tensor& seq_lens, int64_t num_heads, double scale, double eps, int64_t path,
+                       const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       double scale, double eps, int64_t path,
                        int64_t isa, bool bf16_tiles) {
   const int64_t L = static_cast<int64_t>(key_caches.size());
   TORCH_CHECK(static_cast<int64_t>(value_caches.size()) == L &&
@@ -82,6 +85,13 @@ at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params, at::IntArr
     // attention block
     at::Tensor h = qserve_ops::rms_norm(x, p[0], eps);
     at::Tensor qkv = linear(h, p + 1, d[0], d[1]);
+    if (p[22].numel()) {  // each q and k head normalised over its head_dim, v as it is
+      const int64_t qs = num_heads * head_dim, ks = num_kv_heads * head_dim;
+      at::Tensor qn = qserve_ops::rms_norm(qkv.narrow(1, 0, qs).reshape({n, num_heads, head_dim}).contiguous(), p[22], eps);
+      at::Tensor kn =
+          qserve_ops::rms_norm(qkv.narrow(1, qs, ks).reshape({n, num_kv_heads, head_dim}).contiguous(), p[23], eps);
+      qkv = at::cat({qn.view({n, qs}), kn.view({n, ks}), qkv.narrow(1, qs + ks, ks)}, 1);
+    }
     at::Tensor q = qserve_ops::rope_write_kv(qkv, cos, sin, kc, vc, slot_mapping, num_heads);
     at::Tensor a = qserve_ops::paged_decode(q, kc, vc, block_tables, seq_lens, scale);
     x = at::add(x, linear(a.view({n, -1}), p + 6, d[2], d[3]));
@@ -105,7 +115,7 @@ at::Tensor decode_step(const at::Tensor& x_in, at::TensorList params, at::IntArr
 TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
   m.def("decode_step(Tensor x, Tensor[] params, int[] dims, Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
         "Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, int num_heads, "
-        "float scale, float eps, int path, int isa, bool bf16_tiles) -> Tensor");
+        "int num_kv_heads, int head_dim, float scale, float eps, int path, int isa, bool bf16_tiles) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) { m.impl("decode_step", &decode_step); }

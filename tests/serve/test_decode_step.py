@@ -53,10 +53,12 @@ def run(model_dir, prompts, dtype, monkeypatch, fused: bool, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("family", "method"), [("llama", "awq"), ("llama", "gptq"), ("qwen2", "gptq")])
+@pytest.mark.parametrize(
+    ("family", "method"), [("llama", "awq"), ("llama", "gptq"), ("qwen2", "gptq"), ("qwen3", "awq")]
+)
 @pytest.mark.parametrize("batch", [1, 12])
 def test_fused_step_equals_the_module_path_bit_for_bit(tmp_path, llama, family, method, dtype, batch, monkeypatch):
-    # qwen2: biases on q, k and v; 12 rows: past the int8 kernel's 8 rows (fp32 kernels, AMX in bf16)
+    # qwen2: biases on q, k and v; qwen3: q/k norms; 12 rows: past the int8 kernel's 8 (fp32 kernels, AMX in bf16)
     src = llama if family == "llama" else varied_model(tmp_path / family, family)
     qdir, _ = quantize_checkpoint(src, tmp_path / "q", method)
     prompts = PROMPTS[:batch]
@@ -83,7 +85,7 @@ def test_each_linear_kernel_path_is_taken(tmp_path, llama, monkeypatch):
     ("family", "overrides", "quantized", "why"),
     [
         ("llama", {}, False, "not one resident 4-bit weight"),
-        ("qwen3", {}, True, "q/k norms"),
+        ("glm4", {}, True, "pre-norm decoder layer"),
         ("gemma3", {}, True, "two RoPE tables"),
         ("mixtral", {}, True, "MLP is not a SiLU MLP"),
     ],
@@ -108,8 +110,8 @@ def test_switched_off_by_the_environment(tmp_path, llama, monkeypatch):
 
 def test_malformed_arguments_are_refused_with_the_counts():
     x = torch.zeros(1, 64)
-    with pytest.raises(RuntimeError, match="2 layers need 44 params and 16 dims"):
+    with pytest.raises(RuntimeError, match="2 layers need 48 params and 16 dims"):
         torch.ops.qserve_cpu.decode_step(
             x, [x] * 3, [1] * 16, [x, x], [x, x], x, x, torch.zeros(1, dtype=torch.long),
-            torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1, 1.0, 1e-5, 1, 0, False,
+            torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1, 1, 64, 1.0, 1e-5, 1, 0, False,
         )  # fmt: skip
