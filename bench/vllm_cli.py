@@ -12,8 +12,8 @@ import importlib.metadata as metadata
 import os
 import sys
 
-# Python put this script's folder first on sys.path, where bench/kernels.py would shadow the `kernels`
-# package that transformers probes for: drop it.
+# Python put this script's folder first on sys.path, where a bench script's name could shadow a package
+# vLLM or transformers imports (a bench/kernels.py once shadowed Hugging Face's `kernels`): drop it.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 

@@ -17,7 +17,7 @@ from qserve.kernels import cpu_ext, cpu_gemm, reference, torch_attention
 
 # Above this many tokens, dequantize + cuBLAS beats the fused kernel: the GEMM is compute-bound and
 # the one-off decode of the weight is amortised over the rows. vLLM's Triton AWQ path switches at the
-# same count from its own measurements; bench/kernels.py reports the crossover per shape on a GPU.
+# same count from its own measurements; bench/gpu_kernels.py reports the crossover per shape on a GPU.
 FUSED_MAX_TOKENS = 256
 GEMM_PATHS = ("fused", "dequant")
 MOE_BACKENDS = ("triton", "torch")

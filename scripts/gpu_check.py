@@ -3,7 +3,7 @@
 Stages, each a subprocess with its exit status and wall time recorded:
   compile   python -m qserve.kernels.compile_check --arch <this GPU's>   (real ptxas, all variants)
   tests     pytest -m gpu                                                 (kernels compiled, not interpreted)
-  kernels   bench/kernels.py                                              (fused GEMM vs fp16 matmul, attention)
+  kernels   bench/gpu_kernels.py                                              (fused GEMM vs fp16 matmul, attention)
   quantize  qserve quantize smollm2-135m --method awq                     (the AWQ checkpoint, once)
   engine    offline throughput, SmolLM2-135M fp16 and AWQ, CUDA graphs on and off
   moe       the fused MoE kernel in the engine: tiny Qwen3-MoE (AWQ) and Mixtral (GPTQ) checkpoints,
@@ -516,7 +516,7 @@ def main(argv=None) -> int:
                                         f"--junitxml={junit}"], args.work, 900)  # fmt: skip
         stages["tests"]["junit"] = junit_counts(junit)
     if "kernels" not in skip:
-        stages["kernels"] = run("kernels", [py, "bench/kernels.py", "--out", str(args.work / "kernels.json"),
+        stages["kernels"] = run("kernels", [py, "bench/gpu_kernels.py", "--out", str(args.work / "kernels.json"),
                                             "--ms", "1,16,64,256,2048"], args.work, 900)  # fmt: skip
     awq = args.work / "smollm2-135m-awq"
     if "quantize" not in skip and not (awq / "config.json").exists():

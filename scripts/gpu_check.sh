@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: set up (scripts/bootstrap.sh, with the test tools),
-# then compile check for this GPU's arch, the gpu-marked tests, bench/kernels.py and engine throughput
+# then compile check for this GPU's arch, the gpu-marked tests, bench/gpu_kernels.py and engine throughput
 # (SmolLM2-135M fp16 and AWQ, CUDA graphs on and off) and the fused MoE stage; prints one table, writes one JSON
 # (bench/results/gpu_check.json; --out elsewhere). Arguments go to scripts/gpu_check.py
 # (--skip compile,tests,kernels,quantize,engine,structured,moe,tp; --num-prompts N; --max-tokens N;

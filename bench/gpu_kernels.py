@@ -10,8 +10,8 @@ dispatcher should pick; qserve.kernels.FUSED_MAX_TOKENS should sit at the measur
 Paged attention: the decode kernel against the same attention over a contiguous cache (SDPA), and the
 prefill kernel against the torch gather path, at equal context lengths.
 
-    python bench/kernels.py --out bench/results/kernels.json  # needs CUDA; exits 2 on a CPU machine
-    python bench/kernels.py --cpu-attention                   # CPU: the torch paged-attention path
+    python bench/gpu_kernels.py --out bench/results/kernels.json  # needs CUDA; exits 2 on a CPU machine
+    python bench/gpu_kernels.py --cpu-attention                   # CPU: the torch paged-attention path
 """
 
 from __future__ import annotations
@@ -219,9 +219,9 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         print(
-            "error: bench/kernels.py times the Triton kernels and needs a CUDA GPU; none is visible here. "
+            "error: bench/gpu_kernels.py times the Triton kernels and needs a CUDA GPU; none is visible here. "
             "On CPU the kernels run only under TRITON_INTERPRET=1, for correctness (pytest tests/kernels); "
-            "`python bench/kernels.py --cpu-attention` times the CPU torch attention path instead.",
+            "`python bench/gpu_kernels.py --cpu-attention` times the CPU torch attention path instead.",
             file=sys.stderr,
         )
         return 2
