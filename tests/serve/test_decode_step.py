@@ -9,33 +9,20 @@ import pytest
 import torch
 from test_engine import small_llm
 from tiny_checkpoints import (
+    model_of,
     quantize_checkpoint,
     single_thread,  # noqa: F401  (autouse fixture: one torch thread)
     varied_model,
 )
 
 from qserve import SamplingParams
-from qserve.kernels import cpu_ext, cpu_packed
+from qserve.kernels import cpu_packed
 from qserve.serve import decode_step
 
 PROMPTS = [[(7 * i + j) % 90 + 3 for j in range(3 + 2 * i)] for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def compiled_kernels():
-    if cpu_ext.required():
-        assert cpu_ext.available(), cpu_ext.unavailable_reason()
-    elif not cpu_ext.available():
-        pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return varied_model(tmp_path_factory.mktemp("llama") / "m", "llama")
-
-
-def model_of(llm):
-    return llm.engine.runner.model
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 def run(model_dir, prompts, dtype, monkeypatch, fused: bool, **kwargs):

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_engine import assert_matches_hf, small_llm
 from tiny_checkpoints import (
+    model_of,
     quantize_checkpoint,
     single_thread,  # noqa: F401  (autouse fixture: one torch thread)
     varied_model,
 )
 
-from qserve.kernels import cpu_ext
 from qserve.serve.api.metrics import _EngineCollector
 from qserve.serve.quant_linear import (
     Bf16Linear,
@@ -26,22 +26,7 @@ from qserve.serve.quant_linear import (
     resident_weight_bytes,
 )
 
-
-@pytest.fixture(autouse=True)
-def compiled_kernels():
-    if cpu_ext.required():
-        assert cpu_ext.available(), cpu_ext.unavailable_reason()
-    elif not cpu_ext.available():
-        pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return varied_model(tmp_path_factory.mktemp("llama") / "m", "llama")
-
-
-def model_of(llm):
-    return llm.engine.runner.model
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 def layers_by_kind(model) -> dict[type, int]:

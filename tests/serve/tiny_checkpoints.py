@@ -28,6 +28,27 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def compiled_kernels():
+    """For tests of the C++ CPU paths: skip without the kernels, fail where they are required (CI)."""
+    from qserve.kernels import cpu_ext
+
+    if cpu_ext.required():
+        assert cpu_ext.available(), cpu_ext.unavailable_reason()
+    elif not cpu_ext.available():
+        pytest.skip(f"qserve's C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """An untied tiny Llama with varied greedy output, one per test module."""
+    return varied_model(tmp_path_factory.mktemp("llama") / "m", "llama")
+
+
+def model_of(llm):
+    return llm.engine.runner.model
+
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
