@@ -295,15 +295,22 @@ def kernel_path(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) 
 
 
 KERNEL_CODES = {"fp32": 0, "int8": 1, "amx": 2}  # qserve_cpu::decode_step's `path`
+_INT8, _AMX = KERNEL_CODES["int8"], KERNEL_CODES["amx"]
+
+
+def _kernel(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan) -> tuple[int, int, bool]:
+    """(path code, ISA code, bf16 tiles): the one decision `linear` and the C++ decode step both apply, so
+    the two cannot drift apart (the decode step must stay bit-identical to the module path)."""
+    path = kernel_path(x2, w, plan)
+    isa = _Q8_CODES[plan.isa] if path == "int8" else _ISA_CODES[plan.isa]
+    tiles = x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and plan.bf16_tiles
+    return KERNEL_CODES[path], isa, tiles
 
 
 def kernel_args(x2: torch.Tensor, w: CpuPackedWeight, plan: Plan) -> tuple[int, int, bool]:
     """(path code, ISA code, bf16 tiles) of the kernel `linear` runs for x2 [M, in], as the C++ decode step
     takes them (kernels/csrc/decode_step.cpp)."""
-    path = kernel_path(x2, w, plan)
-    isa = _Q8_CODES[plan.isa] if path == "int8" else _ISA_CODES[plan.isa]
-    tiles = x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and plan.bf16_tiles
-    return KERNEL_CODES[path], isa, tiles
+    return _kernel(x2, w, plan)
 
 
 def linear(x: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) -> torch.Tensor:
@@ -316,18 +323,15 @@ def linear(x: torch.Tensor, w: CpuPackedWeight, plan: Plan | None = None) -> tor
     x2 = x if flat else x.reshape(-1, k)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    plan = plan or current_plan()
     amx_op, q8_op, fp32_op = _ops()
-    path = kernel_path(x2, w, plan)
-    if path == "amx":
-        y = amx_op(x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size)
-    elif path == "int8":
-        y = q8_op(x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _Q8_CODES[plan.isa])
+    path, isa, tiles = _kernel(x2, w, plan or current_plan())
+    args = (x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size)
+    if path == _AMX:
+        y = amx_op(*args)
+    elif path == _INT8:
+        y = q8_op(*args, isa)
     else:
-        y = fp32_op(
-            x2, w.qdata, w.scales, w.zeros, w.perm, w.out_features, w.group_size, _ISA_CODES[plan.isa],
-            x2.dtype == torch.bfloat16 and x2.shape[0] >= BF16_TILES_MIN_ROWS and plan.bf16_tiles,
-        )  # fmt: skip
+        y = fp32_op(*args, isa, tiles)
     return y if flat else y.view(*x.shape[:-1], w.out_features)
 
 

@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 class DecodeStep:
     """The flattened weights of a model the C++ decode step can run, and the per-step checks."""
 
-    def __init__(self, model, linears: list, params: list[torch.Tensor], dims: list[int]) -> None:
+    def __init__(self, model, params: list[torch.Tensor], dims: list[int]) -> None:
         cfg = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = float(model.layers[0].self_attn.scale)
         self.eps = float(model.layers[0].input_layernorm.eps)
         self.norm_dtype = model.layers[0].input_layernorm.weight.dtype
-        self.first = linears[0]  # the kernel path is the same for every layer (checked in `build`)
+        # the kernel path is the same for every layer (checked in `_refusal`): the first linear decides it
+        self.first = model.layers[0].self_attn.qkv_proj
         self.params, self.dims = params, dims
         self.op = torch.ops.qserve_cpu.decode_step.default
         self.calls = 0
@@ -93,7 +94,6 @@ def build(model) -> DecodeStep | None:
     empty = torch.empty(0)
     params: list[torch.Tensor] = []
     dims: list[int] = []
-    linears = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         params.append(layer.input_layernorm.weight)
@@ -102,11 +102,10 @@ def build(model) -> DecodeStep | None:
             params += [w.qdata, w.scales, w.zeros, empty if w.perm is None else w.perm]
             params.append(empty if lin.bias is None else lin.bias)
             dims += [w.out_features, w.group_size]
-            linears.append(lin)
             if i == 1:
                 params.append(layer.post_attention_layernorm.weight)
         params += [attn.q_norm.weight, attn.k_norm.weight] if attn.qk_norm else [empty, empty]
-    return DecodeStep(model, linears, params, dims)
+    return DecodeStep(model, params, dims)
 
 
 def _refusal(model) -> str | None:
